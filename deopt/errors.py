@@ -1,0 +1,32 @@
+"""The deopt package's exception hierarchy (root: :class:`DeoptError`)."""
+
+
+class DeoptError(Exception):
+    """Root of every exception raised by :mod:`deopt`."""
+
+
+class FrameMapError(DeoptError):
+    """Malformed stackmap bytes or a frame map that does not fit its code.
+
+    ``offset`` is the byte offset into the ``.llvm_stackmaps`` section where
+    decoding failed, or ``None`` when the problem is not about a byte position.
+    """
+
+    def __init__(self, message, offset=None):
+        if offset is not None:
+            message = f"{message} (at stackmap offset {offset:#x})"
+        super().__init__(message)
+        self.offset = offset
+
+
+class IncompatibleVersion(DeoptError):
+    """A new version cannot take over frames of an old one.
+
+    ``site_id`` names the old version's site that the new version cannot
+    resume; ``reason`` says what differs.
+    """
+
+    def __init__(self, message, site_id=None, reason=None):
+        super().__init__(message)
+        self.site_id = site_id
+        self.reason = reason

@@ -1,0 +1,41 @@
+"""The unwinder's exception hierarchy.
+
+Every error the package raises derives from :class:`UnwindError`. Errors about
+bytes carry the byte offset into the section that holds them; errors about the
+stack carry the absolute address involved.
+"""
+
+
+class UnwindError(Exception):
+    """Root of every exception raised by :mod:`unwinder`."""
+
+
+class CFIError(UnwindError):
+    """Malformed or unsupported call-frame information.
+
+    ``offset`` is the byte offset into the ``.eh_frame`` (or ``.eh_frame_hdr``)
+    section where decoding failed, or ``None`` when not known.
+    """
+
+    def __init__(self, message, offset=None):
+        if offset is not None:
+            message = f"{message} (at section offset {offset:#x})"
+        super().__init__(message)
+        self.offset = offset
+
+
+class ExpressionError(CFIError):
+    """A DWARF expression could not be evaluated (unknown opcode, stack underflow, ...)."""
+
+
+class MemoryReadError(UnwindError):
+    """Memory at ``address`` (absolute, bytes) could not be read."""
+
+    def __init__(self, address, size=8):
+        super().__init__(f"cannot read {size} bytes at {address:#x}")
+        self.address = address
+        self.size = size
+
+
+class ModuleError(UnwindError):
+    """An ELF module or JIT code object could not be loaded or is inconsistent."""

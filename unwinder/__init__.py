@@ -1,0 +1,25 @@
+"""unwinder: a DWARF ``.eh_frame`` stack unwinder for native x86-64 stacks.
+
+Layered as parse → rules → cache → walk:
+
+* :mod:`unwinder.cfi` — ``.eh_frame`` / ``.eh_frame_hdr`` bytes to CIEs and FDEs;
+* :mod:`unwinder.rules` — CFI instructions to an unwind table (frozen rows);
+* :mod:`unwinder.space` — modules of an address space and a per-pc row cache;
+* :mod:`unwinder.walk` — register state + memory reader to :class:`Frame` objects.
+
+Memory is read through :mod:`unwinder.memory` (this process, a unicorn CPU, a
+snapshot), so one walker serves live threads, emulators and tests.
+"""
+from .capture import backtrace, with_captured_registers
+from .errors import CFIError, ExpressionError, MemoryReadError, ModuleError, UnwindError
+from .memory import Memory, ProcessMemory, SnapshotMemory, UnicornMemory
+from .modules import CodeObject, ElfModule, Module
+from .space import AddressSpace
+from .walk import Frame, walk
+
+__all__ = [
+    "AddressSpace", "Frame", "walk", "backtrace", "with_captured_registers",
+    "Memory", "ProcessMemory", "SnapshotMemory", "UnicornMemory",
+    "Module", "ElfModule", "CodeObject",
+    "UnwindError", "CFIError", "ExpressionError", "MemoryReadError", "ModuleError",
+]

@@ -1,0 +1,124 @@
+"""Memory readers: one small interface, three backends.
+
+The walker reads stack memory only through a :class:`Memory`, so one walker
+serves the live process, an emulated CPU and a saved snapshot (framehop's
+``read_stack`` idea). Every address is absolute; every size is in bytes. A
+read that cannot be satisfied raises :class:`~unwinder.errors.MemoryReadError`
+carrying the address — a reader never dereferences an unchecked pointer.
+"""
+import ctypes
+import ctypes.util
+import os
+import struct
+
+from .errors import MemoryReadError
+
+_U64 = struct.Struct("<Q")
+PAGE_SIZE = 4096
+
+
+class Memory:
+    """Interface: ``read(address, size) -> bytes`` and ``read_u64(address) -> int``.
+
+    Subclasses implement :meth:`read`; :meth:`read_u64` decodes a little-endian
+    unsigned 64-bit value (x86-64).
+    """
+
+    def read(self, address: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def read_u64(self, address: int) -> int:
+        return _U64.unpack(self.read(address, 8))[0]
+
+
+class SnapshotMemory(Memory):
+    """A plain snapshot: ``data`` holds the bytes that lived at absolute ``base``.
+
+    Several regions may be given as ``[(base, data), ...]`` through
+    :meth:`from_regions`. Used by tests and to walk a stack copied elsewhere.
+    """
+
+    def __init__(self, base: int, data: bytes):
+        self._regions = [(base, bytes(data))]
+
+    @classmethod
+    def from_regions(cls, regions):
+        self = cls.__new__(cls)
+        self._regions = sorted((b, bytes(d)) for b, d in regions)
+        return self
+
+    def read(self, address, size):
+        for base, data in self._regions:
+            off = address - base
+            if 0 <= off and off + size <= len(data):
+                return data[off:off + size]
+        raise MemoryReadError(address, size)
+
+
+class UnicornMemory(Memory):
+    """Memory of a unicorn ``Uc`` instance (the emulated CPU's address space)."""
+
+    def __init__(self, uc):
+        self._uc = uc
+
+    def read(self, address, size):
+        from unicorn import UcError
+        try:
+            return bytes(self._uc.mem_read(address, size))
+        except (UcError, OverflowError):
+            raise MemoryReadError(address, size) from None
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_readv.restype = ctypes.c_ssize_t
+_process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong,
+                              ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.c_ulong]
+
+
+class ProcessMemory(Memory):
+    """Memory of this process, read with ``process_vm_readv(2)``.
+
+    The kernel checks that the source range is mapped and readable, so an
+    arbitrary (possibly garbage) address yields :class:`MemoryReadError`,
+    never a fault. ``page_cache=True`` keeps each 4 KiB page it has read for
+    the reader's lifetime: make one such reader per walk of a stopped stack,
+    never keep it across changes of the memory it caches.
+    """
+
+    def __init__(self, pid: int | None = None, *, page_cache: bool = False):
+        self._pid = os.getpid() if pid is None else pid
+        self._pages = {} if page_cache else None
+        self._buf = ctypes.create_string_buffer(PAGE_SIZE)
+
+    def _readv(self, address, size, buf):
+        if address < 0 or address + size > 1 << 64:
+            raise MemoryReadError(address, size)
+        local = _IOVec(ctypes.addressof(buf), size)
+        remote = _IOVec(address, size)
+        n = _process_vm_readv(self._pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if n != size:
+            raise MemoryReadError(address, size)
+        return buf.raw[:size]
+
+    def read(self, address, size):
+        pages = self._pages
+        if pages is None or size > PAGE_SIZE:
+            buf = self._buf if size <= PAGE_SIZE else ctypes.create_string_buffer(size)
+            return self._readv(address, size, buf)
+        page = address & ~(PAGE_SIZE - 1)
+        off = address - page
+        if off + size > PAGE_SIZE:  # straddles two pages: read it directly
+            return self._readv(address, size, self._buf)
+        data = pages.get(page)
+        if data is None:
+            data = self._readv(page, PAGE_SIZE, self._buf)
+            pages[page] = data
+        return data[off:off + size]
+
+    def read_u64(self, address):
+        return _U64.unpack(self.read(address, 8))[0]

@@ -1,0 +1,180 @@
+"""Address spaces: which module covers a pc, and the cached unwind row for it.
+
+The cache stage of parse → rules → cache → walk. An :class:`AddressSpace`
+holds modules in a sorted, copy-on-write index (so walks never lock) and a
+cache ``lookup pc → (row, signal frame?, module)``. Adding a module only
+invalidates negative entries; removing one clears the cache — the generation
+counter :attr:`AddressSpace.generation` says when that happened.
+"""
+import bisect
+import threading
+
+from .errors import ModuleError, UnwindError
+from .memory import ProcessMemory
+from .modules import CodeObject, modules_from_maps, read_proc_maps
+from .compiled import compile_row
+from .rules import decode_fde
+
+_MAX_CACHE = 1 << 17
+_MISS = object()
+
+
+class AddressSpace:
+    """The code of one address space: ELF modules and JIT code objects.
+
+    Lifetime: modules stay referenced (and their files mapped) for the life of
+    the space. :meth:`current_process` returns one shared instance per process;
+    construct others directly for emulated CPUs and snapshots.
+    """
+
+    _current = None
+    _current_lock = threading.Lock()
+
+    def __init__(self, modules=(), *, refresh=None):
+        self._lock = threading.Lock()
+        self._entries = ()      # sorted tuple of (start, end, module)
+        self._starts = ()       # parallel tuple of starts for bisect
+        self._cache = {}
+        self._refresh = refresh  # callable returning fresh modules, or None
+        self._known_paths = set()
+        self.generation = 0
+        #: Number of frames the walker unwound by frame pointers (no FDE).
+        self.fallback_frames = 0
+        self._add_modules(modules)
+
+    # -- construction -----------------------------------------------------
+
+    @classmethod
+    def current_process(cls):
+        """The address space of this process's mapped ELF modules (shared, lazy).
+
+        Modules are discovered from ``/proc/self/maps``; nothing beyond ELF and
+        program headers is read until a walk needs it. Libraries loaded later
+        are picked up when a pc falls in no known module.
+        """
+        with cls._current_lock:
+            if cls._current is None:
+                mem = ProcessMemory()
+
+                def discover():
+                    return modules_from_maps(read_proc_maps(), mem.read)
+
+                space = cls(refresh=discover)
+                space._add_modules(discover())
+                cls._current = space
+            return cls._current
+
+    def _add_modules(self, modules):
+        with self._lock:
+            entries = list(self._entries)
+            for m in modules:
+                key = getattr(m, "path", None) or m.name
+                if not isinstance(m, CodeObject):
+                    if key in self._known_paths:
+                        continue
+                    self._known_paths.add(key)
+                for start, end in m.ranges:
+                    entries.append((start, end, m))
+            entries.sort(key=lambda e: e[0])
+            self._entries = tuple(entries)
+            self._starts = tuple(e[0] for e in entries)
+            # Negative cache entries may now be covered.
+            self._cache = {pc: v for pc, v in self._cache.items() if v is not None}
+
+    # -- JIT code objects ---------------------------------------------------
+
+    def add_code_object(self, elf_bytes, load_addresses, name=None):
+        """Register a relocatable object whose sections a JIT placed in memory.
+
+        ``load_addresses`` maps section name (e.g. ``".text"``) to the absolute
+        address of its first byte. Returns the :class:`~unwinder.modules.CodeObject`
+        handle; keep it to remove the object before its memory is freed.
+        Raises :class:`~unwinder.errors.ModuleError` if the object overlaps
+        code already registered.
+        """
+        obj = CodeObject(elf_bytes, load_addresses, name=name)
+        for start, end in obj.ranges:
+            other = self.find_module(start) or self.find_module(end - 1)
+            if other is not None and other is not obj:
+                raise ModuleError(f"{obj.name}: [{start:#x}, {end:#x}) overlaps {other.name}")
+        self._add_modules([obj])
+        return obj
+
+    def remove_code_object(self, handle):
+        """Forget a code object added by :meth:`add_code_object` (clears the cache)."""
+        with self._lock:
+            entries = tuple(e for e in self._entries if e[2] is not handle)
+            if len(entries) == len(self._entries):
+                raise ModuleError(f"{getattr(handle, 'name', handle)!r} is not registered")
+            self._entries = entries
+            self._starts = tuple(e[0] for e in entries)
+            self._cache = {}
+            self.generation += 1
+
+    # -- lookups ------------------------------------------------------------
+
+    @property
+    def modules(self):
+        """The registered modules, in address order (each once)."""
+        seen, out = set(), []
+        for _, _, m in self._entries:
+            if id(m) not in seen:
+                seen.add(id(m))
+                out.append(m)
+        return out
+
+    def _find(self, pc):
+        starts = self._starts
+        i = bisect.bisect_right(starts, pc) - 1
+        if i >= 0:
+            start, end, m = self._entries[i]
+            if pc < end:
+                return m
+        return None
+
+    def find_module(self, pc, *, refresh=True):
+        """The module whose code covers absolute ``pc``, or None.
+
+        With ``refresh``, a miss re-reads the module list once (a library may
+        have been loaded since).
+        """
+        m = self._find(pc)
+        if m is None and refresh and self._refresh is not None:
+            try:
+                fresh = self._refresh()
+            except OSError:
+                return None
+            self._add_modules(fresh)
+            m = self._find(pc)
+        return m
+
+    def unwind_entry(self, pc):
+        """``(plan, is_signal_frame, module)`` for absolute lookup ``pc``, or None.
+
+        ``plan`` is the :class:`~unwinder.compiled.StepPlan` of the
+        :class:`~unwinder.rules.UnwindRow` in force at ``pc`` (``plan.row``);
+        None when no module or no FDE covers it (the walker then falls back to
+        frame pointers). Plans are cached per pc.
+        """
+        hit = self._cache.get(pc, _MISS)
+        if hit is not _MISS:
+            return hit
+        module = self.find_module(pc)
+        entry = None
+        if module is not None:
+            fde = module.find_fde(pc)
+            if fde is not None:
+                row = decode_fde(fde).row_for(pc)
+                if row is not None:
+                    entry = (compile_row(row), fde.cie.is_signal_frame, module)
+        cache = self._cache
+        if len(cache) >= _MAX_CACHE:
+            cache.clear()
+        cache[pc] = entry
+        return entry
+
+    def __repr__(self):
+        return f"<AddressSpace {len(self.modules)} modules, generation {self.generation}>"
+
+
+__all__ = ["AddressSpace", "UnwindError"]

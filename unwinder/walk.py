@@ -1,0 +1,203 @@
+"""The walk stage: from a register state and a memory reader to frames.
+
+One step, for a frame whose registers are known (psABI §3.7; DWARF §6.4.4)::
+
+    row        = rule in force at lookup_pc      (lookup_pc = pc − 1 for a caller frame,
+                                                  pc for the innermost or a signal frame)
+    cfa        = row.cfa(regs)                   e.g. rsp + 16
+    caller.rip = *(cfa + ra_offset)              e.g. *(cfa − 8)
+    caller.rsp = cfa
+    caller.r   = row.rule(r) applied, for r in RBX, RBP, R12..R15 (same value when no rule)
+
+A pc with no FDE falls back to frame pointers — ``(cfa, rip, rbp) = (rbp + 16,
+*(rbp + 8), *rbp)`` — and the frame says so in :attr:`Frame.fallback`.
+
+The walk ends when the return address is undefined or zero (the outermost
+frame: ``_start``, ``clone3``), the CFA does not increase, memory cannot be
+read, or ``max_frames`` is reached; the last frame records why in
+:attr:`Frame.end_reason`.
+"""
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .errors import MemoryReadError, UnwindError
+from .compiled import OP_COPY, OP_LOAD, OP_SAME, OP_UNDEF, OP_VALUE
+from .x86_64 import RBP, RA, RSP, CALLEE_SAVED
+
+#: Registers carried from frame to frame (DWARF numbers): the ones a callee
+#: must preserve, plus RSP and the return address. Caller-saved registers are
+#: unknown in every frame but the innermost.
+TRACKED = (RA, RSP) + CALLEE_SAVED
+#: Default bound on the number of frames one walk produces.
+DEFAULT_MAX_FRAMES = 1 << 20
+
+FALLBACK_FRAME_POINTER = "frame-pointer"
+_MASK64 = (1 << 64) - 1
+
+END_RA_UNDEFINED = "end of stack: return address undefined"
+END_RA_ZERO = "end of stack: return address is 0"
+END_CFA_NOT_INCREASING = "CFA did not increase"
+END_STEP_LIMIT = "step limit reached"
+END_NO_UNWIND_INFO = "no unwind info and no frame pointer"
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One native frame.
+
+    ``pc`` is absolute: the current instruction for the innermost frame (and
+    for a frame interrupted by a signal), the *return address* for every
+    caller frame. ``cfa`` is the absolute canonical frame address (the
+    caller's RSP before its ``call``), or None when it could not be computed.
+    ``regs`` maps DWARF register numbers to this frame's values (only those
+    known: RSP, RIP (16) and the callee-saved ones for callers).
+    ``ra_slot`` is the absolute address of the 8-byte stack slot holding this
+    frame's return address (where a return-address hijack writes), or None.
+    ``saved_at`` maps DWARF register numbers of the *caller's* callee-saved
+    registers to the absolute stack address this frame saved them at.
+    ``lookup_pc`` is the address the unwind row and symbol were looked up at:
+    ``pc − 1`` for a caller frame (the call may be the function's last
+    instruction), ``pc`` for the innermost frame and for a frame interrupted
+    by a signal (the caller of a frame whose FDE has augmentation ``S``).
+    ``is_signal_frame`` is True for a frame whose own FDE has ``S`` (the
+    kernel's signal-return trampoline).
+    """
+    pc: int
+    cfa: int | None
+    regs: Mapping[int, int]
+    module: object = None
+    ra_slot: int | None = None
+    saved_at: Mapping[int, int] = field(default_factory=dict)
+    is_signal_frame: bool = False
+    fallback: str | None = None
+    end_reason: str | None = None
+    index: int = 0
+    lookup_pc: int | None = None
+
+    @property
+    def module_name(self):
+        """The module's path or name, or None for a pc in no known module."""
+        return None if self.module is None else self.module.name
+
+    @property
+    def symbol(self):
+        """Name of the function symbol containing this frame's code, or None."""
+        if self.module is None:
+            return None
+        hit = self.module.symbolize(self.pc if self.lookup_pc is None else self.lookup_pc)
+        return None if hit is None else hit[0]
+
+    def __repr__(self):
+        mod = self.module_name
+        return (f"Frame(#{self.index} pc={self.pc:#x} cfa={self.cfa:#x} "
+                f"{self.symbol or '?'} in {mod or '?'}"
+                f"{' [' + self.fallback + ']' if self.fallback else ''}"
+                f"{' end: ' + self.end_reason if self.end_reason else ''})"
+                if self.cfa is not None else
+                f"Frame(#{self.index} pc={self.pc:#x} in {mod or '?'} end: {self.end_reason})")
+
+
+def _step_cfi(plan, regs, read_u64):
+    """Apply one compiled row: ``(cfa, caller_regs, ra_slot, saved_at)``."""
+    if plan.cfa_register is not None:
+        base = regs.get(plan.cfa_register)
+        if base is None:
+            raise UnwindError(f"CFA register {plan.cfa_register} is unknown in this frame")
+        cfa = (base + plan.cfa_offset) & _MASK64
+    else:
+        cfa = plan.row.cfa_value(regs, read_u64)
+    caller = {RSP: cfa}
+    for reg, op, arg in plan.ops:
+        if op == OP_LOAD:
+            caller[reg] = read_u64((cfa + arg) & _MASK64)
+        elif op == OP_SAME:
+            v = regs.get(reg)
+            if v is not None:
+                caller[reg] = v
+        elif op == OP_UNDEF:
+            continue
+        elif op == OP_VALUE:
+            caller[reg] = (cfa + arg) & _MASK64
+        elif op == OP_COPY:
+            v = regs.get(arg)
+            if v is not None:
+                caller[reg] = v
+        else:
+            v = plan.row.recover(reg, cfa, regs, read_u64)
+            if v is not None:
+                caller[reg] = v
+    ra_slot = None if plan.ra_offset is None else (cfa + plan.ra_offset) & _MASK64
+    saved_at = {reg: (cfa + off) & _MASK64 for reg, off in plan.saved}
+    return cfa, caller, ra_slot, saved_at
+
+
+def _step_frame_pointer(regs, read_u64):
+    """``(cfa, rip, rbp) = (rbp + 16, *(rbp + 8), *rbp)``; others keep their value."""
+    rbp = regs.get(RBP)
+    if not rbp:
+        raise UnwindError(END_NO_UNWIND_INFO)
+    cfa = rbp + 16
+    caller = {r: regs[r] for r in CALLEE_SAVED if r in regs}
+    caller[RSP] = cfa
+    caller[RA] = read_u64(rbp + 8)
+    caller[RBP] = read_u64(rbp)
+    return cfa, caller, rbp + 8, {RBP: rbp}
+
+
+def walk(regs, memory, space=None, *, max_frames=DEFAULT_MAX_FRAMES, caller_frame=False):
+    """Frames from an explicit register state, innermost first (a generator).
+
+    ``regs`` maps DWARF register numbers to values; it needs at least RIP (16)
+    and RSP (7), and the callee-saved registers for exact results. ``memory``
+    is a :class:`~unwinder.memory.Memory`; ``space`` an
+    :class:`~unwinder.space.AddressSpace` (default: this process).
+    The innermost frame is looked up at its exact pc unless ``caller_frame``
+    says that ``regs`` hold a return address (a state captured at a call).
+    """
+    if space is None:
+        from .space import AddressSpace
+        space = AddressSpace.current_process()
+    read_u64 = memory.read_u64
+    regs = dict(regs)
+    if RA not in regs or RSP not in regs:
+        raise UnwindError("walk needs RIP (16) and RSP (7) in the initial registers")
+    exact_pc = not caller_frame  # innermost frame, or the frame a signal interrupted
+    prev_cfa = None
+    for index in range(max_frames):
+        pc = regs[RA]
+        lookup_pc = pc if exact_pc else pc - 1
+        entry = space.unwind_entry(lookup_pc)
+        module = entry[2] if entry is not None else space.find_module(lookup_pc, refresh=False)
+        signal = bool(entry and entry[1])
+        fallback = None
+        end = None
+        cfa = caller = ra_slot = None
+        saved_at = {}
+        try:
+            if entry is not None:
+                cfa, caller, ra_slot, saved_at = _step_cfi(entry[0], regs, read_u64)
+            else:
+                fallback = FALLBACK_FRAME_POINTER
+                space.fallback_frames += 1
+                cfa, caller, ra_slot, saved_at = _step_frame_pointer(regs, read_u64)
+        except MemoryReadError as e:
+            end = f"cannot read stack memory at {e.address:#x}"
+        except UnwindError as e:
+            end = str(e)
+        if end is None:
+            if prev_cfa is not None and cfa <= prev_cfa:
+                end = END_CFA_NOT_INCREASING
+            elif caller.get(RA) is None:
+                end = END_RA_UNDEFINED
+            elif caller[RA] == 0:
+                end = END_RA_ZERO
+            elif index == max_frames - 1:
+                end = END_STEP_LIMIT
+        yield Frame(pc=pc, cfa=cfa, regs=regs, module=module, ra_slot=ra_slot,
+                    saved_at=saved_at, is_signal_frame=signal, fallback=fallback,
+                    end_reason=end, index=index, lookup_pc=lookup_pc)
+        if end is not None:
+            return
+        prev_cfa = cfa
+        exact_pc = signal
+        regs = caller

@@ -26,7 +26,7 @@ Resume entry
     caller may reuse it after that.
 """
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, IntEnum
 from typing import Mapping
 
 #: ``@osrjit.slot.<name> = external global ptr`` — absolute address of an
@@ -39,6 +39,14 @@ HOOK_SYMBOL = "osrjit_hook"
 SAFEPOINT_FLAG_SYMBOL = "osrjit_safepoint_flag"
 #: ``declare void @osrjit_safepoint_slow()`` — a poll's slow path.
 SAFEPOINT_SLOW_SYMBOL = "osrjit_safepoint_slow"
+#: ``declare void @osrjit_error(i64 code)`` — reports a language-level error
+#: (an :class:`ErrorCode`). *Not* a site: no frame map, no statepoint, so the
+#: service must not wait for a safepoint or walk/replace the calling frame.
+#: It returns normally and the generated code continues as if the failing
+#: operation produced 0; the runtime remembers the first error of the thread
+#: and raises it (see :class:`ErrorCode`) to the Python caller when the
+#: outermost JIT call returns.
+ERROR_SYMBOL = "osrjit_error"
 #: Suffix of a version's resume entry symbol.
 RESUME_SUFFIX = "__resume"
 #: GC strategy attribute that makes LLVM lower statepoints.
@@ -49,6 +57,12 @@ STATEPOINT_HEADER_LOCATIONS = 3
 STATE_RESULT_INDEX = 0
 #: Index of the first live value in the resume state (8-byte slots).
 STATE_LIVE_BASE = 1
+
+
+class ErrorCode(IntEnum):
+    """The ``code`` argument of ``@osrjit_error``; the runtime raises the named
+    Python exception to the caller once the outermost JIT call returns."""
+    ZERO_DIVISION = 1  #: ``//`` or ``%`` by zero -> :class:`ZeroDivisionError`
 
 
 class SiteKind(Enum):

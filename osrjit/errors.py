@@ -19,3 +19,29 @@ class CompileError(OsrJitError):
         self.line = line
         self.col = col
         self.detail = message
+
+
+# --- runtime (osrjit.runtime) ------------------------------------------------
+
+class UnknownFunction(OsrJitError, LookupError):
+    """No function of that name has been compiled into the runtime.
+
+    ``name`` is the name asked for.
+    """
+
+    def __init__(self, name):
+        super().__init__(f"no function named {name!r} has been compiled")
+        self.name = name
+
+
+class RuntimeClosed(OsrJitError):
+    """The :class:`~osrjit.runtime.Runtime` was closed; its code is unmapped."""
+
+
+class HookNotSet(OsrJitError):
+    """Compiled code called the hook service but no hook was installed
+    (:meth:`~osrjit.runtime.Runtime.on_hook`)."""
+
+
+class VersionInUse(OsrJitError):
+    """A version cannot be unloaded: it is still the function's current version."""

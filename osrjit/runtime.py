@@ -1,0 +1,720 @@
+"""The versioned JIT: one LLJIT, one JIT library per function version.
+
+A :class:`Runtime` turns :class:`~osrjit.abi.FunctionIR` into machine code it
+can later replace while frames of it are live:
+
+    FunctionIR.module_ir --parse/verify--> llvm Module --O<n> pipeline-->
+    --TargetMachine.emit_object--> ELF object --JITLibraryBuilder.link-->
+    loaded code (its own JIT library) + unwinder registration + frame maps
+
+We emit the object ourselves (rather than hand IR to LLJIT) because the object
+bytes are what the stackmap records, the call-site check and the unwinder's
+``.eh_frame`` reading all need. Each version is linked as its own library with
+a unique name, so versions of one function coexist and are unloaded one by
+one. Calls between functions go through ``osrjit.slot.<name>`` cells holding
+the current version's entry, so publishing a version is one 8-byte store.
+
+Native services every version may import (see :mod:`osrjit.abi`):
+``osrjit_hook`` (calls the function given to :meth:`Runtime.on_hook`),
+``osrjit_safepoint_flag`` / ``osrjit_safepoint_slow`` (polls; the slow path
+calls :meth:`Runtime.on_safepoint`'s function) and ``osrjit_error``.
+
+Exceptions never unwind through native frames: a Python exception raised by a
+service (or a language error reported through ``osrjit_error``) is caught in
+the service, remembered as *pending* for the current thread, and the service
+returns 0. The Python entry wrapper (:meth:`Runtime.function`) raises the
+pending exception when the native call it made returns. Each entry from
+Python starts a fresh pending scope, so a hook that calls back into JIT code
+sees that inner call's exception, not its caller's.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+
+import llvmlite.binding as llvm
+
+from deopt import framemaps as _fm
+from deopt.errors import FrameMapError
+from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
+
+from . import abi
+from .abi import FunctionIR, SiteInfo
+from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
+                     VersionInUse)
+
+__all__ = ["Runtime", "Version", "JitFunction", "emit_object", "target_machine"]
+
+# The two packages name the same LLVM fact; deopt cannot import osrjit.abi.
+assert abi.STATEPOINT_HEADER_LOCATIONS == _fm.STATEPOINT_HEADER_LOCATIONS
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+_HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
+_SAFEPOINT_SLOW_TYPE = ctypes.CFUNCTYPE(None)
+_ERROR_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int64)
+
+#: LLVM return type -> ctypes restype of the Python entry wrapper.
+_RESTYPES = {"i64": ctypes.c_int64, "i32": ctypes.c_int32, "i8": ctypes.c_int8,
+             "i1": ctypes.c_bool, "double": ctypes.c_double, "ptr": ctypes.c_void_p,
+             "void": None}
+
+_llvm_ready = False
+_llvm_lock = threading.Lock()
+
+
+def _init_llvm():
+    global _llvm_ready
+    with _llvm_lock:
+        if not _llvm_ready:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            llvm.initialize_native_asmparser()
+            _llvm_ready = True
+
+
+def _process_symbol(name: str) -> int | None:
+    """Address of ``name`` in the current process (libc, libm, ...), or None."""
+    try:
+        return ctypes.cast(_PROCESS[name], ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+_PROCESS = ctypes.CDLL(None)
+
+
+def target_machine(opt_level: int = 2):
+    """A host TargetMachine configured as the runtime's (PIC, small code model).
+
+    The caller owns it (``close()`` it, or let it be collected).
+    """
+    _init_llvm()
+    return llvm.Target.from_default_triple().create_target_machine(
+        opt=opt_level, reloc="pic", codemodel="small")
+
+
+def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
+    """Parse, verify, optimise (new pass manager, ``O<opt_level>``) and emit
+    ``ir.module_ir`` as a relocatable ELF object for ``tm``.
+
+    Raises CompileError carrying LLVM's diagnostic if the IR does not parse or
+    verify, or if it does not define ``@<symbol>`` and ``@<symbol>__resume``.
+    Pure with respect to the JIT: nothing is loaded.
+    """
+    _init_llvm()
+    try:
+        mod = llvm.parse_assembly(ir.module_ir)
+    except RuntimeError as e:
+        raise CompileError(f"{ir.name}: LLVM rejected the IR: {e}") from None
+    try:
+        mod.verify()
+    except RuntimeError as e:
+        raise CompileError(f"{ir.name}: LLVM IR does not verify: {e}") from None
+    for symbol in (ir.symbol, ir.resume_symbol):
+        try:
+            fn = mod.get_function(symbol)
+        except NameError:
+            fn = None
+        if fn is None or fn.is_declaration:
+            raise CompileError(f"{ir.name}: the module does not define @{symbol}")
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    if opt_level:
+        pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
+        pb = llvm.create_pass_builder(tm, pto)
+        pb.getModulePassManager().run(mod, pb)
+    return tm.emit_object(mod)
+
+
+# --------------------------------------------------------------------------
+# Pending exceptions and the native services
+# --------------------------------------------------------------------------
+
+class _Services:
+    """The Python side of the native services, shared by every version.
+
+    Holds the user's hook / safepoint functions and the per-thread pending
+    exception. It never references the JIT or the :class:`Runtime`, so the
+    ctypes callbacks that call into it create no reference cycle through the
+    native resources.
+    """
+
+    def __init__(self):
+        self.hook: Callable[[int], int] | None = None
+        self.safepoint: Callable[[], None] | None = None
+        self.tls = threading.local()
+
+    # -- pending exceptions ---------------------------------------------------
+
+    def set_pending(self, exc: BaseException):
+        """Remember ``exc`` unless this thread's scope already has one (first wins)."""
+        if getattr(self.tls, "pending", None) is None:
+            self.tls.pending = exc
+
+    def enter(self):
+        """Open a pending scope for a call from Python; returns the outer scope's value."""
+        outer = getattr(self.tls, "pending", None)
+        self.tls.pending = None
+        return outer
+
+    def leave(self, outer):
+        """Close the scope: restore the outer value, return this scope's exception."""
+        exc = getattr(self.tls, "pending", None)
+        self.tls.pending = outer
+        return exc
+
+    # -- the services (called from native code through ctypes) ---------------
+
+    def hook_service(self, value: int) -> int:
+        try:
+            if getattr(self.tls, "pending", None) is not None:
+                return 0        # an exception is already on its way out: do not run more Python
+            fn = self.hook
+            if fn is None:
+                raise HookNotSet(f"compiled code called the hook with {value} but no hook is "
+                                 "installed (Runtime.on_hook)")
+            result = fn(value)
+            if not isinstance(result, int):
+                raise TypeError(f"the hook must return an int, got {type(result).__name__}")
+            if not _INT64_MIN <= result <= _INT64_MAX:
+                raise OverflowError(f"the hook's result {result} does not fit in 64 bits")
+            return result
+        except BaseException as exc:  # noqa: BLE001 - must never unwind into native code
+            self.set_pending(exc)
+            return 0
+
+    def safepoint_service(self) -> None:
+        try:
+            if getattr(self.tls, "pending", None) is not None:
+                return
+            fn = self.safepoint
+            if fn is not None:
+                fn()
+        except BaseException as exc:  # noqa: BLE001
+            self.set_pending(exc)
+
+    def error_service(self, code: int) -> None:
+        try:
+            try:
+                kind = abi.ErrorCode(code)
+            except ValueError:
+                raise OsrJitError(f"compiled code reported unknown error code {code}") from None
+            if kind is abi.ErrorCode.ZERO_DIVISION:
+                raise ZeroDivisionError("integer division or modulo by zero")
+            raise OsrJitError(f"compiled code reported {kind.name}")
+        except BaseException as exc:  # noqa: BLE001
+            self.set_pending(exc)
+
+
+# --------------------------------------------------------------------------
+# The owner of every native resource
+# --------------------------------------------------------------------------
+
+class _NativeResources:
+    """Sole owner of the LLJIT, the TargetMachine, every version's
+    ResourceTracker and unwinder registration, and every cell and callback
+    compiled code can reach.
+
+    Lifetimes: a tracker keeps its version's code mapped; disposing it unmaps
+    the code at once (and the next library may reuse the address), so a
+    tracker is disposed only by :meth:`release` (an explicit unload) or
+    :meth:`close`. Trackers must be disposed before the LLJIT they belong to,
+    and the unwinder must forget an object before its memory is unmapped;
+    :meth:`close` does it in that order. Slot cells, the safepoint flag and the
+    ctypes callbacks are referenced here until this object dies, so they
+    outlive every piece of code that can reach them.
+
+    The llvmlite objects are marked ``_owned`` so that their own finalizers
+    never dispose them: only this class disposes, in order. If this object is
+    collected as part of an unreachable cycle together with its llvmlite
+    objects, their finalizers may run first and merely detach; the code then
+    leaks but is never freed out of order.
+    """
+
+    def __init__(self, opt_level: int):
+        self.tm = target_machine(opt_level)
+        self.lljit = llvm.create_lljit_compiler(self.tm)
+        self.lljit._owned = True            # disposed by close(), after the trackers
+        self.trackers: dict[int, object] = {}      # version id -> ResourceTracker
+        self.registrations: dict[int, object] = {}  # version id -> unwinder handle
+        self.keepalive: list = []            # cells and callbacks reachable from code
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def adopt(self, version_id: int, tracker, registration):
+        tracker._owned = True               # disposed by release()/close() only
+        self.trackers[version_id] = tracker
+        if registration is not None:
+            self.registrations[version_id] = registration
+
+    def release(self, version_id: int):
+        """Forget a version in the unwinder, then unmap its code (even if forgetting failed)."""
+        with self._lock:
+            handle = self.registrations.pop(version_id, None)
+            tracker = self.trackers.pop(version_id, None)
+        try:
+            if handle is not None:
+                _unregister(handle)
+        finally:
+            if tracker is not None:
+                try:
+                    tracker._dispose()
+                finally:
+                    tracker.detach()
+
+    def close(self):
+        """Release every version, then the LLJIT, then the TargetMachine. Idempotent.
+
+        Every version is released even if one fails; the first error is
+        re-raised after the LLJIT is gone.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            ids = list(self.trackers)
+        error = None
+        for vid in ids:
+            try:
+                self.release(vid)
+            except Exception as e:  # noqa: BLE001 - keep releasing, report the first
+                error = error or e
+        try:
+            self.lljit._dispose()
+        finally:
+            self.lljit.detach()
+            self.tm.close()
+        if error is not None:
+            raise error
+
+    def __del__(self):
+        if not sys.is_finalizing() and not getattr(self, "closed", True):
+            self.close()
+
+
+def _register(obj: bytes, load_addresses: Mapping[str, int], name: str):
+    """Register a loaded object with the process's unwinder; None if it cannot yet."""
+    import unwinder
+    space_cls = getattr(unwinder, "AddressSpace", None)
+    if space_cls is None or not hasattr(space_cls, "current_process"):
+        return None
+    space = space_cls.current_process()
+    if not hasattr(space, "add_code_object"):
+        return None
+    return space, space.add_code_object(obj, dict(load_addresses), name=name)
+
+
+def _unregister(registration):
+    space, handle = registration
+    space.remove_code_object(handle)
+
+
+# --------------------------------------------------------------------------
+# Versions and functions
+# --------------------------------------------------------------------------
+
+class Version:
+    """One compiled version of a function: its own JIT library.
+
+    ``id``: unique in the runtime (1, 2, ... in link order). ``name``: the
+    function's name; ``symbol``: its native symbol. ``entry`` /
+    ``resume_entry``: absolute addresses of ``@<symbol>`` and
+    ``@<symbol>__resume`` (``i64 (i64 site_id, ptr state)``, see
+    :mod:`osrjit.abi`). ``code_range``: ``(start, end)`` absolute addresses of
+    the object's ``.text`` as loaded. ``frame_maps``: every frame map (one per
+    statepoint record, keyed by absolute return address). ``sites``: the code
+    generator's sites. ``object_image``: the ELF object the code was loaded
+    from. ``load_addresses``: section name -> absolute address.
+
+    Lifetime: the code stays mapped until :meth:`_unload` or
+    :meth:`Runtime.close`; after that ``loaded`` is False and every address
+    here is stale (the memory may hold another version's code). Calling
+    ``entry`` or ``resume_entry`` is only valid while ``loaded``.
+    """
+
+    def __init__(self, runtime: "Runtime", vid: int, ir: FunctionIR, obj: bytes,
+                 load_addresses: Mapping[str, int], entry: int, resume_entry: int,
+                 code_range: tuple[int, int], table: FrameMapTable):
+        self._runtime = weakref.ref(runtime)
+        self.id = vid
+        self.ir = ir
+        self.object_image = obj
+        self.load_addresses = dict(load_addresses)
+        self.entry = entry
+        self.resume_entry = resume_entry
+        self.code_range = code_range
+        self._table = table
+        self.loaded = True
+
+    name = property(lambda self: self.ir.name)
+    symbol = property(lambda self: self.ir.symbol)
+    sites: Mapping[int, SiteInfo] = property(lambda self: self.ir.sites)
+    params = property(lambda self: self.ir.params)
+
+    @property
+    def frame_maps(self) -> tuple[FrameMap, ...]:
+        return self._table.maps
+
+    def frame_map_at(self, return_address: int) -> FrameMap | None:
+        """The frame map for absolute ``return_address`` in this version, or None."""
+        return self._table.at(return_address)
+
+    def frame_maps_for_site(self, site_id: int) -> tuple[FrameMap, ...]:
+        """Every frame map of ``site_id`` (entry and resume copies)."""
+        return self._table.for_site(site_id)
+
+    def contains(self, address: int) -> bool:
+        """Whether absolute ``address`` lies in this version's ``.text``."""
+        start, end = self.code_range
+        return start <= address < end
+
+    def _unload(self):
+        """Unmap this version's code and forget it in the unwinder.
+
+        Only a version that is not current can be unloaded
+        (:class:`~osrjit.errors.VersionInUse` otherwise); the caller must know
+        that no frame of it is live and no thread is about to enter it.
+        """
+        runtime = self._runtime()
+        if runtime is None:
+            raise RuntimeClosed("the runtime of this version is gone")
+        runtime._unload_version(self)
+
+    def __repr__(self):
+        state = "" if self.loaded else ", unloaded"
+        return (f"<Version {self.name} #{self.id} .text [{self.code_range[0]:#x}, "
+                f"{self.code_range[1]:#x}) {len(self.frame_maps)} frame maps{state}>")
+
+
+class _Function:
+    """Per-name state: the slot cell, the signature and the loaded versions."""
+
+    def __init__(self, name: str, params: tuple[str, ...], return_type: str, slot):
+        self.name = name
+        self.params = params
+        self.return_type = return_type
+        self.slot = slot                 # ctypes.c_uint64: current entry address
+        self.versions: list[Version] = []
+        self.current: Version | None = None
+
+
+class JitFunction:
+    """Python entry to a compiled function; each call runs the *current* version.
+
+    The slot is read at every call, so a call made after a new version was
+    published runs the new version. Arguments are Python ints (64-bit signed).
+    A pending exception (a hook that raised, a division by zero, ...) is
+    raised here when the native call returns.
+    """
+
+    def __init__(self, runtime: "Runtime", fn: _Function):
+        self._services = runtime._services
+        self._native = runtime._native
+        self._fn = fn
+        restype = _RESTYPES.get(fn.return_type)
+        if fn.return_type not in _RESTYPES:
+            raise OsrJitError(f"{fn.name}: unsupported return type {fn.return_type!r}")
+        self._proto = ctypes.CFUNCTYPE(restype, *[ctypes.c_int64] * len(fn.params))
+        self._cache: dict[int, object] = {}
+
+    @property
+    def name(self) -> str:
+        return self._fn.name
+
+    @property
+    def arity(self) -> int:
+        return len(self._fn.params)
+
+    def __call__(self, *args):
+        fn = self._fn
+        if len(args) != len(fn.params):
+            raise TypeError(f"{fn.name}() takes {len(fn.params)} arguments "
+                            f"({', '.join(fn.params)}), {len(args)} given")
+        for a in args:
+            if not isinstance(a, int):
+                raise TypeError(f"{fn.name}() takes ints, got {type(a).__name__}")
+            if not _INT64_MIN <= a <= _INT64_MAX:
+                raise OverflowError(f"{fn.name}(): argument {a} does not fit in 64 bits")
+        if self._native.closed:
+            raise RuntimeClosed(f"cannot call {fn.name}: the runtime is closed")
+        address = fn.slot.value
+        cfunc = self._cache.get(address)
+        if cfunc is None:
+            cfunc = self._cache[address] = self._proto(address)
+        outer = self._services.enter()
+        try:
+            result = cfunc(*args)
+        finally:
+            exc = self._services.leave(outer)
+        if exc is not None:
+            raise exc
+        return result
+
+    def __repr__(self):
+        return f"<JitFunction {self.name}({', '.join(self._fn.params)})>"
+
+
+# --------------------------------------------------------------------------
+# The runtime
+# --------------------------------------------------------------------------
+
+class Runtime:
+    """Compiles functions into versions and runs the current one.
+
+    ``opt_level``: 0-3, for both the IR pipeline and code generation.
+
+    Lifetime: owns one LLJIT and every version's code (through a private
+    owner, see :class:`_NativeResources`). :meth:`close` (or leaving a
+    ``with`` block) unmaps all code, trackers before the LLJIT; no compiled
+    function may be running then. Thread-safe for compiling and calling.
+    """
+
+    def __init__(self, *, opt_level: int = 2):
+        if not 0 <= opt_level <= 3:
+            raise ValueError(f"opt_level must be 0..3, got {opt_level}")
+        self.opt_level = opt_level
+        self._lock = threading.RLock()
+        self._native = _NativeResources(opt_level)
+        self._services = _Services()
+        self._functions: dict[str, _Function] = {}
+        self._ids = itertools.count(1)
+        self._safepoint_flag = ctypes.c_int64(0)
+        services = self._services
+        self._service_addresses = {}
+        for symbol, cb in ((abi.HOOK_SYMBOL, _HOOK_TYPE(services.hook_service)),
+                           (abi.SAFEPOINT_SLOW_SYMBOL,
+                            _SAFEPOINT_SLOW_TYPE(services.safepoint_service)),
+                           (getattr(abi, "ERROR_SYMBOL", None), _ERROR_TYPE(services.error_service))):
+            if symbol is None:
+                continue
+            self._native.keepalive.append(cb)
+            self._service_addresses[symbol] = ctypes.cast(cb, ctypes.c_void_p).value
+        self._native.keepalive.append(self._safepoint_flag)
+        self._service_addresses[abi.SAFEPOINT_FLAG_SYMBOL] = ctypes.addressof(self._safepoint_flag)
+
+    # -- life cycle ------------------------------------------------------------
+
+    def close(self):
+        """Unmap every version and release the LLJIT. Idempotent."""
+        with self._lock:
+            for fn in self._functions.values():
+                for v in fn.versions:
+                    v.loaded = False
+            self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self):
+        if self._native.closed:
+            raise RuntimeClosed("the runtime is closed")
+
+    # -- services --------------------------------------------------------------
+
+    def on_hook(self, fn: Callable[[int], int] | None):
+        """Install ``fn(value) -> int`` as the hook service (None removes it)."""
+        self._services.hook = fn
+
+    def on_safepoint(self, fn: Callable[[], None] | None):
+        """Install ``fn()`` to run when a poll takes its slow path (None removes it)."""
+        self._services.safepoint = fn
+
+    @property
+    def safepoint_flag(self) -> int:
+        """The word polls test; nonzero sends every poll to its slow path."""
+        return self._safepoint_flag.value
+
+    @safepoint_flag.setter
+    def safepoint_flag(self, value: int):
+        self._safepoint_flag.value = int(value)
+
+    # -- compiling -------------------------------------------------------------
+
+    def compile(self, source: str, *, polls: bool = True) -> list[str]:
+        """Compile reference-language ``source``; returns the names it defines.
+
+        Functions already compiled may be called from ``source``; a name
+        defined again gets a new version, which becomes current.
+        """
+        from . import lang
+        with self._lock:
+            known = {name: len(fn.params) for name, fn in self._functions.items()}
+            irs = lang.compile_source(source, known=known, polls=polls)
+            return self.compile_ir(irs)
+
+    def compile_ir(self, function_irs: FunctionIR | Iterable[FunctionIR]) -> list[str]:
+        """Compile IR authors' functions (see :mod:`osrjit.abi`); returns their names.
+
+        All-or-nothing: every function is linked as a new version before any
+        becomes current; if one fails (CompileError for IR LLVM rejects or
+        symbols nobody provides, FrameMapError for records that do not fit
+        their code), none of the batch is published.
+        """
+        if isinstance(function_irs, FunctionIR):
+            function_irs = [function_irs]
+        irs = list(function_irs)
+        with self._lock:
+            self._check_open()
+            self._validate_batch(irs)
+            new_slots = {ir.name: ctypes.c_uint64(0) for ir in irs if ir.name not in self._functions}
+            linked: list[Version] = []
+            try:
+                for ir in irs:
+                    linked.append(self._load(ir, new_slots))
+            except BaseException:
+                for v in linked:
+                    v.loaded = False
+                    self._native.release(v.id)
+                raise
+            for cell in new_slots.values():
+                self._native.keepalive.append(cell)
+            for ir, v in zip(irs, linked):
+                fn = self._functions.get(ir.name)
+                if fn is None:
+                    fn = self._functions[ir.name] = _Function(
+                        ir.name, tuple(ir.params), ir.return_type, new_slots[ir.name])
+                fn.versions.append(v)
+                fn.current = v
+                fn.slot.value = v.entry      # publish: callers read the slot at each call
+            return [ir.name for ir in irs]
+
+    def _validate_batch(self, irs: list[FunctionIR]):
+        seen = set()
+        for ir in irs:
+            if not isinstance(ir, FunctionIR):
+                raise TypeError(f"expected FunctionIR, got {type(ir).__name__}")
+            if ir.name in seen:
+                raise CompileError(f"function {ir.name!r} is defined twice in one batch")
+            seen.add(ir.name)
+            old = self._functions.get(ir.name)
+            if old is not None and (len(old.params) != len(ir.params)
+                                    or old.return_type != ir.return_type):
+                raise CompileError(
+                    f"cannot redefine {ir.name!r} with a different signature: "
+                    f"{len(old.params)} parameters -> {len(ir.params)}, returning "
+                    f"{old.return_type} -> {ir.return_type} (compiled callers use the old one)")
+            if ir.return_type not in _RESTYPES:
+                raise CompileError(f"{ir.name}: unsupported return type {ir.return_type!r}")
+
+    def _emit(self, ir: FunctionIR) -> bytes:
+        return emit_object(ir, self._native.tm, self.opt_level)
+
+    def _imports(self, ir: FunctionIR, image: ObjectImage,
+                 new_slots: Mapping[str, ctypes.c_uint64]) -> dict[str, int]:
+        """Address of every symbol the object needs; CompileError for unknown ones."""
+        imports = {}
+        for sym in image.undefined_symbols:
+            if sym.startswith(abi.SLOT_PREFIX):
+                callee = sym[len(abi.SLOT_PREFIX):]
+                fn = self._functions.get(callee)
+                cell = fn.slot if fn is not None else new_slots.get(callee)
+                if cell is None:
+                    raise CompileError(f"{ir.name} calls {callee!r}, which is neither compiled "
+                                       "nor in this batch")
+                imports[sym] = ctypes.addressof(cell)
+            elif sym in self._service_addresses:
+                imports[sym] = self._service_addresses[sym]
+            else:
+                address = _process_symbol(sym)
+                if address is None:
+                    raise CompileError(f"{ir.name}: undefined symbol {sym!r}")
+                imports[sym] = address
+        return imports
+
+    def _load(self, ir: FunctionIR, new_slots) -> Version:
+        obj = self._emit(ir)
+        imports = self._imports(ir, ObjectImage(obj, {}, name=ir.name), new_slots)
+        vid = next(self._ids)
+        library = f"osrjit.{vid}.{ir.name}"
+        builder = llvm.JITLibraryBuilder().add_object_img(obj)
+        for sym, address in imports.items():
+            builder.import_symbol(sym, address)
+        builder.export_symbol(ir.symbol).export_symbol(ir.resume_symbol)
+        try:
+            tracker = builder.link(self._native.lljit, library)
+        except RuntimeError as e:
+            raise CompileError(f"{ir.name}: linking failed: {e}") from None
+        self._native.adopt(vid, tracker, None)
+        try:
+            entry, resume = tracker[ir.symbol], tracker[ir.resume_symbol]
+            load_addresses = ObjectImage.infer_load_addresses(
+                obj, {ir.symbol: entry, ir.resume_symbol: resume})
+            image = ObjectImage(obj, load_addresses, name=f"{ir.name} v{vid}")
+            code_range = image.code_range
+            if code_range is None:
+                raise FrameMapError(f"{ir.name} v{vid}: .text was not loaded")
+            table = _fm.frame_maps_for_object(image, ir.sites, function=ir.name, version=vid)
+            registration = _register(obj, load_addresses, f"{ir.name}.v{vid}")
+            if registration is not None:
+                self._native.adopt(vid, tracker, registration)
+        except BaseException:
+            self._native.release(vid)
+            raise
+        return Version(self, vid, ir, obj, load_addresses, entry, resume, code_range, table)
+
+    # -- queries ---------------------------------------------------------------
+
+    def _function(self, name: str) -> _Function:
+        fn = self._functions.get(name)
+        if fn is None:
+            raise UnknownFunction(name)
+        return fn
+
+    def function(self, name: str) -> JitFunction:
+        """A Python callable running the current version of ``name`` (UnknownFunction if none)."""
+        self._check_open()
+        return JitFunction(self, self._function(name))
+
+    def names(self) -> list[str]:
+        """Every compiled function's name, in first-compiled order."""
+        return list(self._functions)
+
+    def versions(self, name: str) -> list[Version]:
+        """The loaded versions of ``name``, oldest first (the last is not
+        necessarily current after an unload; see :meth:`current`)."""
+        return list(self._function(name).versions)
+
+    def current(self, name: str) -> Version:
+        """The version the slot of ``name`` points at."""
+        return self._function(name).current
+
+    def version_at(self, address: int) -> Version | None:
+        """The loaded version whose ``.text`` contains absolute ``address``, or None."""
+        for fn in self._functions.values():
+            for v in fn.versions:
+                if v.contains(address):
+                    return v
+        return None
+
+    def check_compatible(self, old: Version, new: Version) -> None:
+        """Raise :class:`deopt.IncompatibleVersion` unless frames of ``old`` can
+        resume in ``new`` (see :func:`deopt.framemaps.check_compatible`)."""
+        if old.name != new.name:
+            from deopt.errors import IncompatibleVersion
+            raise IncompatibleVersion(f"versions of different functions: {old.name!r} "
+                                      f"and {new.name!r}", reason="different functions")
+        _fm.check_compatible(old.frame_maps, new.sites)
+
+    def _unload_version(self, version: Version):
+        with self._lock:
+            fn = self._function(version.name)
+            if fn.current is version:
+                raise VersionInUse(f"{version.name} version {version.id} is current; publish "
+                                   "another version before unloading it")
+            if version not in fn.versions:
+                return
+            fn.versions.remove(version)
+            version.loaded = False
+            self._native.release(version.id)

@@ -33,7 +33,7 @@ def describe(frame, rt=None):
     if version is not None:
         where = f"JIT {version.name} v{version.id}"
     else:
-        where = os.path.basename(frame.module_name) if frame.module_name else "?"
+        where = os.path.basename(frame.module) if frame.module else "?"
     extra = f"  [{frame.fallback}]" if frame.fallback else ""
     return f"{frame.pc:#014x}  {frame.symbol or '??':<28} {where}{extra}"
 

@@ -54,7 +54,7 @@ def recursion_scenario(depth, in_thread):
         seen["glibc"] = _glibc_backtrace()
         frames = unwinder.backtrace()
         seen["ours"] = [f.pc for f in frames]
-        seen["frames"] = [(f.pc, f.cfa, f.module_name, f.symbol, f.fallback, f.end_reason)
+        seen["frames"] = [(f.pc, f.cfa, f.module, f.symbol, f.fallback, f.end_reason)
                           for f in frames]
         return 0
 

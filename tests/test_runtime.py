@@ -405,7 +405,7 @@ def scenario_stack_walk_meets_frame_maps():
                     base = frame.regs[slot.location.dwarf_reg]
                     values[slot.name] = ctypes.c_int64.from_address(
                         base + slot.location.offset).value
-                seen.append((frame.module.name, fm.site_id, values))
+                seen.append((frame.module, fm.site_id, values))
             return 100
         rt.on_hook(hook)
         result = rt.function("rec")(4)

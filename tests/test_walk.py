@@ -39,7 +39,7 @@ def snapshot_scenario(depth):
             # Cut the copy in the middle of the JIT frames.
             cut = live[len(live) // 2].cfa
             short = list(walk(regs, SnapshotMemory(base, data[:cut - base]), space, caller_frame=True))
-            key = lambda fs: [(f.pc, f.cfa, f.ra_slot, f.module_name, f.end_reason) for f in fs]
+            key = lambda fs: [(f.pc, f.cfa, f.ra_slot, f.module, f.end_reason) for f in fs]
             out.update(live=key(live), snap=key(snap), short=key(short), cut=cut)
         unwinder.with_captured_registers(inside)
         return 0
@@ -123,7 +123,7 @@ def test_walk_an_emulated_stack_through_unicorn_memory():
     regs2 = {**regs, RA: ret, RSP: regs[RSP] + 8}
     frames = list(walk(regs2, UnicornMemory(uc), space, caller_frame=True))
     assert [f.symbol for f in frames[:8]] == ["rec"] * 8
-    assert all(f.module_name == "emulated:rec" and f.fallback is None for f in frames[:8])
+    assert all(f.module == "emulated:rec" and f.fallback is None for f in frames[:8])
     assert frames[8].pc == EXIT
     # The outermost rec frame's return-address slot is the one we wrote.
     assert frames[7].ra_slot == sp

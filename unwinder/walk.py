@@ -65,7 +65,7 @@ class Frame:
     pc: int
     cfa: int | None
     regs: Mapping[int, int]
-    module: object = None
+    module_ref: object = None
     ra_slot: int | None = None
     saved_at: Mapping[int, int] = field(default_factory=dict)
     is_signal_frame: bool = False
@@ -75,20 +75,22 @@ class Frame:
     lookup_pc: int | None = None
 
     @property
-    def module_name(self):
-        """The module's path or name, or None for a pc in no known module."""
-        return None if self.module is None else self.module.name
+    def module(self):
+        """The module's path (ELF files) or name (JIT code objects), or None
+        for a pc in no known module. The :class:`~unwinder.modules.Module`
+        itself is :attr:`module_ref`."""
+        return None if self.module_ref is None else self.module_ref.name
 
     @property
     def symbol(self):
         """Name of the function symbol containing this frame's code, or None."""
-        if self.module is None:
+        if self.module_ref is None:
             return None
-        hit = self.module.symbolize(self.pc if self.lookup_pc is None else self.lookup_pc)
+        hit = self.module_ref.symbolize(self.pc if self.lookup_pc is None else self.lookup_pc)
         return None if hit is None else hit[0]
 
     def __repr__(self):
-        mod = self.module_name
+        mod = self.module
         return (f"Frame(#{self.index} pc={self.pc:#x} cfa={self.cfa:#x} "
                 f"{self.symbol or '?'} in {mod or '?'}"
                 f"{' [' + self.fallback + ']' if self.fallback else ''}"
@@ -193,7 +195,7 @@ def walk(regs, memory, space=None, *, max_frames=DEFAULT_MAX_FRAMES, caller_fram
                 end = END_RA_ZERO
             elif index == max_frames - 1:
                 end = END_STEP_LIMIT
-        yield Frame(pc=pc, cfa=cfa, regs=regs, module=module, ra_slot=ra_slot,
+        yield Frame(pc=pc, cfa=cfa, regs=regs, module_ref=module, ra_slot=ra_slot,
                     saved_at=saved_at, is_signal_frame=signal, fallback=fallback,
                     end_reason=end, index=index, lookup_pc=lookup_pc)
         if end is not None:

@@ -38,12 +38,17 @@ from collections.abc import Callable, Iterable, Mapping
 
 import llvmlite.binding as llvm
 
+import unwinder
+from deopt.errors import IncompatibleVersion
+from deopt.transfer import ResumeTarget, TransferError
+
 from deopt import framemaps as _fm
 from deopt.errors import FrameMapError
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
 from . import abi
 from .abi import FunctionIR, SiteInfo
+from .deoptimizer import NativeDeopt
 from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
                      VersionInUse)
 
@@ -277,7 +282,9 @@ class _NativeResources:
             if self.closed:
                 return
             self.closed = True
-            ids = list(self.trackers)
+            # Versions first, the deopt stub library (id 0) last: nothing may
+            # return into the stub once the code that could is gone.
+            ids = sorted(self.trackers, reverse=True)
         error = None
         for vid in ids:
             try:
@@ -350,6 +357,13 @@ class Version:
         self.code_range = code_range
         self._table = table
         self.loaded = True
+        #: Hijacked slots whose frames will return into this version (count).
+        self.pending_returns = 0
+        #: Set when a frame of this version may run its code without a pending
+        #: return being recorded (a frame suspended outside any site, or a
+        #: transfer that fell back to the old code): the version is then never
+        #: freed automatically.
+        self.pinned = False
 
     name = property(lambda self: self.ir.name)
     symbol = property(lambda self: self.ir.symbol)
@@ -496,12 +510,24 @@ class Runtime:
             self._service_addresses[symbol] = ctypes.cast(cb, ctypes.c_void_p).value
         self._native.keepalive.append(self._safepoint_flag)
         self._service_addresses[abi.SAFEPOINT_FLAG_SYMBOL] = ctypes.addressof(self._safepoint_flag)
+        self._freed_versions = 0
+        self._space = unwinder.AddressSpace.current_process()
+        me = weakref.ref(self)
+        self._deopt = NativeDeopt(self._native, self._space,
+                                  lambda record: me()._resume_target(record),
+                                  lambda record, ok: me()._after_transfer(record, ok))
 
     # -- life cycle ------------------------------------------------------------
 
     def close(self):
-        """Unmap every version and release the LLJIT. Idempotent."""
+        """Unmap every version and release the LLJIT. Idempotent.
+
+        No compiled code may be running, and no hijacked frame may be pending
+        (``stats()["pending_returns"] == 0``): their stubs go with the code.
+        """
         with self._lock:
+            if not self._native.closed:
+                self._deopt.close()
             for fn in self._functions.values():
                 for v in fn.versions:
                     v.loaded = False
@@ -706,6 +732,192 @@ class Runtime:
             raise IncompatibleVersion(f"versions of different functions: {old.name!r} "
                                       f"and {new.name!r}", reason="different functions")
         _fm.check_compatible(old.frame_maps, new.sites)
+
+    # -- replacement -------------------------------------------------------------
+
+    def replace(self, names, source, *, polls: bool = True) -> list[Version]:
+        """Replace the functions ``names`` with new versions, frames and all.
+
+        ``names``: a function name or a list of them. ``source``:
+        reference-language source defining exactly those functions (it may call
+        any compiled function), or :class:`~osrjit.abi.FunctionIR` object(s)
+        for IR authors. Steps, in order (nothing is modified before step 4):
+
+        1. compile and link the new versions (not yet callable);
+        2. walk the calling thread's stack (seeing through hijacked slots) and
+           find every frame of an old version of a replaced function;
+        3. check that every old version with frames can resume in its new
+           version (:class:`deopt.IncompatibleVersion` otherwise; the new
+           versions are discarded and the stack is left untouched);
+        4. publish the new versions (new calls run them);
+        5. hijack: the return-address slot of every such frame now points at
+           the deopt stub; when its callee returns, the frame is rebuilt in the
+           *current* version of its function and continues there. Frames
+           already hijacked toward an older replacement need no new write: a
+           transfer always targets the current version;
+        6. free every old version with no pending returns.
+
+        May be called from a hook, i.e. from inside JIT code: the frame that
+        called the hook is suspended at that site and transfers when the hook
+        returns. Returns the new versions. Other threads are not stopped: call
+        it only while no other thread runs code of the replaced functions.
+        """
+        names = [names] if isinstance(names, str) else list(names)
+        if not names:
+            raise ValueError("replace() needs at least one function name")
+        with self._lock:
+            self._check_open()
+            for name in names:
+                self._function(name)          # UnknownFunction before compiling anything
+            irs = self._replacement_irs(names, source, polls)
+            new_versions = self._link_batch(irs)
+            try:
+                stack = self._collect_frames(set(names))
+                for old in {entry[0] for entry in stack}:
+                    self.check_compatible(old, self._new_for(old, new_versions))
+            except BaseException:
+                for v in new_versions.values():
+                    v.loaded = False
+                    self._native.release(v.id)
+                raise
+            self._publish(irs, new_versions)
+            self._hijack(stack)
+            for name in names:
+                for old in list(self._functions[name].versions):
+                    self._maybe_reclaim(old)
+            return [new_versions[name] for name in names]
+
+    def _replacement_irs(self, names, source, polls):
+        if isinstance(source, str):
+            from . import lang
+            known = {n: len(fn.params) for n, fn in self._functions.items()}
+            irs = lang.compile_source(source, known=known, polls=polls)
+        else:
+            irs = [source] if isinstance(source, FunctionIR) else list(source)
+        defined = {ir.name for ir in irs}
+        missing = [n for n in names if n not in defined]
+        extra = sorted(defined - set(names))
+        if missing:
+            raise CompileError(f"the replacement does not define {missing}")
+        if extra:
+            raise CompileError(f"the replacement also defines {extra}, which replace() was not "
+                               "asked to replace (compile() them separately)")
+        return irs
+
+    def _link_batch(self, irs):
+        """Link ``irs`` as new versions without publishing them: {name: Version}."""
+        self._validate_batch(irs)
+        linked = {}
+        try:
+            for ir in irs:
+                linked[ir.name] = self._load(ir, {})
+        except BaseException:
+            for v in linked.values():
+                v.loaded = False
+                self._native.release(v.id)
+            raise
+        return linked
+
+    def _publish(self, irs, versions):
+        for ir in irs:
+            fn = self._functions[ir.name]
+            v = versions[ir.name]
+            fn.versions.append(v)
+            fn.current = v
+            fn.slot.value = v.entry
+
+    @staticmethod
+    def _new_for(old, new_versions):
+        return new_versions[old.name]
+
+    def _collect_frames(self, names):
+        """Frames of versions of ``names`` on this thread: [(version, frame map, slot, pc)].
+
+        ``slot`` is None for a frame that is already hijacked (its slot holds
+        the stub). A frame of such a version that is not at a site pins the
+        version (it keeps running old code; the version is never freed).
+        """
+        def scan(regs):
+            frames = unwinder.walk(regs, unwinder.ProcessMemory(), self._space, caller_frame=True)
+            out = []
+            prev = None
+            for frame in frames:
+                if prev is not None:
+                    v = self.version_at(frame.pc - 1)
+                    if v is not None and v.name in names:
+                        fm = v.frame_map_at(frame.pc)
+                        if fm is None:
+                            v.pinned = True
+                        else:
+                            out.append((v, fm, None if frame.translated else prev.ra_slot,
+                                        frame.pc))
+                prev = frame
+            return out
+
+        # The frames found stay where they are until we write into them: we
+        # are still running inside the frames that called replace().
+        return unwinder.with_captured_registers(scan)
+
+    def _hijack(self, stack):
+        memory = self._deopt.memory
+        for version, fm, slot, pc in stack:
+            if slot is None:
+                continue                      # already hijacked: retargeted at transfer time
+            self._deopt.table.hijack(slot, pc, fm, version, memory)
+            version.pending_returns += 1
+
+    def _resume_target(self, record) -> ResumeTarget:
+        """Where the frame of a hijack record continues: the current version."""
+        old = record.owner
+        fn = self._functions.get(old.name)
+        if fn is None or fn.current is None:
+            raise TransferError(f"{old.name} has no current version")
+        new = fn.current
+        site = new.sites.get(record.frame_map.site_id)
+        if site is None:
+            raise TransferError(f"{old.name} v{new.id} has no site {record.frame_map.site_id}")
+        return ResumeTarget(new.resume_entry, site.id, tuple(lv.name for lv in site.live), new)
+
+    def _after_transfer(self, record, ok):
+        old = record.owner
+        old.pending_returns -= 1
+        if not ok:
+            old.pinned = True                 # the frame runs the old code after all
+        self._maybe_reclaim(old)
+
+    def _maybe_reclaim(self, version):
+        """Free ``version`` if nothing can run it any more."""
+        fn = self._functions.get(version.name)
+        if (fn is None or fn.current is version or not version.loaded
+                or version.pending_returns or version.pinned):
+            return False
+        self._unload_version(version)
+        self._freed_versions += 1
+        return True
+
+    def stats(self) -> dict:
+        """Counters: ``live_versions`` (name -> loaded versions), ``pending_returns``
+        (hijacked slots not yet returned through), ``freed_versions``,
+        ``transfers`` (frames rebuilt in a new version), ``transfer_failures``
+        (frames that returned into old code instead; see
+        ``last_transfer_error``), ``hijacks`` (slots ever hijacked),
+        ``pinned_versions`` (old versions kept because a frame may still run them)."""
+        with self._lock:
+            return {
+                "live_versions": {n: len(fn.versions) for n, fn in self._functions.items()},
+                "pending_returns": len(self._deopt.table),
+                "freed_versions": self._freed_versions,
+                "transfers": self._deopt.transfers,
+                "transfer_failures": self._deopt.failures,
+                "hijacks": self._deopt.table.hijacks,
+                "pinned_versions": sum(1 for fn in self._functions.values() for v in fn.versions
+                                       if v.pinned and v is not fn.current),
+            }
+
+    @property
+    def last_transfer_error(self):
+        """The exception of the last transfer that fell back to old code, or None."""
+        return self._deopt.last_error
 
     def _unload_version(self, version: Version):
         with self._lock:

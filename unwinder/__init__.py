@@ -15,10 +15,10 @@ from .errors import CFIError, ExpressionError, MemoryReadError, ModuleError, Unw
 from .memory import Memory, ProcessMemory, SnapshotMemory, UnicornMemory
 from .modules import CodeObject, ElfModule, Module
 from .space import AddressSpace
-from .walk import Frame, walk
+from .walk import Frame, step, walk
 
 __all__ = [
-    "AddressSpace", "Frame", "walk", "backtrace", "with_captured_registers",
+    "AddressSpace", "Frame", "walk", "step", "backtrace", "with_captured_registers",
     "Memory", "ProcessMemory", "SnapshotMemory", "UnicornMemory",
     "Module", "ElfModule", "CodeObject",
     "UnwindError", "CFIError", "ExpressionError", "MemoryReadError", "ModuleError",

@@ -29,12 +29,14 @@ class ExpressionError(CFIError):
 
 
 class MemoryReadError(UnwindError):
-    """Memory at ``address`` (absolute, bytes) could not be read."""
+    """Memory at ``address`` (absolute) could not be read (or, with
+    ``access="write"``, written); ``size`` is in bytes."""
 
-    def __init__(self, address, size=8):
-        super().__init__(f"cannot read {size} bytes at {address:#x}")
+    def __init__(self, address, size=8, access="read"):
+        super().__init__(f"cannot {access} {size} bytes at {address:#x}")
         self.address = address
         self.size = size
+        self.access = access
 
 
 class ModuleError(UnwindError):

@@ -30,6 +30,10 @@ class Memory:
     def read_u64(self, address: int) -> int:
         return _U64.unpack(self.read(address, 8))[0]
 
+    def write_u64(self, address: int, value: int) -> None:
+        """Store a little-endian u64 (backends that can write: process, unicorn)."""
+        raise MemoryReadError(address, 8, "write")
+
 
 class SnapshotMemory(Memory):
     """A plain snapshot: ``data`` holds the bytes that lived at absolute ``base``.
@@ -68,6 +72,13 @@ class UnicornMemory(Memory):
         except (UcError, OverflowError):
             raise MemoryReadError(address, size) from None
 
+    def write_u64(self, address, value):
+        from unicorn import UcError
+        try:
+            self._uc.mem_write(address, _U64.pack(value))
+        except (UcError, OverflowError):
+            raise MemoryReadError(address, 8, "write") from None
+
 
 class _IOVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
@@ -78,6 +89,9 @@ _process_vm_readv = _libc.process_vm_readv
 _process_vm_readv.restype = ctypes.c_ssize_t
 _process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IOVec), ctypes.c_ulong,
                               ctypes.POINTER(_IOVec), ctypes.c_ulong, ctypes.c_ulong]
+_process_vm_writev = _libc.process_vm_writev
+_process_vm_writev.restype = ctypes.c_ssize_t
+_process_vm_writev.argtypes = _process_vm_readv.argtypes
 
 
 class ProcessMemory(Memory):
@@ -122,3 +136,17 @@ class ProcessMemory(Memory):
 
     def read_u64(self, address):
         return _U64.unpack(self.read(address, 8))[0]
+
+    def write_u64(self, address, value):
+        """Store 8 bytes with ``process_vm_writev(2)``: an unmapped or read-only
+        target is a :class:`MemoryReadError`, never a fault. Drops this
+        reader's cached copy of that page."""
+        buf = ctypes.create_string_buffer(_U64.pack(value), 8)
+        local = _IOVec(ctypes.addressof(buf), 8)
+        remote = _IOVec(address, 8)
+        if address < 0 or address + 8 > 1 << 64 or _process_vm_writev(
+                self._pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != 8:
+            raise MemoryReadError(address, 8, "write")
+        if self._pages is not None:
+            self._pages.pop(address & ~(PAGE_SIZE - 1), None)
+            self._pages.pop((address + 7) & ~(PAGE_SIZE - 1), None)

@@ -40,6 +40,9 @@ class AddressSpace:
         self.generation = 0
         #: Number of frames the walker unwound by frame pointers (no FDE).
         self.fallback_frames = 0
+        #: Callables ``(slot_address, value) -> pc`` consulted for every return
+        #: address read from a stack slot (see :meth:`add_return_address_filter`).
+        self.return_address_filters = ()
         self._add_modules(modules)
 
     # -- construction -----------------------------------------------------
@@ -110,6 +113,25 @@ class AddressSpace:
             self._starts = tuple(e[0] for e in entries)
             self._cache = {}
             self.generation += 1
+
+    def add_return_address_filter(self, translate):
+        """Let walks see through rewritten return addresses.
+
+        ``translate(slot_address, value) -> pc`` is called for each return
+        address a walk reads from a stack slot (absolute addresses); returning
+        something other than ``value`` makes the caller frame's ``pc`` that
+        result, with the raw value kept in :attr:`Frame.stored_pc`. A deopt
+        runtime registers one that maps its stub's address back to the
+        original return address of each hijacked slot.
+        """
+        with self._lock:
+            self.return_address_filters = self.return_address_filters + (translate,)
+
+    def remove_return_address_filter(self, translate):
+        """Undo :meth:`add_return_address_filter` (no error if absent)."""
+        with self._lock:
+            self.return_address_filters = tuple(f for f in self.return_address_filters
+                                                if f is not translate)
 
     # -- lookups ------------------------------------------------------------
 

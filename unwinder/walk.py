@@ -17,7 +17,7 @@ frame: ``_start``, ``clone3``), the CFA does not increase, memory cannot be
 read, or ``max_frames`` is reached; the last frame records why in
 :attr:`Frame.end_reason`.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from .errors import MemoryReadError, UnwindError
@@ -60,7 +60,9 @@ class Frame:
     instruction), ``pc`` for the innermost frame and for a frame interrupted
     by a signal (the caller of a frame whose FDE has augmentation ``S``).
     ``is_signal_frame`` is True for a frame whose own FDE has ``S`` (the
-    kernel's signal-return trampoline).
+    kernel's signal-return trampoline). ``stored_pc`` is the raw value found
+    in the return-address slot when a return-address filter translated it
+    into ``pc`` (a hijacked return: the slot holds a stub's address), else None.
     """
     pc: int
     cfa: int | None
@@ -73,6 +75,15 @@ class Frame:
     end_reason: str | None = None
     index: int = 0
     lookup_pc: int | None = None
+    stored_pc: int | None = None
+
+    @property
+    def translated(self):
+        """True when the slot holding this frame's pc held another value
+        (:attr:`stored_pc`, e.g. a deopt stub's address) that a return-address
+        filter of the space translated (see
+        :meth:`AddressSpace.add_return_address_filter`)."""
+        return self.stored_pc is not None
 
     @property
     def module(self):
@@ -165,41 +176,73 @@ def walk(regs, memory, space=None, *, max_frames=DEFAULT_MAX_FRAMES, caller_fram
         raise UnwindError("walk needs RIP (16) and RSP (7) in the initial registers")
     exact_pc = not caller_frame  # innermost frame, or the frame a signal interrupted
     prev_cfa = None
+    stored_pc = None
+    filters = space.return_address_filters
     for index in range(max_frames):
-        pc = regs[RA]
-        lookup_pc = pc if exact_pc else pc - 1
-        entry = space.unwind_entry(lookup_pc)
-        module = entry[2] if entry is not None else space.find_module(lookup_pc, refresh=False)
-        signal = bool(entry and entry[1])
-        fallback = None
-        end = None
-        cfa = caller = ra_slot = None
-        saved_at = {}
-        try:
-            if entry is not None:
-                cfa, caller, ra_slot, saved_at = _step_cfi(entry[0], regs, read_u64)
-            else:
-                fallback = FALLBACK_FRAME_POINTER
-                space.fallback_frames += 1
-                cfa, caller, ra_slot, saved_at = _step_frame_pointer(regs, read_u64)
-        except MemoryReadError as e:
-            end = f"cannot read stack memory at {e.address:#x}"
-        except UnwindError as e:
-            end = str(e)
-        if end is None:
-            if prev_cfa is not None and cfa <= prev_cfa:
-                end = END_CFA_NOT_INCREASING
-            elif caller.get(RA) is None:
-                end = END_RA_UNDEFINED
-            elif caller[RA] == 0:
-                end = END_RA_ZERO
-            elif index == max_frames - 1:
-                end = END_STEP_LIMIT
-        yield Frame(pc=pc, cfa=cfa, regs=regs, module_ref=module, ra_slot=ra_slot,
-                    saved_at=saved_at, is_signal_frame=signal, fallback=fallback,
-                    end_reason=end, index=index, lookup_pc=lookup_pc)
-        if end is not None:
+        frame, caller = _unwind_one(space, regs, read_u64, exact_pc, index, prev_cfa, stored_pc)
+        if frame.end_reason is None and index == max_frames - 1:
+            frame = replace(frame, end_reason=END_STEP_LIMIT)
+        yield frame
+        if frame.end_reason is not None:
             return
-        prev_cfa = cfa
-        exact_pc = signal
+        stored_pc = None
+        if filters and frame.ra_slot is not None:
+            raw = caller[RA]
+            for translate in filters:
+                pc = translate(frame.ra_slot, raw)
+                if pc != raw:
+                    caller[RA] = pc
+                    stored_pc = raw
+                    break
+        prev_cfa = frame.cfa
+        exact_pc = frame.is_signal_frame
         regs = caller
+
+
+def _unwind_one(space, regs, read_u64, exact_pc, index=0, prev_cfa=None, stored_pc=None):
+    """One frame and its caller's registers (None when the walk ends here)."""
+    pc = regs[RA]
+    lookup_pc = pc if exact_pc else pc - 1
+    entry = space.unwind_entry(lookup_pc)
+    module = entry[2] if entry is not None else space.find_module(lookup_pc, refresh=False)
+    signal = bool(entry and entry[1])
+    fallback = None
+    end = None
+    cfa = caller = ra_slot = None
+    saved_at = {}
+    try:
+        if entry is not None:
+            cfa, caller, ra_slot, saved_at = _step_cfi(entry[0], regs, read_u64)
+        else:
+            fallback = FALLBACK_FRAME_POINTER
+            space.fallback_frames += 1
+            cfa, caller, ra_slot, saved_at = _step_frame_pointer(regs, read_u64)
+    except MemoryReadError as e:
+        end = f"cannot read stack memory at {e.address:#x}"
+    except UnwindError as e:
+        end = str(e)
+    if end is None:
+        if prev_cfa is not None and cfa <= prev_cfa:
+            end = END_CFA_NOT_INCREASING
+        elif caller.get(RA) is None:
+            end = END_RA_UNDEFINED
+        elif caller[RA] == 0:
+            end = END_RA_ZERO
+    frame = Frame(pc=pc, cfa=cfa, regs=regs, module_ref=module, ra_slot=ra_slot,
+                  saved_at=saved_at, is_signal_frame=signal, fallback=fallback,
+                  end_reason=end, index=index, lookup_pc=lookup_pc, stored_pc=stored_pc)
+    return frame, (caller if end is None else None)
+
+
+def step(regs, memory, space=None, *, caller_frame=True):
+    """Unwind one frame: ``(frame, caller_regs)`` without translating return addresses.
+
+    ``caller_regs`` (DWARF number -> value: RSP, RIP and the callee-saved
+    registers the frame restores) is None when the frame is the last one
+    (``frame.end_reason`` says why). Used by the deopt transfer to find the
+    caller's registers of a frame it replaces.
+    """
+    if space is None:
+        from .space import AddressSpace
+        space = AddressSpace.current_process()
+    return _unwind_one(space, dict(regs), memory.read_u64, not caller_frame)

@@ -1,0 +1,147 @@
+"""Native deoptimization: the stub library, the hijack table and the Python transfer.
+
+:class:`NativeDeopt` belongs to one :class:`~osrjit.runtime.Runtime`. It links
+the deopt stub (:mod:`deopt.stub`) into the runtime's LLJIT as its own
+library, registers it with the unwinder, owns the
+:class:`~deopt.hijack.HijackTable` of every hijacked slot, and provides the
+transfer function the stub calls: a ctypes callback that finds the record of
+the slot it returned through, asks :func:`deopt.transfer.plan_transfer` where
+to resume, and fills a per-thread :class:`~deopt.stub.TransferPlan`.
+
+Lifetimes: the stub code, the transfer callback and the per-thread buffers
+live as long as the runtime's native resources (the stub library is released
+after every version). A thread's plan and state buffers are reused by its
+next transfer; the stub consumes the plan before that can happen, and a
+resume entry reads the state before its first site.
+"""
+import ctypes
+import os
+import sys
+import threading
+import traceback
+
+import llvmlite.binding as llvm
+
+import unwinder
+from deopt.hijack import HijackTable
+from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
+                        TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
+                        stub_module_ir)
+from deopt.transfer import ResumeTarget, TransferError, plan_transfer
+from unwinder.x86_64 import RAX, RBP, RBX, RSP, R12, R13, R14, R15
+
+#: Version id under which the stub library's tracker is kept (versions start at 1).
+STUB_LIBRARY_ID = 0
+
+_SAVED = ((RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"), (R14, "r14"), (R15, "r15"))
+
+
+class _ThreadBuffers(threading.local):
+    """Per-thread plan and state memory (see the module docstring for lifetimes)."""
+
+    def __init__(self):
+        self.plan = TransferPlan()
+        self.state = (ctypes.c_uint64 * 16)()
+
+
+class NativeDeopt:
+    """The deopt machinery of one runtime on real threads.
+
+    ``native``: the runtime's resource owner (LLJIT, target machine,
+    trackers). ``resolve(record) -> ResumeTarget``: where the frame of a hijack
+    record continues (the runtime answers with the function's current
+    version). ``on_transferred(record, ok)``: called after every transfer
+    (accounting and reclamation).
+    """
+
+    def __init__(self, native, space, resolve, on_transferred):
+        self.space = space
+        self._resolve = resolve
+        self._on_transferred = on_transferred
+        self._buffers = _ThreadBuffers()
+        self.transfers = 0
+        self.failures = 0
+        self.last_error = None
+        self._callback = TRANSFER_FUNCTION_TYPE(self._transfer)
+        self._cell = ctypes.c_void_p(ctypes.cast(self._callback, ctypes.c_void_p).value)
+        native.keepalive.extend([self._callback, self._cell])
+
+        tm = native.tm
+        obj = tm.emit_object(llvm.parse_assembly(stub_module_ir(tm.triple)))
+        tracker = (llvm.JITLibraryBuilder().add_object_img(obj)
+                   .import_symbol(TRANSFER_CELL_SYMBOL, ctypes.addressof(self._cell))
+                   .export_symbol(STUB_SYMBOL).export_symbol(RETURN_SYMBOL)
+                   .link(native.lljit, f"osrjit.deopt-stub.{id(self):x}"))
+        self.stub_address = tracker[STUB_SYMBOL]
+        self.return_address = tracker[RETURN_SYMBOL]
+        handle = space.add_code_object(obj, {".text": self.stub_address}, name="osrjit.deopt-stub")
+        native.adopt(STUB_LIBRARY_ID, tracker, (space, handle))
+        self.table = HijackTable(self.stub_address)
+        space.add_return_address_filter(self.table.translate)
+        self.memory = unwinder.ProcessMemory()
+
+    def close(self):
+        """Stop translating return addresses (the code goes with the runtime's resources)."""
+        self.space.remove_return_address_filter(self.table.translate)
+
+    # -- the transfer (runs on the thread that returned into the stub) ---------
+
+    def _transfer(self, exit_state):
+        """``TransferPlan* transfer(ExitState*)`` — never raises into native code."""
+        try:
+            return self._transfer_or_fall_back(exit_state)
+        except BaseException:  # noqa: BLE001 - no exception may unwind into the stub
+            # Only reachable if even the fallback failed (no record): there is
+            # no return address to go to, so stop loudly rather than run garbage.
+            sys.stderr.write("osrjit: fatal error in the deopt transfer\n")
+            traceback.print_exc()
+            sys.stderr.flush()
+            os.abort()
+
+    def _transfer_or_fall_back(self, exit_state):
+        es = exit_state.contents
+        entry_rsp = ctypes.addressof(es) + EXIT_STATE_TO_ENTRY_RSP
+        slot = entry_rsp - 8
+        record = self.table.take(slot)   # HijackError: no record -> fatal (see _transfer)
+        # Put the original return address back first: from here on libgcc and
+        # gdb unwind through the stub into the old frame.
+        ctypes.c_uint64.from_address(slot).value = record.original_ra
+        saved = {reg: getattr(es, name) for reg, name in _SAVED}
+        saved[RAX] = es.rax
+        saved[RSP] = entry_rsp
+        buffers = self._buffers
+        plan = buffers.plan
+        ok = False
+        try:
+            target = self._resolve(record)
+            t = plan_transfer(record, target, saved, self.memory, self.space)
+            if len(buffers.state) < len(t.state):
+                buffers.state = (ctypes.c_uint64 * (2 * len(t.state)))()
+            state = buffers.state
+            for i, v in enumerate(t.state):
+                state[i] = v
+            plan.rsp, plan.rip = t.rsp, t.rip
+            plan.rdi, plan.rsi = t.site_id, ctypes.addressof(state)
+            plan.rax = 0
+            for reg, name in _SAVED:
+                setattr(plan, name, t.caller_regs[reg])
+            ctypes.memset(ctypes.addressof(plan) + TransferPlan.xmm0.offset, 0, 16)
+            self.transfers += 1
+            ok = True
+        except Exception as e:  # noqa: BLE001 - fall back to the old code, report in stats
+            self.failures += 1
+            self.last_error = e
+            # Return into the original address as if nothing happened: the
+            # slot holds it again, so pop it with the stub's `ret`.
+            plan.rsp, plan.rip = slot, self.return_address
+            plan.rdi = plan.rsi = 0
+            plan.rax = es.rax
+            for reg, name in _SAVED:
+                setattr(plan, name, saved[reg])
+            ctypes.memmove(ctypes.addressof(plan) + TransferPlan.xmm0.offset,
+                           ctypes.addressof(es), 16)
+        self._on_transferred(record, ok)
+        return ctypes.addressof(plan)
+
+
+__all__ = ["NativeDeopt", "ResumeTarget", "TransferError", "STUB_LIBRARY_ID"]

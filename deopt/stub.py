@@ -14,6 +14,12 @@ original return address back into the slot, libgcc, gdb and
 callers. It is re-entrant: everything lives on the stack or in per-thread
 buffers, nothing in globals.
 
+A walker that meets a hijacked slot sees the stub's address as a return
+address and looks it up at ``stub − 1``: one ``nop`` before the entry, inside
+the FDE, whose row says "return address undefined", so libgcc and gdb stop
+there cleanly instead of looping (:mod:`unwinder` walks on: the runtime's
+return-address filter gives it the original address).
+
 Layout of the saved block (:class:`ExitState`, at ``RSP = E − 80`` when the
 transfer function is called; 16-byte aligned because ``E`` is — RSP was
 16-byte aligned at the old frame's ``call``)::
@@ -101,10 +107,14 @@ _STUB_ASM = f"""
 .globl {STUB_SYMBOL}
 .globl {RETURN_SYMBOL}
 .p2align 4
+osrjit_deopt_stub_pad:
+.cfi_startproc
+.cfi_undefined %rip
+nop
 .type {STUB_SYMBOL},@function
 {STUB_SYMBOL}:
-.cfi_startproc
 .cfi_def_cfa_offset 0
+.cfi_offset %rip, -8
 subq $8, %rsp
 .cfi_def_cfa_offset 8
 pushq %rax

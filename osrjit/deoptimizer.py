@@ -23,6 +23,7 @@ import traceback
 import llvmlite.binding as llvm
 
 import unwinder
+from deopt.framemaps import ObjectImage
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
@@ -62,6 +63,11 @@ class NativeDeopt:
         self.transfers = 0
         self.failures = 0
         self.last_error = None
+        #: Optional ``fn(record)`` called inside every transfer, on the
+        #: returning thread, after the original return address is back in its
+        #: slot and while the stub's frame is live (debugging and tests: a
+        #: backtrace taken there walks through the stub into the old frame).
+        self.observer = None
         self._callback = TRANSFER_FUNCTION_TYPE(self._transfer)
         self._cell = ctypes.c_void_p(ctypes.cast(self._callback, ctypes.c_void_p).value)
         native.keepalive.extend([self._callback, self._cell])
@@ -74,7 +80,8 @@ class NativeDeopt:
                    .link(native.lljit, f"osrjit.deopt-stub.{id(self):x}"))
         self.stub_address = tracker[STUB_SYMBOL]
         self.return_address = tracker[RETURN_SYMBOL]
-        handle = space.add_code_object(obj, {".text": self.stub_address}, name="osrjit.deopt-stub")
+        load_addresses = ObjectImage.infer_load_addresses(obj, {STUB_SYMBOL: self.stub_address})
+        handle = space.add_code_object(obj, load_addresses, name="osrjit.deopt-stub")
         native.adopt(STUB_LIBRARY_ID, tracker, (space, handle))
         self.table = HijackTable(self.stub_address)
         space.add_return_address_filter(self.table.translate)
@@ -113,6 +120,8 @@ class NativeDeopt:
         plan = buffers.plan
         ok = False
         try:
+            if self.observer is not None:
+                self.observer(record)
             target = self._resolve(record)
             t = plan_transfer(record, target, saved, self.memory, self.space)
             if len(buffers.state) < len(t.state):

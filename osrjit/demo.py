@@ -1,21 +1,32 @@
-"""The README demo: a backtrace taken inside a deep JIT recursion.
+"""The README demo: replace a function while 50 frames of it are on the stack.
 
-A reference-language function recurses 50 deep; at the bottom it calls
-``hook()``, which calls back into Python, and Python takes a native backtrace
-with :func:`unwinder.backtrace`. Every frame is named: JIT frames by function
-and version, the rest by module and symbol (libffi, libpython, libc, ...).
-The same stack is then compared with glibc's ``backtrace()``.
+``depth(n)`` recurses 50 deep and calls ``hook()`` at the bottom. Inside the
+hook — with every frame of version 1 still live — Python replaces ``depth``
+with a version that counts differently, and shows the native stack before and
+after: JIT frames named by function and version, hijacked frames marked (their
+return-address slot now holds the deopt stub; the walk shows the original
+return address), everything else by module and symbol. When the hook returns,
+each pending frame returns into the stub, is rebuilt as a frame of version 2
+and finishes there; then version 1 is freed. The stack walks are checked
+against glibc's ``backtrace()``.
 """
 import ctypes
 import os
 
 import unwinder
 
-SOURCE = '''
-def down(n):
+V1 = '''
+def depth(n):
     if n == 0:
-        return hook(n)
-    return down(n - 1) + 1
+        return hook(0)
+    return depth(n - 1) + 1
+'''
+
+V2 = '''
+def depth(n):
+    if n == 0:
+        return hook(0)
+    return depth(n - 1) + 1000
 '''
 
 DEPTH = 50
@@ -28,55 +39,97 @@ def _glibc_backtrace(limit=1024):
 
 
 def describe(frame, rt=None):
-    """One line for a frame: address, function, where it lives."""
-    version = rt.version_at(frame.pc) if rt is not None else None
+    """``(function, where, marker)`` for a frame."""
+    version = rt.version_at(frame.pc - 1) if rt is not None and frame.index else (
+        rt.version_at(frame.pc) if rt is not None else None)
     if version is not None:
-        where = f"JIT {version.name} v{version.id}"
-    else:
-        where = os.path.basename(frame.module) if frame.module else "?"
-    extra = f"  [{frame.fallback}]" if frame.fallback else ""
-    return f"{frame.pc:#014x}  {frame.symbol or '??':<28} {where}{extra}"
+        resume = " (resume entry)" if frame.symbol and frame.symbol.endswith("__resume") else ""
+        return version.name + resume, f"JIT v{version.id}", "HIJACKED" if frame.translated else ""
+    where = os.path.basename(frame.module) if frame.module else "?"
+    return frame.symbol or "??", where, "[frame pointers]" if frame.fallback else ""
 
 
-def print_stack(frames, rt=None, out=print):
-    """Print frames innermost first, collapsing runs of the same JIT function."""
+def stack_lines(frames, rt=None):
+    """Frames innermost first as text; runs of identical JIT frames fold into one line.
+
+    Call it while the versions the frames name are loaded.
+    """
+    keys = [describe(f, rt) for f in frames]
+    lines = []
     i = 0
     while i < len(frames):
+        key = keys[i]
         j = i
-        line = describe(frames[i], rt)
-        while j + 1 < len(frames) and describe(frames[j + 1], rt).split()[1:] == line.split()[1:] \
-                and rt is not None and rt.version_at(frames[j + 1].pc) is not None:
+        while j + 1 < len(frames) and key[1].startswith("JIT") and keys[j + 1] == key:
             j += 1
-        out(f"  #{i:<3} {line}" + (f"   (x{j - i + 1} frames, #{i}..#{j})" if j > i else ""))
+        run = f"  x{j - i + 1} (#{i}..#{j})" if j > i else ""
+        lines.append(f"  #{i:<3} {frames[i].pc:#014x}  {key[0]:<30} {key[1]:<24} {key[2]}{run}")
         i = j + 1
-    last = frames[-1]
-    out(f"  walk ended: {last.end_reason}")
+    lines.append(f"  walk ended: {frames[-1].end_reason}")
+    return lines
+
+
+def print_stack(lines, out=print):
+    """Print the JIT part of ``stack_lines`` output with its neighbours; elide the rest."""
+    lines, last = lines[:-1], lines[-1]
+    # Keep the JIT part and its neighbours; elide the deep interpreter frames.
+    jit = [k for k, line in enumerate(lines) if "JIT" in line]
+    keep = set(range(0, 2)) | set(range(len(lines) - 2, len(lines)))
+    for k in jit:
+        keep |= {k - 1, k, k + 1}
+    for k, line in enumerate(lines):
+        if k in keep:
+            out(line)
+        elif k - 1 in keep:
+            out("  ...")
+    out(last)
 
 
 def main(out=print):
     from .runtime import Runtime
     with Runtime() as rt:
-        rt.compile(SOURCE)
+        rt.compile(V1)
+        v1 = rt.current("depth")
         seen = {}
 
         def on_hook(value):
-            seen["glibc"] = _glibc_backtrace()
-            seen["frames"] = unwinder.backtrace()
+            seen["glibc_before"] = _glibc_backtrace()
+            seen["before"] = unwinder.backtrace()
+            seen["before_lines"] = stack_lines(seen["before"], rt)
+            rt.replace("depth", V2)
+            seen["after_lines"] = stack_lines(unwinder.backtrace(), rt)
+            seen["stats_during"] = rt.stats()
             return value
 
         rt.on_hook(on_hook)
-        result = rt.function("down")(DEPTH)
-        out(f"osrjit demo: down({DEPTH}) = {result}, compiled by LLJIT "
-            f"(version v{rt.versions('down')[-1].id}, code at "
-            f"{rt.versions('down')[-1].code_range[0]:#x})")
-        out(f"native backtrace taken inside hook() at the bottom of the recursion "
-            f"({len(seen['frames'])} frames, innermost first):")
-        print_stack(seen["frames"], rt, out)
-        ours = [f.pc for f in seen["frames"]]
-        glibc = seen["glibc"]
-        jit = [i for i, pc in enumerate(ours) if rt.version_at(pc) is not None]
-        gj = [i for i, pc in enumerate(glibc) if rt.version_at(pc) is not None]
-        same = ours[jit[0]:jit[0] + len(glibc) - gj[0]] == glibc[gj[0]:]
-        out(f"glibc backtrace() agrees from the first JIT frame to its last frame: {same} "
-            f"({len(glibc) - gj[0]} frames compared)")
-        return 0 if same and result == DEPTH else 1
+        out(f"osrjit demo: depth({DEPTH}) with version 1 (adds 1 per level) compiled by LLJIT at "
+            f"{v1.code_range[0]:#x}; inside hook() at the bottom we replace it with version 2 "
+            f"(adds 1000 per level).\n")
+        result = rt.function("depth")(DEPTH)
+        v2 = rt.current("depth")
+
+        out(f"Native stack inside hook(), before replace() ({len(seen['before'])} frames):")
+        print_stack(seen["before_lines"], out)
+        ours = [f.pc for f in seen["before"]]
+        glibc = seen["glibc_before"]
+        first = next(i for i, pc in enumerate(glibc) if v1.contains(pc - 1))
+        mine = next(i for i, pc in enumerate(ours) if v1.contains(pc - 1))
+        agree = ours[mine:mine + len(glibc) - first] == glibc[first:]
+        out(f"  (glibc backtrace() agrees from the first JIT frame to its last frame: {agree})\n")
+
+        out("Same stack after replace(): every version-1 frame is now a pending return "
+            "into the deopt stub:")
+        print_stack(seen["after_lines"], out)
+        s = seen["stats_during"]
+        out(f"  stats: {s['pending_returns']} pending returns, live versions "
+            f"{s['live_versions']}\n")
+
+        expected = DEPTH * 1000
+        out(f"Result: depth({DEPTH}) = {result} (every pending frame finished in version 2: "
+            f"expected {expected})")
+        stats = rt.stats()
+        out(f"rt.stats() = {stats}")
+        out(f"version 1 loaded: {v1.loaded}; version 2 (v{v2.id}) current at {v2.code_range[0]:#x}")
+        ok = (agree and result == expected and stats["pending_returns"] == 0
+              and stats["freed_versions"] == 1 and not v1.loaded)
+        return 0 if ok else 1

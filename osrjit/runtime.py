@@ -527,6 +527,10 @@ class Runtime:
         """
         with self._lock:
             if not self._native.closed:
+                pending = len(self._deopt.table)
+                if pending:
+                    raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
+                                       "have not returned yet (their stub and code would go)")
                 self._deopt.close()
             for fn in self._functions.values():
                 for v in fn.versions:

@@ -481,3 +481,42 @@ def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub():
     g = _suffix_from(out["in_transfer_glibc"], in_stub)
     o = _suffix_from(out["in_transfer_ours"], in_stub)
     assert o[:len(g)] == g and len(g) > 10
+
+
+def bad_requests_scenario():
+    import osrjit
+    from osrjit.errors import UnknownFunction, VersionInUse
+    out = []
+    with osrjit.Runtime() as rt:
+        rt.compile(SUM_V1 + "\ndef other(n):\n    return n\n")
+        for call in (lambda: rt.replace("nope", SUM_V2),
+                     lambda: rt.replace("sum", SUM_V2 + "\ndef extra(n):\n    return n\n"),
+                     lambda: rt.replace(["sum", "other"], SUM_V2),
+                     lambda: rt.replace([], SUM_V2),
+                     lambda: rt.replace("sum", "def sum(n):\n    return n +\n")):
+            try:
+                call()
+                out.append(None)
+            except (UnknownFunction, osrjit.CompileError, ValueError) as e:
+                out.append(type(e).__name__)
+
+        def on_hook(_):
+            rt.replace("sum", SUM_V2)
+            try:
+                rt.close()
+            except VersionInUse as e:
+                out.append("close refused: " + str(e))
+            return 0
+
+        rt.on_hook(on_hook)
+        rt.function("sum")(3)
+        out.append(rt.stats()["pending_returns"])
+        out.append(len(rt.versions("sum")))
+    return out
+
+
+def test_bad_replacement_requests_change_nothing():
+    out = run_child(bad_requests_scenario)
+    assert out[:5] == ["UnknownFunction", "CompileError", "CompileError", "ValueError", "CompileError"]
+    assert out[5].startswith("close refused: cannot close the runtime: 4 hijacked frames")
+    assert out[6:] == [0, 1]

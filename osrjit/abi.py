@@ -31,8 +31,26 @@ from typing import Mapping
 
 #: ``@osrjit.slot.<name> = external global ptr`` — absolute address of an
 #: 8-byte cell holding the entry address of the current version of ``<name>``.
-#: Calls to *other* functions load the cell and call through it.
+#: Calls to *other* functions load the cell and call through it
+#: (:data:`CALLS_SLOT` mode).
 SLOT_PREFIX = "osrjit.slot."
+#: ``declare <sig> @"osrjit.fn.<name>"`` — in :data:`CALLS_DIRECT` mode a call
+#: to another function ``<name>`` is a statepoint whose callee is this
+#: external function, so the object holds ``E8 rel32`` with an
+#: ``R_X86_64_PLT32`` relocation against the symbol. The runtime resolves it at
+#: link time to the entry of ``<name>``'s current version and, when a new
+#: version is published, patches the rel32 (or the JIT stub's GOT entry) of
+#: every such call in every loaded version (:mod:`osrjit.patching`). It is also
+#: the default *definition* symbol of a version (``osrjit.ir.default_symbol``),
+#: which is why self-calls, direct in both modes, look the same in the object.
+DIRECT_CALL_PREFIX = "osrjit.fn."
+#: Call modes of the code generators (``compile_source(calls=...)``,
+#: ``VersionedFunction(calls=...)``): calls to other functions through slot
+#: cells (load + indirect call; publishing is one 8-byte store) ...
+CALLS_SLOT = "slot"
+#: ... or direct (``E8 rel32``; publishing patches every call site).
+CALLS_DIRECT = "direct"
+CALL_MODES = (CALLS_SLOT, CALLS_DIRECT)
 #: ``declare i64 @osrjit_hook(i64)`` — the runtime's hook service.
 HOOK_SYMBOL = "osrjit_hook"
 #: ``@osrjit_safepoint_flag = external global i64`` — nonzero asks polls to stop.
@@ -99,8 +117,11 @@ class FunctionIR:
 
     ``module_ir`` is a complete textual LLVM module defining ``@<symbol>`` and
     ``@<symbol>__resume``; ``params`` are the parameter names (all ``i64`` for
-    the reference language); ``callees`` are the other functions reached
-    through ``osrjit.slot.*`` cells.
+    the reference language); ``callees`` are the other functions it calls
+    (function names, never itself), through ``osrjit.slot.*`` cells or
+    directly; ``direct_callees`` is the subset called directly through
+    ``@"osrjit.fn.<name>"`` (:data:`DIRECT_CALL_PREFIX`), whose call sites the
+    runtime must patch when ``<name>`` gets a new version.
     """
     name: str
     params: tuple[str, ...]
@@ -109,7 +130,13 @@ class FunctionIR:
     sites: Mapping[int, SiteInfo] = field(default_factory=dict)
     callees: frozenset = frozenset()
     return_type: str = "i64"
+    direct_callees: frozenset = frozenset()
 
     @property
     def resume_symbol(self) -> str:
         return self.symbol + RESUME_SUFFIX
+
+
+def direct_call_symbol(name: str) -> str:
+    """The symbol a direct call to function ``name`` references: ``osrjit.fn.<name>``."""
+    return DIRECT_CALL_PREFIX + name

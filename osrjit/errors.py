@@ -45,3 +45,50 @@ class HookNotSet(OsrJitError):
 
 class VersionInUse(OsrJitError):
     """A version cannot be unloaded: it is still the function's current version."""
+
+
+# --- call-site patching (osrjit.patching) --------------------------------------
+
+class PatchError(OsrJitError):
+    """A direct call site (or a JIT stub's pointer) could not be patched.
+
+    ``address`` is the absolute address the patch was about (the call
+    instruction, its rel32 field or the pointer), None if not about one place.
+    Raised before anything is written whenever the problem can be seen in
+    advance; a failure after writing (mprotect, read-back mismatch) says so.
+    """
+
+    def __init__(self, message, address=None):
+        super().__init__(message)
+        self.address = address
+
+
+class NotACallSite(PatchError):
+    """The bytes at a call site are not the expected ``E8 rel32`` call (or
+    ``E9 rel32`` jump). ``found`` holds the bytes read at ``address``."""
+
+    def __init__(self, message, address=None, found=b""):
+        super().__init__(message, address)
+        self.found = bytes(found)
+
+
+class CallTargetOutOfRange(PatchError):
+    """The new target is more than ±2 GiB from a site whose call cannot reach
+    it through a JIT stub. ``target`` is the wanted absolute address,
+    ``displacement`` ``target - return address`` (does not fit in int32)."""
+
+    def __init__(self, message, address=None, target=None, displacement=None):
+        super().__init__(message, address)
+        self.target = target
+        self.displacement = displacement
+
+
+class UnpatchableReference(PatchError):
+    """The code refers to a direct-call symbol other than through a patchable
+    ``E8``/``E9`` rel32 (e.g. takes its address), so retargeting it by patching
+    calls would leave a stale reference. ``relocation_type`` is the ELF
+    ``R_X86_64_*`` number."""
+
+    def __init__(self, message, address=None, relocation_type=None):
+        super().__init__(message, address)
+        self.relocation_type = relocation_type

@@ -70,9 +70,21 @@ Calling ``osrjit.fn.fib__resume(2, state)`` with ``state = [f(n-1), n]``
 continues after the first call: it stores ``state[0]`` into ``a``, calls
 ``fib(n - 2)`` and returns the sum.
 
+Calls to other functions
+    :meth:`BodyBuilder.call_function` reaches another JIT-compiled function
+    ``g`` in one of two modes (:data:`osrjit.abi.CALL_MODES`), chosen per
+    :class:`VersionedFunction` (``calls=``) and overridable per call:
+    ``"slot"`` (the default) loads ``@"osrjit.slot.g"`` and calls through the
+    pointer; ``"direct"`` makes ``declare <sig> @"osrjit.fn.g"`` the
+    statepoint's callee, so the object holds ``E8 rel32`` with an
+    ``R_X86_64_PLT32`` relocation against ``osrjit.fn.g``, which the runtime
+    resolves at link time and patches when ``g`` gets a new version (see
+    :mod:`osrjit.patching`). A self-call is direct in both modes.
+
 Runtime-side symbols a module may reference (all from :mod:`osrjit.abi`):
 ``@"osrjit.slot.<name>"`` (external global ptr, one per other function
-called), ``@osrjit_hook``, ``@osrjit_safepoint_flag``,
+called through a slot), ``@"osrjit.fn.<name>"`` (external function, one per
+other function called directly), ``@osrjit_hook``, ``@osrjit_safepoint_flag``,
 ``@osrjit_safepoint_slow`` and ``@osrjit_error``. The module carries the
 process triple but no data layout: the runtime sets its target machine's data
 layout before optimizing.
@@ -86,10 +98,11 @@ from typing import Callable, Iterable, Sequence
 from llvmlite import binding as llvm
 from llvmlite import ir
 
-from osrjit.abi import (ERROR_SYMBOL, GC_STRATEGY, HOOK_SYMBOL, RESUME_SUFFIX,
+from osrjit.abi import (CALL_MODES, CALLS_DIRECT, CALLS_SLOT, DIRECT_CALL_PREFIX,
+                        ERROR_SYMBOL, GC_STRATEGY, HOOK_SYMBOL, RESUME_SUFFIX,
                         SAFEPOINT_FLAG_SYMBOL, SAFEPOINT_SLOW_SYMBOL,
                         SLOT_PREFIX, STATE_LIVE_BASE, STATE_RESULT_INDEX,
-                        FunctionIR, LiveValue, SiteInfo, SiteKind)
+                        FunctionIR, LiveValue, SiteInfo, SiteKind, direct_call_symbol)
 from osrjit.errors import CompileError
 
 __all__ = [
@@ -105,8 +118,10 @@ PTR = ir.PointerType()   # opaque: renders as ``ptr`` whatever llvmlite's pointe
 VOID = ir.VoidType()
 
 #: Prefix of the default function symbol. Keeps a user function called e.g.
-#: ``labs`` from being mistaken by LLVM for the C library function.
-SYMBOL_PREFIX = "osrjit.fn."
+#: ``labs`` from being mistaken by LLVM for the C library function. The same
+#: prefix names direct-call targets (:data:`osrjit.abi.DIRECT_CALL_PREFIX`,
+#: the one source of truth).
+SYMBOL_PREFIX = DIRECT_CALL_PREFIX
 #: ``br`` weights (slow, fast) of a safepoint poll: the slow path is unlikely.
 POLL_BRANCH_WEIGHTS = (1, 2000)
 
@@ -282,7 +297,10 @@ class BodyBuilder:
         self.builder = ir.IRBuilder(function.append_basic_block("body"))
         self._variables: dict[str, _Variable] = {}
         self._sites: dict[int, _Site] = {}
+        #: Other functions called (names), through slots or directly.
         self.callees: set[str] = set()
+        #: The subset of :attr:`callees` called directly (``@"osrjit.fn.<name>"``).
+        self.direct_callees: set[str] = set()
 
     # -- variables -----------------------------------------------------------
 
@@ -355,6 +373,17 @@ class BodyBuilder:
         cell = self._declare_global(SLOT_PREFIX + name, PTR)
         return self.builder.load(cell, name=f"slot.{name}", typ=PTR)
 
+    def direct_callee(self, name: str, function_type: ir.FunctionType) -> ir.Function:
+        """``declare <function_type> @"osrjit.fn.<name>"``: the direct-call target of
+        function ``name`` (another function; the runtime resolves and patches it)."""
+        symbol = direct_call_symbol(name)
+        if name == self.owner.name or symbol in (self.owner.symbol, self.owner.resume_symbol):
+            raise CompileError(f"{self.owner.name}: a direct call to {name!r} would reference "
+                               f"@{symbol}, which this module defines")
+        self.callees.add(name)
+        self.direct_callees.add(name)
+        return self.declare_function(symbol, function_type)
+
     # -- sites ----------------------------------------------------------------
 
     def call(self, site_id: int, callee: ir.Value, args: Sequence[ir.Value], *,
@@ -399,13 +428,19 @@ class BodyBuilder:
     def call_function(self, site_id: int, name: str, args: Sequence[ir.Value], *,
                       function_type: ir.FunctionType | None = None,
                       live: Sequence[str] | None = None, result: str | None = None,
-                      line: int | None = None, col: int | None = None) -> ir.Value | None:
+                      line: int | None = None, col: int | None = None,
+                      calls: str | None = None) -> ir.Value | None:
         """Call JIT-compiled function ``name`` as a :attr:`SiteKind.CALL` site.
 
         A call to this function itself is direct (``@<symbol>``); any other
-        goes through ``@"osrjit.slot.<name>"``. ``function_type`` defaults to
-        ``i64 (i64 x len(args))``.
+        goes through ``@"osrjit.slot.<name>"`` (``calls="slot"``) or is a
+        direct call of ``@"osrjit.fn.<name>"`` (``calls="direct"``).
+        ``calls`` defaults to the :class:`VersionedFunction`'s mode.
+        ``function_type`` defaults to ``i64 (i64 x len(args))``.
         """
+        mode = self.owner.calls if calls is None else calls
+        if mode not in CALL_MODES:
+            raise CompileError(f"site {site_id}: calls={mode!r}, expected one of {CALL_MODES}")
         if name == self.owner.name:
             callee = self.entry_function
             if function_type is not None and function_type != callee.function_type:
@@ -414,7 +449,10 @@ class BodyBuilder:
             function_type = callee.function_type
         else:
             function_type = function_type or ir.FunctionType(I64, [I64] * len(args))
-            callee = self.load_slot(name)
+            if mode == CALLS_DIRECT:
+                callee = self.direct_callee(name, function_type)
+            else:
+                callee = self.load_slot(name)
         return self.call(site_id, callee, args, function_type=function_type,
                          callee_name=name, kind=SiteKind.CALL, live=live,
                          result=result, line=line, col=col)
@@ -566,11 +604,17 @@ class VersionedFunction:
     """Builds one version of function ``name`` (an :class:`FunctionIR`).
 
     ``params`` are names (``i64``) or ``(name, type)`` pairs; they become the
-    first variables. ``symbol`` defaults to ``osrjit.fn.<name>``.
+    first variables. ``symbol`` defaults to ``osrjit.fn.<name>``. ``calls``
+    (``"slot"`` or ``"direct"``, see :mod:`osrjit.abi`) is how
+    :meth:`BodyBuilder.call_function` reaches other functions by default.
     """
 
     def __init__(self, name: str, params: Sequence[str | tuple[str, ir.Type]], *,
-                 return_type: ir.Type = I64, symbol: str | None = None):
+                 return_type: ir.Type = I64, symbol: str | None = None,
+                 calls: str = CALLS_SLOT):
+        if calls not in CALL_MODES:
+            raise CompileError(f"{name}: calls={calls!r}, expected one of {CALL_MODES}")
+        self.calls = calls
         self.name = name
         self.params = tuple((p, I64) if isinstance(p, str) else tuple(p) for p in params)
         self.return_type = return_type
@@ -609,7 +653,8 @@ class VersionedFunction:
         return FunctionIR(name=self.name, params=tuple(n for n, _ in self.params),
                           module_ir=text, symbol=self.symbol, sites=normal.infos,
                           callees=frozenset(normal.fb.callees),
-                          return_type=str(self.return_type))
+                          return_type=str(self.return_type),
+                          direct_callees=frozenset(normal.fb.direct_callees))
 
     def _run(self, body, fb: BodyBuilder) -> "_Run":
         args = fb.function.args

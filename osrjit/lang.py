@@ -85,7 +85,8 @@ from typing import Mapping
 
 from llvmlite import ir
 
-from osrjit.abi import RESUME_SUFFIX, ErrorCode, FunctionIR, SiteKind
+from osrjit.abi import (CALL_MODES, CALLS_SLOT, RESUME_SUFFIX, ErrorCode, FunctionIR,
+                        SiteKind)
 from osrjit.errors import CompileError
 from osrjit.ir import I64, BodyBuilder, VersionedFunction
 
@@ -910,16 +911,23 @@ def _functions(module: ast.Module) -> list[ast.FunctionDef]:
 
 
 def compile_source(source: str, *, known: Mapping[str, int] = {},
-                   polls: bool = True) -> list[FunctionIR]:
+                   polls: bool = True, calls: str = CALLS_SLOT) -> list[FunctionIR]:
     """Compile every function in ``source``; one :class:`FunctionIR` each, in source order.
 
     ``known`` maps functions already compiled into the runtime to their arity;
     a function in ``source`` with the same name replaces it (a new version).
     ``polls`` adds the entry and loop back-edge polls; explicit ``safepoint()``
-    calls are sites either way. Raises :class:`CompileError` (with line and
-    column) for anything outside the language.
+    calls are sites either way. ``calls`` is how a function calls *other*
+    functions: ``"slot"`` (load ``@"osrjit.slot.<g>"``, call through it) or
+    ``"direct"`` (``call @"osrjit.fn.<g>"``, an ``E8 rel32`` the runtime
+    patches; listed in :attr:`FunctionIR.direct_callees`); self-calls are
+    direct either way and site ids do not depend on the mode. Raises
+    :class:`CompileError` (with line and column) for anything outside the
+    language.
     """
-    return [VersionedFunction(fn.name, fn.params).build(_emitter_for(fn))
+    if calls not in CALL_MODES:
+        raise ValueError(f"calls={calls!r}, expected one of {CALL_MODES}")
+    return [VersionedFunction(fn.name, fn.params, calls=calls).build(_emitter_for(fn))
             for fn in lower_source(source, known=known, polls=polls)]
 
 

@@ -46,7 +46,7 @@ from deopt import framemaps as _fm
 from deopt.errors import FrameMapError
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
-from . import abi
+from . import abi, patching
 from .abi import FunctionIR, SiteInfo
 from .deoptimizer import NativeDeopt
 from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
@@ -481,6 +481,11 @@ class Runtime:
     """Compiles functions into versions and runs the current one.
 
     ``opt_level``: 0-3, for both the IR pipeline and code generation.
+    ``calls``: how reference-language code calls *other* functions —
+    ``"slot"`` (load the callee's ``osrjit.slot.<name>`` cell and call through
+    it: publishing a version is one store) or ``"direct"`` (``call rel32``,
+    patched to the new version on every replacement: no indirection at run
+    time). Self-calls are direct in both modes and patched the same way.
 
     Lifetime: owns one LLJIT and every version's code (through a private
     owner, see :class:`_NativeResources`). :meth:`close` (or leaving a
@@ -488,10 +493,14 @@ class Runtime:
     function may be running then. Thread-safe for compiling and calling.
     """
 
-    def __init__(self, *, opt_level: int = 2):
+    def __init__(self, *, opt_level: int = 2, calls: str = abi.CALLS_SLOT):
         if not 0 <= opt_level <= 3:
             raise ValueError(f"opt_level must be 0..3, got {opt_level}")
+        if calls not in abi.CALL_MODES:
+            raise ValueError(f"calls must be one of {abi.CALL_MODES}, got {calls!r}")
         self.opt_level = opt_level
+        self.calls = calls
+        self._call_sites = patching.CallSiteIndex()
         self._lock = threading.RLock()
         self._native = _NativeResources(opt_level)
         self._services = _Services()
@@ -581,7 +590,7 @@ class Runtime:
         from . import lang
         with self._lock:
             known = {name: len(fn.params) for name, fn in self._functions.items()}
-            irs = lang.compile_source(source, known=known, polls=polls)
+            irs = lang.compile_source(source, known=known, polls=polls, calls=self.calls)
             return self.compile_ir(irs)
 
     def compile_ir(self, function_irs: FunctionIR | Iterable[FunctionIR]) -> list[str]:
@@ -605,8 +614,7 @@ class Runtime:
                     linked.append(self._load(ir, new_slots))
             except BaseException:
                 for v in linked:
-                    v.loaded = False
-                    self._native.release(v.id)
+                    self._discard(v)
                 raise
             for cell in new_slots.values():
                 self._native.keepalive.append(cell)
@@ -618,6 +626,7 @@ class Runtime:
                 fn.versions.append(v)
                 fn.current = v
                 fn.slot.value = v.entry      # publish: callers read the slot at each call
+            self._retarget_direct_calls(irs)
             return [ir.name for ir in irs]
 
     def _validate_batch(self, irs: list[FunctionIR]):
@@ -654,6 +663,18 @@ class Runtime:
                     raise CompileError(f"{ir.name} calls {callee!r}, which is neither compiled "
                                        "nor in this batch")
                 imports[sym] = ctypes.addressof(cell)
+            elif sym.startswith(abi.DIRECT_CALL_PREFIX):
+                # Linked through a stub for now; _retarget_direct_calls points
+                # the call itself at the callee once every version is linked.
+                callee = sym[len(abi.DIRECT_CALL_PREFIX):]
+                fn = self._functions.get(callee)
+                if fn is not None and fn.current is not None:
+                    imports[sym] = fn.current.entry
+                elif callee in new_slots:
+                    imports[sym] = patching.placeholder_address()
+                else:
+                    raise CompileError(f"{ir.name} calls {callee!r}, which is neither compiled "
+                                       "nor in this batch")
             elif sym in self._service_addresses:
                 imports[sym] = self._service_addresses[sym]
             else:
@@ -686,10 +707,13 @@ class Runtime:
             if code_range is None:
                 raise FrameMapError(f"{ir.name} v{vid}: .text was not loaded")
             table = _fm.frame_maps_for_object(image, ir.sites, function=ir.name, version=vid)
+            self._call_sites.add(vid, obj, load_addresses, patching.callee_symbols(ir))
             registration = _register(obj, load_addresses, f"{ir.name}.v{vid}")
             if registration is not None:
                 self._native.adopt(vid, tracker, registration)
         except BaseException:
+            if vid in self._call_sites:
+                self._call_sites.remove(vid)
             self._native.release(vid)
             raise
         return Version(self, vid, ir, obj, load_addresses, entry, resume, code_range, table)
@@ -781,8 +805,7 @@ class Runtime:
                     self.check_compatible(old, self._new_for(old, new_versions))
             except BaseException:
                 for v in new_versions.values():
-                    v.loaded = False
-                    self._native.release(v.id)
+                    self._discard(v)
                 raise
             self._publish(irs, new_versions)
             self._hijack(stack)
@@ -795,7 +818,7 @@ class Runtime:
         if isinstance(source, str):
             from . import lang
             known = {n: len(fn.params) for n, fn in self._functions.items()}
-            irs = lang.compile_source(source, known=known, polls=polls)
+            irs = lang.compile_source(source, known=known, polls=polls, calls=self.calls)
         else:
             irs = [source] if isinstance(source, FunctionIR) else list(source)
         defined = {ir.name for ir in irs}
@@ -817,8 +840,7 @@ class Runtime:
                 linked[ir.name] = self._load(ir, {})
         except BaseException:
             for v in linked.values():
-                v.loaded = False
-                self._native.release(v.id)
+                self._discard(v)
             raise
         return linked
 
@@ -829,6 +851,29 @@ class Runtime:
             fn.versions.append(v)
             fn.current = v
             fn.slot.value = v.entry
+        self._retarget_direct_calls(irs)
+
+    def _retarget_direct_calls(self, irs):
+        """Point every direct call to a function of ``irs`` — in every loaded
+        version, old ones included — and every call ``irs`` make directly at
+        the callee's current entry (fills link-time placeholders, bypasses
+        the linker's stubs). All patches are planned before any is written."""
+        names = {ir.name for ir in irs}
+        for ir in irs:
+            names |= set(ir.direct_callees)
+        plans = []
+        for name in sorted(names):
+            fn = self._functions.get(name)
+            if fn is not None and fn.current is not None:
+                plans.extend(self._call_sites.plan_retarget(name, fn.current.entry))
+        patching.apply_patches(plans)
+
+    def _discard(self, version):
+        """Unmap a version that was never published."""
+        version.loaded = False
+        if version.id in self._call_sites:
+            self._call_sites.remove(version.id)
+        self._native.release(version.id)
 
     @staticmethod
     def _new_for(old, new_versions):
@@ -895,6 +940,9 @@ class Runtime:
         if (fn is None or fn.current is version or not version.loaded
                 or version.pending_returns or version.pinned):
             return False
+        if self._call_sites.sites_reaching(*version.code_range):
+            version.pinned = True             # a direct call still leads into it
+            return False
         self._unload_version(version)
         self._freed_versions += 1
         return True
@@ -933,4 +981,6 @@ class Runtime:
                 return
             fn.versions.remove(version)
             version.loaded = False
+            if version.id in self._call_sites:
+                self._call_sites.remove(version.id)
             self._native.release(version.id)

@@ -31,11 +31,11 @@ def _glibc_backtrace(limit=4096):
     return [buf[i] or 0 for i in range(n)]
 
 
-def sum_scenario(depth, big_stack):
+def sum_scenario(depth, big_stack, calls="slot"):
     import osrjit
     import unwinder
     out = {}
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(calls=calls) as rt:
         rt.compile(SUM_V1)
         v1 = rt.current("sum")
 
@@ -67,9 +67,10 @@ def sum_scenario(depth, big_stack):
     return out
 
 
-@pytest.mark.parametrize("depth,big_stack", [(1000, False), (100_000, True)])
-def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack):
-    out = run_child(sum_scenario, depth, big_stack, timeout=600)
+@pytest.mark.parametrize("depth,big_stack,calls", [(1000, False, "slot"), (1000, False, "direct"),
+                                                   (100_000, True, "slot")])
+def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack, calls):
+    out = run_child(sum_scenario, depth, big_stack, calls, timeout=600)
     # Every pending frame finished with the new semantics (2n per level).
     assert out["result"] == depth * (depth + 1), out["error"]
     assert out["hijacked_frames"] == depth + 1          # sum(depth) .. sum(0)
@@ -98,9 +99,9 @@ def fib(n):
 """
 
 
-def fib_scenario(n, replace_at):
+def fib_scenario(n, replace_at, calls="slot"):
     import osrjit
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(calls=calls) as rt:
         rt.compile(FIB_V1)
         count = [0]
 
@@ -132,9 +133,10 @@ def fib_mixed_reference(n, replace_at):
     return fib(n)
 
 
-@pytest.mark.parametrize("replace_at", [1, 17, 55])
-def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at):
-    result, stats = run_child(fib_scenario, 15, replace_at)
+@pytest.mark.parametrize("replace_at,calls", [(1, "slot"), (17, "slot"), (55, "slot"),
+                                              (17, "direct")])
+def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at, calls):
+    result, stats = run_child(fib_scenario, 15, replace_at, calls)
     assert result == fib_mixed_reference(15, replace_at)
     assert result != fib_mixed_reference(15, 10 ** 9)       # the replacement did change it
     assert stats["pending_returns"] == 0 and stats["transfer_failures"] == 0
@@ -167,9 +169,9 @@ def odd(n):
 """
 
 
-def even_odd_scenario(n, which):
+def even_odd_scenario(n, which, calls="slot"):
     import osrjit
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(calls=calls) as rt:
         rt.compile(EVEN_ODD_V1)
 
         def on_hook(_):
@@ -180,13 +182,25 @@ def even_odd_scenario(n, which):
             return 0
 
         rt.on_hook(on_hook)
-        return rt.function("even")(n), rt.stats()
+        first = rt.function("even")(n)
+        # A second run starts from scratch: every call, direct or through a
+        # slot, must now reach the new versions.
+        rt.on_hook(lambda x: 0)
+        links = [(r.kind.name, r.target == rt.current(site.callee).entry)
+                 for callee in ("even", "odd") for site, r in rt._call_sites.resolutions(callee)]
+        return first, rt.stats(), rt.function("even")(n), links
 
 
 @pytest.mark.parametrize("which", ["both", "odd"])
-def test_mutual_recursion_both_or_one_replaced(which):
+@pytest.mark.parametrize("calls", ["slot", "direct"])
+def test_mutual_recursion_both_or_one_replaced(which, calls):
     n = 40
-    result, stats = run_child(even_odd_scenario, n, which)
+    result, stats, again, links = run_child(even_odd_scenario, n, which, calls)
+    assert again == result
+    # Every direct call site left (self-calls in slot mode have none here;
+    # cross calls in direct mode) reaches the current version with a plain rel32.
+    if calls == "direct":
+        assert links and all(link == ("DIRECT", True) for link in links)
     evens = odds = n // 2                      # even(40): 20 even frames and 20 odd frames above the leaf
     expected = 1 + 100 * odds + (10 * evens if which == "both" else 0)
     assert result == expected

@@ -83,12 +83,14 @@ class HijackTable:
                 return record.original_ra
         return value
 
-    def hijack(self, slot, original_ra, frame_map, owner, memory):
+    def hijack(self, slot, original_ra, frame_map, owner, memory, thread=None):
         """Write the stub into ``slot`` (via ``memory.write_u64``) and record it.
 
         The slot must still hold ``original_ra`` (read back first); a slot
         already in the table raises :class:`HijackError` — a frame is never
         hijacked twice (chained versions retarget at transfer time instead).
+        ``thread``: ident of the thread whose stack holds the slot (default:
+        the calling thread).
         """
         with self._lock:
             if slot in self._records:
@@ -97,7 +99,8 @@ class HijackTable:
             if current != original_ra:
                 raise HijackError(f"slot {slot:#x} holds {current:#x}, expected the return "
                                   f"address {original_ra:#x}")
-            record = HijackRecord(slot, original_ra, frame_map, owner)
+            record = HijackRecord(slot, original_ra, frame_map, owner,
+                                  threading.get_ident() if thread is None else thread)
             memory.write_u64(slot, self.stub_address)
             self._records[slot] = record
             self.hijacks += 1

@@ -34,7 +34,8 @@ The transfer function, ``TransferPlan* transfer(ExitState*)``, is called
 through the cell :data:`TRANSFER_CELL_SYMBOL` (so a native transfer can later
 replace the Python one). It returns a plan; the stub loads every register
 from it, sets ``RSP = plan.rsp`` — where a return address now sits on top —
-and jumps to ``plan.rip``: a version's resume entry (``rdi`` = site id,
+stores :data:`STATUS_RESUMED` at ``plan.status_ptr`` (the thread's status
+word, see :mod:`osrjit.threads`) and jumps to ``plan.rip``: a version's resume entry (``rdi`` = site id,
 ``rsi`` = state), or :data:`RETURN_SYMBOL` (a lone ``ret``) to return into the
 original address when no transfer is possible.
 """
@@ -46,6 +47,11 @@ STUB_SYMBOL = "osrjit_deopt_stub"
 RETURN_SYMBOL = "osrjit_deopt_return"
 #: ``external global ptr`` — holds the address of the transfer function.
 TRANSFER_CELL_SYMBOL = "osrjit_deopt_transfer_cell"
+
+#: Value the stub stores at ``plan.status_ptr`` once RSP points at the rebuilt
+#: frame (or back at the original return address): the thread's status word
+#: becomes "running JIT code" only when no half-transferred frame is left.
+STATUS_RESUMED = 1
 
 #: Bytes between the saved block and ``E`` (the RSP the stub was entered with).
 EXIT_STATE_TO_ENTRY_RSP = 80
@@ -83,7 +89,7 @@ class TransferPlan(ctypes.Structure):
         ("r13", ctypes.c_uint64),    # 64
         ("r14", ctypes.c_uint64),    # 72
         ("r15", ctypes.c_uint64),    # 80
-        ("_pad", ctypes.c_uint64),   # 88
+        ("status_ptr", ctypes.c_uint64),  # 88: the stub stores STATUS_RESUMED here
         ("xmm0", ctypes.c_uint8 * 16),  # 96
     ]
 
@@ -154,6 +160,7 @@ movq 72(%r11), %r14
 movq 80(%r11), %r15
 movq 16(%r11), %rdi
 movq 24(%r11), %rsi
+movq 88(%r11), %r10
 movq 0(%r11), %rsp
 .cfi_def_cfa %rsp, 8
 .cfi_restore %rbx
@@ -162,6 +169,7 @@ movq 0(%r11), %rsp
 .cfi_restore %r13
 .cfi_restore %r14
 .cfi_restore %r15
+movq ${STATUS_RESUMED}, (%r10)
 jmpq *8(%r11)
 {RETURN_SYMBOL}:
 retq

@@ -55,8 +55,13 @@ class NativeDeopt:
     (accounting and reclamation).
     """
 
-    def __init__(self, native, space, resolve, on_transferred):
+    def __init__(self, native, space, resolve, on_transferred, status_address=None):
         self.space = space
+        #: ``status_address() -> int``: address of the calling thread's status
+        #: word (the stub marks it "in JIT" when the transfer is complete).
+        self._status_address = status_address
+        self._dummy_status = ctypes.c_int64(0)
+        self._count_lock = threading.Lock()
         self._resolve = resolve
         self._on_transferred = on_transferred
         self._buffers = _ThreadBuffers()
@@ -70,7 +75,7 @@ class NativeDeopt:
         self.observer = None
         self._callback = TRANSFER_FUNCTION_TYPE(self._transfer)
         self._cell = ctypes.c_void_p(ctypes.cast(self._callback, ctypes.c_void_p).value)
-        native.keepalive.extend([self._callback, self._cell])
+        native.keepalive.extend([self._callback, self._cell, self._dummy_status])
 
         tm = native.tm
         obj = tm.emit_object(llvm.parse_assembly(stub_module_ir(tm.triple)))
@@ -86,6 +91,16 @@ class NativeDeopt:
         self.table = HijackTable(self.stub_address)
         space.add_return_address_filter(self.table.translate)
         self.memory = unwinder.ProcessMemory()
+
+    @property
+    def callback_address(self):
+        """Address of the Python transfer function (``TransferPlan* (ExitState*)``)."""
+        return ctypes.cast(self._callback, ctypes.c_void_p).value
+
+    def route_through(self, address):
+        """Make the stub call ``address`` (a native transition that calls
+        :attr:`callback_address` in turn) instead of the Python transfer directly."""
+        self._cell.value = address
 
     def close(self):
         """Stop translating return addresses (the code goes with the runtime's resources)."""
@@ -135,10 +150,12 @@ class NativeDeopt:
             for reg, name in _SAVED:
                 setattr(plan, name, t.caller_regs[reg])
             ctypes.memset(ctypes.addressof(plan) + TransferPlan.xmm0.offset, 0, 16)
-            self.transfers += 1
+            with self._count_lock:
+                self.transfers += 1
             ok = True
         except Exception as e:  # noqa: BLE001 - fall back to the old code, report in stats
-            self.failures += 1
+            with self._count_lock:
+                self.failures += 1
             self.last_error = e
             # Return into the original address as if nothing happened: the
             # slot holds it again, so pop it with the stub's `ret`.
@@ -149,6 +166,8 @@ class NativeDeopt:
                 setattr(plan, name, saved[reg])
             ctypes.memmove(ctypes.addressof(plan) + TransferPlan.xmm0.offset,
                            ctypes.addressof(es), 16)
+        status = self._status_address() if self._status_address is not None else None
+        plan.status_ptr = status or ctypes.addressof(self._dummy_status)
         self._on_transferred(record, ok)
         return ctypes.addressof(plan)
 

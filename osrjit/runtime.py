@@ -46,7 +46,7 @@ from deopt import framemaps as _fm
 from deopt.errors import FrameMapError
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
-from . import abi, patching
+from . import abi, patching, threads
 from .abi import FunctionIR, SiteInfo
 from .deoptimizer import NativeDeopt
 from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
@@ -364,6 +364,9 @@ class Version:
         #: transfer that fell back to the old code): the version is then never
         #: freed automatically.
         self.pinned = False
+        #: Set by the last stack scan: a frame was running this version
+        #: outside any site (it is freed by a later scan that finds none).
+        self.executing = False
 
     name = property(lambda self: self.ir.name)
     symbol = property(lambda self: self.ir.symbol)
@@ -433,8 +436,14 @@ class JitFunction:
         restype = _RESTYPES.get(fn.return_type)
         if fn.return_type not in _RESTYPES:
             raise OsrJitError(f"{fn.name}: unsupported return type {fn.return_type!r}")
-        self._proto = ctypes.CFUNCTYPE(restype, *[ctypes.c_int64] * len(fn.params))
-        self._cache: dict[int, object] = {}
+        # Every call goes through the runtime's entry thunk: it marks this
+        # thread "in JIT" (waiting while the world is stopped), calls the
+        # slot's current version, and marks it "outside" again.
+        self._registry = runtime._registry
+        thunk = runtime._support.entry_thunk(fn.return_type, len(fn.params))
+        proto = ctypes.CFUNCTYPE(restype, ctypes.c_void_p, *[ctypes.c_int64] * len(fn.params))
+        self._thunk = proto(thunk)
+        self._slot_address = ctypes.addressof(fn.slot)
 
     @property
     def name(self) -> str:
@@ -456,13 +465,10 @@ class JitFunction:
                 raise OverflowError(f"{fn.name}(): argument {a} does not fit in 64 bits")
         if self._native.closed:
             raise RuntimeClosed(f"cannot call {fn.name}: the runtime is closed")
-        address = fn.slot.value
-        cfunc = self._cache.get(address)
-        if cfunc is None:
-            cfunc = self._cache[address] = self._proto(address)
+        self._registry.current()           # attach this thread on its first call
         outer = self._services.enter()
         try:
-            result = cfunc(*args)
+            result = self._thunk(self._slot_address, *args)
         finally:
             exc = self._services.leave(outer)
         if exc is not None:
@@ -508,23 +514,40 @@ class Runtime:
         self._ids = itertools.count(1)
         self._safepoint_flag = ctypes.c_int64(0)
         services = self._services
-        self._service_addresses = {}
-        for symbol, cb in ((abi.HOOK_SYMBOL, _HOOK_TYPE(services.hook_service)),
-                           (abi.SAFEPOINT_SLOW_SYMBOL,
-                            _SAFEPOINT_SLOW_TYPE(services.safepoint_service)),
-                           (getattr(abi, "ERROR_SYMBOL", None), _ERROR_TYPE(services.error_service))):
-            if symbol is None:
-                continue
-            self._native.keepalive.append(cb)
-            self._service_addresses[symbol] = ctypes.cast(cb, ctypes.c_void_p).value
         self._native.keepalive.append(self._safepoint_flag)
-        self._service_addresses[abi.SAFEPOINT_FLAG_SYMBOL] = ctypes.addressof(self._safepoint_flag)
         self._freed_versions = 0
+        self._reclaim_later = []
+        self._count_lock = threading.Lock()
         self._space = unwinder.AddressSpace.current_process()
+        # Native transitions (entry thunks, hook/safepoint/error wrappers, the
+        # transfer's status marking, the signal handler) and the threads.
+        support = self._support = threads.SupportLibrary(self._native, self._space,
+                                                         self._safepoint_flag)
+        self._registry = threads.ThreadRegistry(support.key)
+        try:
+            self._signal = threads.RuntimeSignal(support.addresses["osrjit_signal_handler"])
+        except OsrJitError:
+            self._signal = None             # no free signal: stops rely on polls only
+        self._world = threads.World(support, self._registry, self._signal)
+        self._service_addresses = {
+            abi.HOOK_SYMBOL: support.addresses["osrjit_hook"],
+            abi.SAFEPOINT_SLOW_SYMBOL: support.addresses["osrjit_safepoint_slow"],
+            abi.ERROR_SYMBOL: support.addresses["osrjit_error"],
+            abi.SAFEPOINT_FLAG_SYMBOL: ctypes.addressof(self._safepoint_flag),
+        }
+        for cell, cb in (("osrjit_py_hook", _HOOK_TYPE(services.hook_service)),
+                         ("osrjit_py_safepoint", _SAFEPOINT_SLOW_TYPE(services.safepoint_service)),
+                         ("osrjit_py_error", _ERROR_TYPE(services.error_service))):
+            self._native.keepalive.append(cb)
+            support.set_service(cell, ctypes.cast(cb, ctypes.c_void_p).value)
         me = weakref.ref(self)
+        registry = self._registry
         self._deopt = NativeDeopt(self._native, self._space,
                                   lambda record: me()._resume_target(record),
-                                  lambda record, ok: me()._after_transfer(record, ok))
+                                  lambda record, ok: me()._after_transfer(record, ok),
+                                  lambda: ctypes.addressof(registry.current()))
+        support.set_service("osrjit_py_transfer", self._deopt.callback_address)
+        self._deopt.route_through(support.addresses["osrjit_transfer"])
 
     # -- life cycle ------------------------------------------------------------
 
@@ -541,6 +564,8 @@ class Runtime:
                     raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
                                        "have not returned yet (their stub and code would go)")
                 self._deopt.close()
+                if self._signal is not None:
+                    self._signal.close()
             for fn in self._functions.values():
                 for v in fn.versions:
                     v.loaded = False
@@ -572,12 +597,19 @@ class Runtime:
 
     @property
     def safepoint_flag(self) -> int:
-        """The word polls test; nonzero sends every poll to its slow path."""
-        return self._safepoint_flag.value
+        """1 while polls call the Python safepoint service (:meth:`on_safepoint`), else 0.
+
+        Setting it nonzero sends every poll to its slow path, which calls the
+        service; the runtime's own stop-the-world bit is separate.
+        """
+        return 1 if self._safepoint_flag.value & threads.FLAG_USER else 0
 
     @safepoint_flag.setter
     def safepoint_flag(self, value: int):
-        self._safepoint_flag.value = int(value)
+        if value:
+            self._support.set_flag(threads.FLAG_USER)
+        else:
+            self._support.clear_flag(threads.FLAG_USER)
 
     # -- compiling -------------------------------------------------------------
 
@@ -763,7 +795,8 @@ class Runtime:
 
     # -- replacement -------------------------------------------------------------
 
-    def replace(self, names, source, *, polls: bool = True) -> list[Version]:
+    def replace(self, names, source, *, polls: bool = True,
+                timeout: float | None = None) -> list[Version]:
         """Replace the functions ``names`` with new versions, frames and all.
 
         ``names``: a function name or a list of them. ``source``:
@@ -785,10 +818,16 @@ class Runtime:
            transfer always targets the current version;
         6. free every old version with no pending returns.
 
-        May be called from a hook, i.e. from inside JIT code: the frame that
-        called the hook is suspended at that site and transfers when the hook
-        returns. Returns the new versions. Other threads are not stopped: call
-        it only while no other thread runs code of the replaced functions.
+        May be called from any thread, also from a hook, i.e. from inside JIT
+        code (the frame that called the hook is suspended at that site and
+        transfers when the hook returns). Steps 2-5 run with the world stopped:
+        every other thread that runs JIT code parks at its next safepoint poll,
+        or, if it does not within a short grace period (poll-free code), on the
+        runtime's signal; threads in a hook or idle count as stopped (their
+        JIT frames are frozen below their last transition). If some thread
+        does not stop within ``timeout`` seconds (default
+        ``rt.safepoint_timeout``), :class:`osrjit.threads.SafepointTimeout`
+        names it and nothing is modified. Returns the new versions.
         """
         names = [names] if isinstance(names, str) else list(names)
         if not names:
@@ -800,18 +839,25 @@ class Runtime:
             irs = self._replacement_irs(names, source, polls)
             new_versions = self._link_batch(irs)
             try:
-                stack = self._collect_frames(set(names))
-                for old in {entry[0] for entry in stack}:
-                    self.check_compatible(old, self._new_for(old, new_versions))
+                others = self._world.stop(timeout=timeout)
             except BaseException:
                 for v in new_versions.values():
                     self._discard(v)
                 raise
-            self._publish(irs, new_versions)
-            self._hijack(stack)
-            for name in names:
-                for old in list(self._functions[name].versions):
-                    self._maybe_reclaim(old)
+            try:
+                try:
+                    stack = self._collect_frames(set(names), others)
+                    for old in {entry[0] for entry in stack}:
+                        self.check_compatible(old, self._new_for(old, new_versions))
+                except BaseException:
+                    for v in new_versions.values():
+                        self._discard(v)
+                    raise
+                self._publish(irs, new_versions)
+                self._hijack(stack)
+            finally:
+                self._world.release()
+            self._reclaim_all()
             return [new_versions[name] for name in names]
 
     def _replacement_irs(self, names, source, polls):
@@ -879,41 +925,91 @@ class Runtime:
     def _new_for(old, new_versions):
         return new_versions[old.name]
 
-    def _collect_frames(self, names):
-        """Frames of versions of ``names`` on this thread: [(version, frame map, slot, pc)].
+    def _collect_frames(self, names, others=()):
+        """Frames of versions of ``names`` on every stopped thread's stack.
 
-        ``slot`` is None for a frame that is already hijacked (its slot holds
-        the stub). A frame of such a version that is not at a site pins the
-        version (it keeps running old code; the version is never freed).
+        Returns ``[(version, frame map, slot, pc, thread ident)]``; ``slot`` is
+        None for a frame that is already hijacked (its slot holds the stub).
+        Recomputes :attr:`Version.executing` for every old version: a frame of
+        it that is not suspended at a site (an innermost frame interrupted by
+        the runtime's signal, or a call that is not a site), or an entry
+        address of it in a signal-stopped thread's registers, keeps it loaded.
+        ``others``: ``(ident, ThreadState, name)`` of the stopped other threads.
         """
-        def scan(regs):
-            frames = unwinder.walk(regs, unwinder.ProcessMemory(), self._space, caller_frame=True)
-            out = []
-            prev = None
-            for frame in frames:
-                if prev is not None:
-                    v = self.version_at(frame.pc - 1)
-                    if v is not None and v.name in names:
-                        fm = v.frame_map_at(frame.pc)
-                        if fm is None:
-                            v.pinned = True
-                        else:
-                            out.append((v, fm, None if frame.translated else prev.ra_slot,
-                                        frame.pc))
-                prev = frame
-            return out
+        executing = set()
+        found = []
+        memory = unwinder.ProcessMemory()
 
-        # The frames found stay where they are until we write into them: we
-        # are still running inside the frames that called replace().
-        return unwinder.with_captured_registers(scan)
+        def classify(regs, ident, caller_frame):
+            prev = None
+            for frame in unwinder.walk(regs, memory, self._space, caller_frame=caller_frame):
+                v = self.version_at(frame.lookup_pc)
+                if v is not None and (v.name in names or self._functions[v.name].current is not v):
+                    fm = v.frame_map_at(frame.pc) if frame.lookup_pc != frame.pc else None
+                    if fm is not None and prev is not None and v.name in names:
+                        found.append((v, fm, None if frame.translated else prev.ra_slot,
+                                      frame.pc, ident))
+                    else:
+                        executing.add(v)
+                prev = frame
+
+        def scan(regs):
+            # Our own stack: walked from inside the capture, so it stays put.
+            classify(regs, threading.get_ident(), True)
+            for ident, state, _ in others:
+                status = state.status
+                if status == threads.PARKED_SIGNAL and state.ucontext:
+                    uregs = threads.ucontext_registers(state, memory)
+                    for value in uregs.values():    # an entry loaded, not yet called
+                        v = self.version_at(value)
+                        if v is not None:
+                            executing.add(v)
+                    classify(uregs, ident, False)
+                elif status in (threads.PARKED, threads.OUTSIDE):
+                    aregs = threads.anchor_registers(state)
+                    if aregs is not None:
+                        classify(aregs, ident, True)
+
+        unwinder.with_captured_registers(scan)
+        for fn in self._functions.values():
+            for v in fn.versions:
+                v.executing = v in executing
+        return found
 
     def _hijack(self, stack):
         memory = self._deopt.memory
-        for version, fm, slot, pc in stack:
+        for version, fm, slot, pc, ident in stack:
             if slot is None:
                 continue                      # already hijacked: retargeted at transfer time
-            self._deopt.table.hijack(slot, pc, fm, version, memory)
-            version.pending_returns += 1
+            self._deopt.table.hijack(slot, pc, fm, version, memory, thread=ident)
+            with self._count_lock:
+                version.pending_returns += 1
+
+    def collect(self, *, timeout: float | None = None) -> int:
+        """Stop the world, re-scan every stack, free old versions nothing runs.
+
+        Versions kept because a thread was executing them outside any site
+        are freed by the first collection that finds no such frame. Returns
+        the number of versions freed.
+        """
+        with self._lock:
+            self._check_open()
+            before = self._freed_versions
+            self._world.stop(timeout=timeout)
+            try:
+                others = [t for t in self._registry.snapshot() if t[0] != threading.get_ident()]
+                self._collect_frames(set(), others)
+            finally:
+                self._world.release()
+            self._reclaim_all()
+            return self._freed_versions - before
+
+    def _reclaim_all(self):
+        for fn in list(self._functions.values()):
+            for v in list(fn.versions):
+                self._maybe_reclaim(v)
+        while self._reclaim_later:
+            self._maybe_reclaim(self._reclaim_later.pop())
 
     def _resume_target(self, record) -> ResumeTarget:
         """Where the frame of a hijack record continues: the current version."""
@@ -929,16 +1025,25 @@ class Runtime:
 
     def _after_transfer(self, record, ok):
         old = record.owner
-        old.pending_returns -= 1
-        if not ok:
-            old.pinned = True                 # the frame runs the old code after all
-        self._maybe_reclaim(old)
+        with self._count_lock:
+            old.pending_returns -= 1
+            if not ok:
+                old.pinned = True             # the frame runs the old code after all
+        # Never wait for the runtime lock here: a replace() holding it may be
+        # waiting for this very transfer to finish (stop-the-world).
+        if self._lock.acquire(blocking=False):
+            try:
+                self._maybe_reclaim(old)
+            finally:
+                self._lock.release()
+        else:
+            self._reclaim_later.append(old)
 
     def _maybe_reclaim(self, version):
         """Free ``version`` if nothing can run it any more."""
         fn = self._functions.get(version.name)
         if (fn is None or fn.current is version or not version.loaded
-                or version.pending_returns or version.pinned):
+                or version.pending_returns or version.pinned or version.executing):
             return False
         if self._call_sites.sites_reaching(*version.code_range):
             version.pinned = True             # a direct call still leads into it
@@ -953,7 +1058,9 @@ class Runtime:
         ``transfers`` (frames rebuilt in a new version), ``transfer_failures``
         (frames that returned into old code instead; see
         ``last_transfer_error``), ``hijacks`` (slots ever hijacked),
-        ``pinned_versions`` (old versions kept because a frame may still run them)."""
+        ``pinned_versions`` (old versions kept because a frame may still run them),
+        ``stops`` (stop-the-world pauses), ``signals_sent`` (threads stopped by the
+        runtime's signal rather than at a poll), ``attached_threads``."""
         with self._lock:
             return {
                 "live_versions": {n: len(fn.versions) for n, fn in self._functions.items()},
@@ -963,8 +1070,20 @@ class Runtime:
                 "transfer_failures": self._deopt.failures,
                 "hijacks": self._deopt.table.hijacks,
                 "pinned_versions": sum(1 for fn in self._functions.values() for v in fn.versions
-                                       if v.pinned and v is not fn.current),
+                                       if (v.pinned or v.executing) and v is not fn.current),
+                "stops": self._world.stops,
+                "signals_sent": self._world.signals_sent,
+                "attached_threads": len(self._registry.snapshot()),
             }
+
+    @property
+    def safepoint_timeout(self) -> float:
+        """Seconds :meth:`replace` waits for other threads to stop (default 5)."""
+        return self._world.timeout
+
+    @safepoint_timeout.setter
+    def safepoint_timeout(self, seconds: float):
+        self._world.timeout = float(seconds)
 
     @property
     def last_transfer_error(self):

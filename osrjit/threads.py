@@ -1,0 +1,621 @@
+"""Threads: registry, native transitions, safepoints and stop-the-world.
+
+Every thread that runs JIT code has a :class:`ThreadState` — a small native
+block that JIT code finds through a pthread key — holding its *status* and,
+while it is not running JIT code, an *anchor*: the registers of the last
+native frame it left JIT code from (HotSpot's "last Java frame"):
+
+=================  ======================================================
+``DETACHED`` 0     never entered JIT code, or exited
+``IN_JIT`` 1       running JIT code (never holds the GIL in this state)
+``OUTSIDE`` 2      in the host (a hook, Python, the error service) or idle;
+                   its JIT frames, if any, are frozen below the anchor
+``PARKED`` 3       stopped at a safepoint poll; anchor = the slow path's frame
+``TRANSFERRING`` 4 inside a deopt transfer (short; the stopper waits for it)
+``PARKED_SIGNAL`` 5 stopped by the runtime's signal; registers in the ucontext
+=================  ======================================================
+
+All transitions are native code from the *support library*, LLVM IR linked
+into the runtime's LLJIT like any version (plus one leaf in ``module asm``
+that saves the anchor):
+
+* ``osrjit_entry_<sig>(slot, args...)`` — the entry thunk Python calls:
+  saves the previous anchor, enters (``IN_JIT``; waits while the world is
+  stopped), calls the slot's current version, restores, leaves (``OUTSIDE``);
+* ``osrjit_hook`` / ``osrjit_error`` — save the anchor, go ``OUTSIDE``, call
+  the Python service, enter again (blocking while the world is stopped);
+* ``osrjit_safepoint_slow`` — a poll's slow path: with the STOP bit set it
+  saves the anchor, parks on a futex (no Python, no GIL) until released;
+  with the USER bit it calls the Python safepoint service;
+* ``osrjit_transfer`` — the deopt stub's transfer: ``TRANSFERRING`` around
+  the Python transfer; the stub itself stores ``IN_JIT`` after it has moved
+  RSP to the rebuilt frame;
+* ``osrjit_signal_handler`` — async-signal-safe (no Python, no malloc): a
+  thread ``IN_JIT`` when the world is stopping saves its ucontext and parks.
+
+The flag word (``osrjit_safepoint_flag``) that polls test has two bits:
+:data:`FLAG_STOP` (stop the world) and :data:`FLAG_USER` (call the Python
+safepoint service). Entering checks STOP after publishing ``IN_JIT`` with a
+locked exchange, and the stopper sets STOP with a locked ``or`` before reading
+statuses, so a thread either sees STOP or is seen ``IN_JIT`` (Dekker).
+"""
+import ctypes
+import ctypes.util
+import threading
+import time
+
+import llvmlite.binding as llvm
+
+from .errors import OsrJitError
+
+DETACHED, IN_JIT, OUTSIDE, PARKED, TRANSFERRING, PARKED_SIGNAL = range(6)
+STATUS_NAMES = ("DETACHED", "IN_JIT", "OUTSIDE", "PARKED", "TRANSFERRING", "PARKED_SIGNAL")
+#: Statuses in which a thread runs no JIT code and its stack can be walked.
+STOPPED = frozenset((DETACHED, OUTSIDE, PARKED, PARKED_SIGNAL))
+
+FLAG_STOP = 1
+FLAG_USER = 2
+
+_SYS_FUTEX = 202
+_FUTEX_WAIT_PRIVATE = 128
+_FUTEX_WAKE_PRIVATE = 129
+
+# DWARF register numbers (the anchor uses the unwinder's capture layout:
+# 17 slots indexed by DWARF number).
+_RBX, _RBP, _RSP, _R12, _R13, _R14, _R15, _RIP = 3, 6, 7, 12, 13, 14, 15, 16
+
+
+class SafepointTimeout(OsrJitError):
+    """Threads did not stop in time; nothing was modified.
+
+    ``threads`` lists ``(name, status name)`` of the threads that did not stop.
+    """
+
+    def __init__(self, threads, seconds):
+        names = ", ".join(f"{n} ({s})" for n, s in threads)
+        super().__init__(f"time-to-safepoint exceeded {seconds:.3f} s; not stopped: {names}; "
+                         "no stack was modified")
+        self.threads = threads
+
+
+class ThreadState(ctypes.Structure):
+    """The native per-thread block. Layout shared with the support library IR:
+    ``status`` at 0, ``anchor`` (17 u64 by DWARF number) at 8, ``ucontext`` at 144."""
+    _fields_ = [("status", ctypes.c_int64),
+                ("anchor", ctypes.c_uint64 * 17),
+                ("ucontext", ctypes.c_uint64)]
+
+
+assert ctypes.sizeof(ThreadState) == 152
+assert ThreadState.anchor.offset == 8 and ThreadState.ucontext.offset == 144
+
+ANCHOR_OFFSET = 8
+UCONTEXT_OFFSET = 144
+
+# glibc x86-64 ucontext_t: uc_flags 8, uc_link 8, uc_stack 24, then
+# mcontext_t.gregs[23] (REG_R8 = 0 ... REG_RIP = 16).
+_UC_GREGS = 40
+_GREG_TO_DWARF = {0: 8, 1: 9, 2: 10, 3: 11, 4: 12, 5: 13, 6: 14, 7: 15, 8: 5, 9: 4,
+                  10: 6, 11: 3, 12: 1, 13: 0, 14: 2, 15: 7, 16: 16}
+
+_SAVE_ANCHOR_ASM = """
+.text
+.globl osrjit_save_anchor
+.p2align 4
+.type osrjit_save_anchor,@function
+osrjit_save_anchor:
+.cfi_startproc
+movq %rbx, 24(%rdi)
+movq %rbp, 48(%rdi)
+leaq 8(%rsp), %rax
+movq %rax, 56(%rdi)
+movq %r12, 96(%rdi)
+movq %r13, 104(%rdi)
+movq %r14, 112(%rdi)
+movq %r15, 120(%rdi)
+movq (%rsp), %rax
+movq %rax, 128(%rdi)
+retq
+.cfi_endproc
+.size osrjit_save_anchor, .-osrjit_save_anchor
+"""
+
+SUPPORT_IR = r"""
+@osrjit_safepoint_flag = external global i64
+@osrjit_tls_key = external global i64
+@osrjit_py_hook = external global ptr
+@osrjit_py_safepoint = external global ptr
+@osrjit_py_error = external global ptr
+@osrjit_py_transfer = external global ptr
+
+declare ptr @pthread_getspecific(i32)
+declare i64 @syscall(i64, ...)
+declare void @osrjit_save_anchor(ptr)
+
+define ptr @osrjit_current_thread() {
+  %k = load i64, ptr @osrjit_tls_key
+  %k32 = trunc i64 %k to i32
+  %t = call ptr @pthread_getspecific(i32 %k32)
+  ret ptr %t
+}
+
+; Block while the STOP bit is set (futex on the flag's low 32 bits).
+define void @osrjit_wait_released() {
+entry:
+  br label %loop
+loop:
+  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %stop = and i64 %f, 1
+  %c = icmp eq i64 %stop, 0
+  br i1 %c, label %done, label %wait
+wait:
+  %f32 = trunc i64 %f to i32
+  %r = call i64 (i64, ...) @syscall(i64 202, ptr @osrjit_safepoint_flag, i32 128, i32 %f32, ptr null)
+  br label %loop
+done:
+  ret void
+}
+
+define void @osrjit_enter(ptr %ts) {
+entry:
+  br label %loop
+loop:
+  %old = atomicrmw xchg ptr %ts, i64 1 seq_cst
+  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %stop = and i64 %f, 1
+  %c = icmp eq i64 %stop, 0
+  br i1 %c, label %done, label %wait
+wait:
+  store atomic i64 2, ptr %ts release, align 8
+  call void @osrjit_wait_released()
+  br label %loop
+done:
+  ret void
+}
+
+define void @osrjit_leave(ptr %ts) {
+  store atomic i64 2, ptr %ts release, align 8
+  ret void
+}
+
+define void @osrjit_set_flag(i64 %bits) {
+  %o = atomicrmw or ptr @osrjit_safepoint_flag, i64 %bits seq_cst
+  ret void
+}
+
+define void @osrjit_clear_flag(i64 %bits) {
+  %nb = xor i64 %bits, -1
+  %o = atomicrmw and ptr @osrjit_safepoint_flag, i64 %nb seq_cst
+  %r = call i64 (i64, ...) @syscall(i64 202, ptr @osrjit_safepoint_flag, i32 129, i32 2147483647)
+  ret void
+}
+
+define i64 @osrjit_load_status(ptr %ts) {
+  %s = load atomic i64, ptr %ts seq_cst, align 8
+  ret i64 %s
+}
+
+define void @osrjit_safepoint_slow() {
+entry:
+  %ts = call ptr @osrjit_current_thread()
+  %has = icmp ne ptr %ts, null
+  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %stop = and i64 %f, 1
+  %want = icmp ne i64 %stop, 0
+  %park = and i1 %has, %want
+  br i1 %park, label %parking, label %user
+parking:
+  %anchor = getelementptr i8, ptr %ts, i64 8
+  call void @osrjit_save_anchor(ptr %anchor)
+  store atomic i64 3, ptr %ts release, align 8
+  call void @osrjit_wait_released()
+  call void @osrjit_enter(ptr %ts)
+  br label %user
+user:
+  %g = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %u = and i64 %g, 2
+  %call = icmp ne i64 %u, 0
+  br i1 %call, label %out, label %done
+out:
+  br i1 %has, label %anchor2, label %svc
+anchor2:
+  %anchorb = getelementptr i8, ptr %ts, i64 8
+  call void @osrjit_save_anchor(ptr %anchorb)
+  store atomic i64 2, ptr %ts release, align 8
+  br label %svc
+svc:
+  %p = load ptr, ptr @osrjit_py_safepoint
+  call void %p()
+  br i1 %has, label %back, label %done
+back:
+  call void @osrjit_enter(ptr %ts)
+  br label %done
+done:
+  ret void
+}
+
+define i64 @osrjit_hook(i64 %x) {
+entry:
+  %ts = call ptr @osrjit_current_thread()
+  %has = icmp ne ptr %ts, null
+  br i1 %has, label %out, label %svc
+out:
+  %anchor = getelementptr i8, ptr %ts, i64 8
+  call void @osrjit_save_anchor(ptr %anchor)
+  store atomic i64 2, ptr %ts release, align 8
+  br label %svc
+svc:
+  %p = load ptr, ptr @osrjit_py_hook
+  %r = call i64 %p(i64 %x)
+  br i1 %has, label %back, label %done
+back:
+  call void @osrjit_enter(ptr %ts)
+  br label %done
+done:
+  ret i64 %r
+}
+
+define void @osrjit_error(i64 %code) {
+entry:
+  %ts = call ptr @osrjit_current_thread()
+  %has = icmp ne ptr %ts, null
+  br i1 %has, label %out, label %svc
+out:
+  %anchor = getelementptr i8, ptr %ts, i64 8
+  call void @osrjit_save_anchor(ptr %anchor)
+  store atomic i64 2, ptr %ts release, align 8
+  br label %svc
+svc:
+  %p = load ptr, ptr @osrjit_py_error
+  call void %p(i64 %code)
+  br i1 %has, label %back, label %done
+back:
+  call void @osrjit_enter(ptr %ts)
+  br label %done
+done:
+  ret void
+}
+
+define ptr @osrjit_transfer(ptr %exit) {
+entry:
+  %ts = call ptr @osrjit_current_thread()
+  %has = icmp ne ptr %ts, null
+  br i1 %has, label %mark, label %svc
+mark:
+  %old = atomicrmw xchg ptr %ts, i64 4 seq_cst
+  br label %svc
+svc:
+  %p = load ptr, ptr @osrjit_py_transfer
+  %plan = call ptr %p(ptr %exit)
+  ret ptr %plan
+}
+
+define void @osrjit_signal_handler(i32 %sig, ptr %info, ptr %uc) {
+entry:
+  %ts = call ptr @osrjit_current_thread()
+  %has = icmp ne ptr %ts, null
+  br i1 %has, label %check, label %done
+check:
+  %s = load atomic i64, ptr %ts seq_cst, align 8
+  %injit = icmp eq i64 %s, 1
+  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %stop = and i64 %f, 1
+  %want = icmp ne i64 %stop, 0
+  %park = and i1 %injit, %want
+  br i1 %park, label %parking, label %done
+parking:
+  %ucp = getelementptr i8, ptr %ts, i64 144
+  %uci = ptrtoint ptr %uc to i64
+  store i64 %uci, ptr %ucp, align 8
+  store atomic i64 5, ptr %ts seq_cst, align 8
+  call void @osrjit_wait_released()
+  store i64 0, ptr %ucp, align 8
+  store atomic i64 1, ptr %ts seq_cst, align 8
+  br label %done
+done:
+  ret void
+}
+"""
+
+_SIGNATURE_TYPES = {"i64": "i64", "i32": "i32", "i8": "i8", "i1": "i1", "double": "double",
+                    "ptr": "ptr", "void": "void"}
+
+
+def entry_thunk_ir(return_type, arity):
+    """IR of ``osrjit_entry_<ret>_<n>(ptr slot, i64 x n)``: the runtime's entry thunk."""
+    ret = _SIGNATURE_TYPES[return_type]
+    name = f"osrjit_entry_{return_type}_{arity}"
+    params = ", ".join(["ptr %slot"] + [f"i64 %a{i}" for i in range(arity)])
+    args = ", ".join(f"i64 %a{i}" for i in range(arity))
+    call = f"call {ret} %fn({args})"
+    result = f"%r = {call}" if ret != "void" else call
+    ret_stmt = f"ret {ret} %r" if ret != "void" else "ret void"
+    return name, f"""
+declare ptr @osrjit_current_thread()
+declare void @osrjit_enter(ptr)
+declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
+
+define {ret} @{name}({params}) {{
+  %ts = call ptr @osrjit_current_thread()
+  %saved = alloca [17 x i64], align 8
+  %anchor = getelementptr i8, ptr %ts, i64 8
+  call void @llvm.memcpy.p0.p0.i64(ptr %saved, ptr %anchor, i64 136, i1 false)
+  call void @osrjit_enter(ptr %ts)
+  %fn = load ptr, ptr %slot
+  {result}
+  call void @llvm.memcpy.p0.p0.i64(ptr %anchor, ptr %saved, i64 136, i1 false)
+  store atomic i64 2, ptr %ts release, align 8
+  {ret_stmt}
+}}
+"""
+
+
+def _module_with_asm(ir_text, asm, triple):
+    lines = [f'target triple = "{triple}"']
+    for line in asm.strip().splitlines():
+        lines.append('module asm "' + line.replace("\\", "\\\\").replace('"', '\\22') + '"')
+    return "\n".join(lines) + "\n" + ir_text
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.pthread_key_create.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
+_libc.pthread_setspecific.argtypes = [ctypes.c_uint, ctypes.c_void_p]
+_libc.pthread_kill.argtypes = [ctypes.c_ulong, ctypes.c_int]
+
+
+class SupportLibrary:
+    """The runtime's native transition code, linked into its LLJIT.
+
+    ``native``: the runtime's resource owner (the library's tracker is kept
+    there under id -1 and released after every version). ``space``: the
+    unwinder's address space (the library is registered so walks through
+    transitions use its CFI). ``flag``: the safepoint flag cell (c_int64).
+    Cells for the Python services are filled with :meth:`set_service`.
+    """
+
+    SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer")
+    EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
+               "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
+               "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")
+    LIBRARY_ID = -1
+
+    def __init__(self, native, space, flag):
+        from deopt.framemaps import ObjectImage
+        self._native = native
+        self._space = space
+        key = ctypes.c_uint(0)
+        if _libc.pthread_key_create(ctypes.byref(key), None) != 0:
+            raise OsrJitError("pthread_key_create failed")
+        self.key = key.value
+        self._key_cell = ctypes.c_int64(self.key)
+        self._service_cells = {name: ctypes.c_void_p(0) for name in self.SERVICES}
+        native.keepalive.extend([self._key_cell, *self._service_cells.values()])
+        tm = native.tm
+        text = _module_with_asm(SUPPORT_IR, _SAVE_ANCHOR_ASM, tm.triple)
+        mod = llvm.parse_assembly(text)
+        mod.verify()
+        mod.data_layout = str(tm.target_data)
+        obj = tm.emit_object(mod)
+        builder = llvm.JITLibraryBuilder().add_object_img(obj)
+        builder.import_symbol("osrjit_safepoint_flag", ctypes.addressof(flag))
+        builder.import_symbol("osrjit_tls_key", ctypes.addressof(self._key_cell))
+        for name, cell in self._service_cells.items():
+            builder.import_symbol(name, ctypes.addressof(cell))
+        for sym in ("pthread_getspecific", "syscall"):
+            builder.import_symbol(sym, ctypes.cast(getattr(_libc, sym), ctypes.c_void_p).value)
+        for sym in self.EXPORTS:
+            builder.export_symbol(sym)
+        self.library = f"osrjit.support.{id(self):x}"
+        tracker = builder.link(native.lljit, self.library)
+        self.addresses = {sym: tracker[sym] for sym in self.EXPORTS}
+        load = ObjectImage.infer_load_addresses(obj, {"osrjit_hook": self.addresses["osrjit_hook"]})
+        handle = space.add_code_object(obj, load, name="osrjit.support")
+        native.adopt(self.LIBRARY_ID, tracker, (space, handle))
+        a = self.addresses
+        self.enter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(a["osrjit_enter"])
+        self.set_flag = ctypes.CFUNCTYPE(None, ctypes.c_int64)(a["osrjit_set_flag"])
+        self.clear_flag = ctypes.CFUNCTYPE(None, ctypes.c_int64)(a["osrjit_clear_flag"])
+        self.load_status = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(a["osrjit_load_status"])
+        self._thunks = {}
+        self._thunk_lock = threading.Lock()
+
+    def set_service(self, name, address):
+        """Point the cell of service ``name`` (one of :data:`SERVICES`) at ``address``."""
+        self._service_cells[name].value = address
+
+    def entry_thunk(self, return_type, arity):
+        """Address of the entry thunk for functions ``(i64 x arity) -> return_type``."""
+        key = (return_type, arity)
+        with self._thunk_lock:
+            address = self._thunks.get(key)
+            if address is None:
+                name, text = entry_thunk_ir(return_type, arity)
+                tm = self._native.tm
+                mod = llvm.parse_assembly(f'target triple = "{tm.triple}"\n' + text)
+                mod.verify()
+                mod.data_layout = str(tm.target_data)
+                obj = tm.emit_object(mod)
+                tracker = (llvm.JITLibraryBuilder().add_object_img(obj)
+                           .add_jit_library(self.library).export_symbol(name)
+                           .link(self._native.lljit, f"{self.library}.{name}"))
+                from deopt.framemaps import ObjectImage
+                address = tracker[name]
+                load = ObjectImage.infer_load_addresses(obj, {name: address})
+                handle = self._space.add_code_object(obj, load, name=f"osrjit.entry.{name}")
+                self._native.adopt(-2 - len(self._thunks), tracker, (self._space, handle))
+                self._thunks[key] = address
+            return address
+
+
+class ThreadRegistry:
+    """Attached threads. A thread attaches on its first entry into JIT code and
+    detaches when it exits (its thread-local block is collected)."""
+
+    def __init__(self, key):
+        self._key = key
+        self._lock = threading.Lock()
+        self._states = {}              # ident -> (ThreadState, thread name)
+        self._local = threading.local()
+
+    def current(self):
+        """This thread's :class:`ThreadState`, attaching it if needed."""
+        holder = getattr(self._local, "holder", None)
+        if holder is None:
+            holder = _Holder(self)
+            self._local.holder = holder
+        return holder.state
+
+    def snapshot(self):
+        """``[(ident, ThreadState, name)]`` of every attached thread."""
+        with self._lock:
+            return [(ident, st, name) for ident, (st, name) in self._states.items()]
+
+    def _attach(self, holder):
+        st = holder.state
+        st.status = OUTSIDE
+        if _libc.pthread_setspecific(self._key, ctypes.addressof(st)) != 0:
+            raise OsrJitError("pthread_setspecific failed")
+        with self._lock:
+            self._states[holder.ident] = (st, threading.current_thread().name)
+
+    def _detach(self, holder):
+        holder.state.status = DETACHED
+        with self._lock:
+            self._states.pop(holder.ident, None)
+
+
+class _Holder:
+    """Owns one thread's :class:`ThreadState`; collected when the thread exits."""
+
+    def __init__(self, registry):
+        self.state = ThreadState()
+        self.ident = threading.get_ident()
+        self._registry = registry
+        registry._attach(self)
+
+    def __del__(self):
+        try:
+            self._registry._detach(self)
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+def anchor_registers(state):
+    """Registers of a thread's anchor (a caller frame), or None if it has none."""
+    a = state.anchor
+    if not a[_RSP]:
+        return None
+    return {r: a[r] for r in (_RBX, _RBP, _RSP, _R12, _R13, _R14, _R15, _RIP)}
+
+
+def ucontext_registers(state, memory):
+    """Registers saved in a signal-parked thread's ucontext (the exact interrupted state)."""
+    base = state.ucontext + _UC_GREGS
+    return {dwarf: memory.read_u64(base + 8 * greg) for greg, dwarf in _GREG_TO_DWARF.items()}
+
+
+# -- the runtime's signal ---------------------------------------------------------
+
+class _Sigaction(ctypes.Structure):
+    _fields_ = [("sa_sigaction", ctypes.c_void_p), ("sa_mask", ctypes.c_uint64 * 16),
+                ("sa_flags", ctypes.c_int), ("sa_restorer", ctypes.c_void_p)]
+
+
+_SA_SIGINFO = 4
+_SA_RESTART = 0x10000000
+_libc.sigaction.argtypes = [ctypes.c_int, ctypes.POINTER(_Sigaction), ctypes.POINTER(_Sigaction)]
+
+
+class RuntimeSignal:
+    """One real-time signal owned by the runtime, whose handler parks threads.
+
+    Picks the first signal from ``SIGRTMIN + 4`` whose action is the default
+    (signals someone else handles are left alone), installs the native handler
+    with ``SA_SIGINFO | SA_RESTART`` and restores the previous action on
+    :meth:`close`.
+    """
+
+    def __init__(self, handler_address):
+        # getattr: a double-underscore name inside a class body would be mangled.
+        lo = getattr(_libc, "__libc_current_sigrtmin")()
+        hi = getattr(_libc, "__libc_current_sigrtmax")()
+        self.signal = None
+        for sig in range(lo + 4, hi + 1):
+            old = _Sigaction()
+            if _libc.sigaction(sig, None, ctypes.byref(old)) == 0 and not old.sa_sigaction \
+                    and not old.sa_flags & _SA_SIGINFO:
+                new = _Sigaction()
+                new.sa_sigaction = handler_address
+                new.sa_flags = _SA_SIGINFO | _SA_RESTART
+                if _libc.sigaction(sig, ctypes.byref(new), ctypes.byref(old)) == 0:
+                    self.signal, self._old = sig, old
+                    break
+        if self.signal is None:
+            raise OsrJitError("no free real-time signal for the runtime's async stop")
+
+    def send(self, ident):
+        """Send the signal to the thread with pthread id ``ident`` (True if sent)."""
+        return _libc.pthread_kill(ident, self.signal) == 0
+
+    def close(self):
+        if self.signal is not None:
+            _libc.sigaction(self.signal, ctypes.byref(self._old), None)
+            self.signal = None
+
+
+class World:
+    """Stops and releases every attached thread but the caller.
+
+    ``grace``: seconds to wait for polls before signalling threads still
+    ``IN_JIT``; ``timeout``: seconds before :class:`SafepointTimeout`.
+    """
+
+    def __init__(self, support, registry, signal, *, grace=0.002, timeout=5.0):
+        self.support = support
+        self.registry = registry
+        self.signal = signal
+        self.grace = grace
+        self.timeout = timeout
+        self.lock = threading.RLock()
+        #: Counters: stops, signals sent, last time-to-safepoint (seconds).
+        self.stops = 0
+        self.signals_sent = 0
+        self.last_time_to_safepoint = 0.0
+
+    def stop(self, *, timeout=None, async_stop=True):
+        """Stop the world: returns ``[(ident, state, name)]`` of the other threads.
+
+        The caller must :meth:`release` afterwards (also after an exception
+        from its own work). Raises :class:`SafepointTimeout` — with the world
+        already released and nothing modified — if some thread does not stop.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        me = threading.get_ident()
+        load = self.support.load_status
+        self.support.set_flag(FLAG_STOP)
+        start = time.perf_counter()
+        signalled = set()
+        while True:
+            others = [t for t in self.registry.snapshot() if t[0] != me]
+            running = [t for t in others if load(ctypes.addressof(t[1])) not in STOPPED]
+            if not running:
+                break
+            elapsed = time.perf_counter() - start
+            if elapsed > timeout:
+                self.release()
+                raise SafepointTimeout([(name, STATUS_NAMES[load(ctypes.addressof(st))])
+                                        for _, st, name in running], timeout)
+            if async_stop and self.signal is not None and elapsed > self.grace:
+                for ident, st, _ in running:
+                    if ident not in signalled and load(ctypes.addressof(st)) == IN_JIT:
+                        if self.signal.send(ident):
+                            signalled.add(ident)
+                            self.signals_sent += 1
+            time.sleep(0.00002)
+        self.stops += 1
+        self.last_time_to_safepoint = time.perf_counter() - start
+        return others
+
+    def release(self):
+        """Clear STOP and wake every parked thread."""
+        self.support.clear_flag(FLAG_STOP)

@@ -225,9 +225,18 @@ class VolatileLoadInstr(ir.LoadInstr):
 
 
 class _GCFunction(ir.Function):
-    """An ``ir.Function`` that renders ``gc "<strategy>"`` in its header."""
+    """An ``ir.Function`` that renders ``gc "<strategy>"`` in its header.
+
+    Every versioned function is ``uwtable`` (asynchronous unwind tables): a
+    thread stopped by a signal can be anywhere in it, even in a leaf loop that
+    LLVM would otherwise emit without an FDE.
+    """
 
     gc = GC_STRATEGY
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attributes.add("uwtable")
 
     def descr_prototype(self, buf):
         if self.attributes.personality is not None:

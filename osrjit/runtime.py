@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 import llvmlite.binding as llvm
 
 import unwinder
+from unwinder.walk import END_RA_UNDEFINED, END_RA_ZERO
 from deopt.errors import IncompatibleVersion
 from deopt.transfer import ResumeTarget, TransferError
 
@@ -58,6 +59,9 @@ __all__ = ["Runtime", "Version", "JitFunction", "emit_object", "target_machine"]
 assert abi.STATEPOINT_HEADER_LOCATIONS == _fm.STATEPOINT_HEADER_LOCATIONS
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+#: How a complete walk of a thread's stack ends (its outermost frame).
+_NORMAL_ENDS = (END_RA_UNDEFINED, END_RA_ZERO)
 
 _HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
 _SAFEPOINT_SLOW_TYPE = ctypes.CFUNCTYPE(None)
@@ -518,6 +522,8 @@ class Runtime:
         self._freed_versions = 0
         self._reclaim_later = []
         self._count_lock = threading.Lock()
+        #: Why the last incomplete stack walk ended (old versions were kept), or None.
+        self.last_incomplete_walk = None
         self._space = unwinder.AddressSpace.current_process()
         # Native transitions (entry thunks, hook/safepoint/error wrappers, the
         # transfer's status marking, the signal handler) and the threads.
@@ -942,6 +948,7 @@ class Runtime:
 
         def classify(regs, ident, caller_frame):
             prev = None
+            frame = None
             for frame in unwinder.walk(regs, memory, self._space, caller_frame=caller_frame):
                 v = self.version_at(frame.lookup_pc)
                 if v is not None and (v.name in names or self._functions[v.name].current is not v):
@@ -952,6 +959,12 @@ class Runtime:
                     else:
                         executing.add(v)
                 prev = frame
+            if frame is None or frame.end_reason not in _NORMAL_ENDS:
+                # The walk did not reach the thread's first frame: frames of
+                # old versions may hide below. Free none of them this time.
+                self.last_incomplete_walk = frame.end_reason if frame else "no frames"
+                for fn in self._functions.values():
+                    executing.update(v for v in fn.versions if v is not fn.current)
 
         def scan(regs):
             # Our own stack: walked from inside the capture, so it stays put.

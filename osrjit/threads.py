@@ -132,7 +132,7 @@ declare ptr @pthread_getspecific(i32)
 declare i64 @syscall(i64, ...)
 declare void @osrjit_save_anchor(ptr)
 
-define ptr @osrjit_current_thread() {
+define ptr @osrjit_current_thread() uwtable {
   %k = load i64, ptr @osrjit_tls_key
   %k32 = trunc i64 %k to i32
   %t = call ptr @pthread_getspecific(i32 %k32)
@@ -140,7 +140,7 @@ define ptr @osrjit_current_thread() {
 }
 
 ; Block while the STOP bit is set (futex on the flag's low 32 bits).
-define void @osrjit_wait_released() {
+define void @osrjit_wait_released() uwtable {
 entry:
   br label %loop
 loop:
@@ -156,7 +156,7 @@ done:
   ret void
 }
 
-define void @osrjit_enter(ptr %ts) {
+define void @osrjit_enter(ptr %ts) uwtable {
 entry:
   br label %loop
 loop:
@@ -173,29 +173,29 @@ done:
   ret void
 }
 
-define void @osrjit_leave(ptr %ts) {
+define void @osrjit_leave(ptr %ts) uwtable {
   store atomic i64 2, ptr %ts release, align 8
   ret void
 }
 
-define void @osrjit_set_flag(i64 %bits) {
+define void @osrjit_set_flag(i64 %bits) uwtable {
   %o = atomicrmw or ptr @osrjit_safepoint_flag, i64 %bits seq_cst
   ret void
 }
 
-define void @osrjit_clear_flag(i64 %bits) {
+define void @osrjit_clear_flag(i64 %bits) uwtable {
   %nb = xor i64 %bits, -1
   %o = atomicrmw and ptr @osrjit_safepoint_flag, i64 %nb seq_cst
   %r = call i64 (i64, ...) @syscall(i64 202, ptr @osrjit_safepoint_flag, i32 129, i32 2147483647)
   ret void
 }
 
-define i64 @osrjit_load_status(ptr %ts) {
+define i64 @osrjit_load_status(ptr %ts) uwtable {
   %s = load atomic i64, ptr %ts seq_cst, align 8
   ret i64 %s
 }
 
-define void @osrjit_safepoint_slow() {
+define void @osrjit_safepoint_slow() uwtable {
 entry:
   %ts = call ptr @osrjit_current_thread()
   %has = icmp ne ptr %ts, null
@@ -234,7 +234,7 @@ done:
   ret void
 }
 
-define i64 @osrjit_hook(i64 %x) {
+define i64 @osrjit_hook(i64 %x) uwtable {
 entry:
   %ts = call ptr @osrjit_current_thread()
   %has = icmp ne ptr %ts, null
@@ -255,7 +255,7 @@ done:
   ret i64 %r
 }
 
-define void @osrjit_error(i64 %code) {
+define void @osrjit_error(i64 %code) uwtable {
 entry:
   %ts = call ptr @osrjit_current_thread()
   %has = icmp ne ptr %ts, null
@@ -276,7 +276,7 @@ done:
   ret void
 }
 
-define ptr @osrjit_transfer(ptr %exit) {
+define ptr @osrjit_transfer(ptr %exit) uwtable {
 entry:
   %ts = call ptr @osrjit_current_thread()
   %has = icmp ne ptr %ts, null
@@ -290,7 +290,7 @@ svc:
   ret ptr %plan
 }
 
-define void @osrjit_signal_handler(i32 %sig, ptr %info, ptr %uc) {
+define void @osrjit_signal_handler(i32 %sig, ptr %info, ptr %uc) uwtable {
 entry:
   %ts = call ptr @osrjit_current_thread()
   %has = icmp ne ptr %ts, null
@@ -335,7 +335,7 @@ declare ptr @osrjit_current_thread()
 declare void @osrjit_enter(ptr)
 declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
 
-define {ret} @{name}({params}) {{
+define {ret} @{name}({params}) uwtable {{
   %ts = call ptr @osrjit_current_thread()
   %saved = alloca [17 x i64], align 8
   %anchor = getelementptr i8, ptr %ts, i64 8

@@ -170,8 +170,8 @@ def test_the_body_sees_each_mode_once():
 
 def test_a_custom_symbol_is_used_for_both_entries():
     fir = VersionedFunction("f", ["x"], symbol="my_f").build(lambda fb: fb.builder.ret(fb.load("x")))
-    assert 'define i64 @"my_f"(i64 %"x") gc "statepoint-example"' in fir.module_ir
-    assert 'define i64 @"my_f__resume"(i64 %"site_id", ptr %"state") gc "statepoint-example"' in fir.module_ir
+    assert 'define i64 @"my_f"(i64 %"x") uwtable gc "statepoint-example"' in fir.module_ir
+    assert 'define i64 @"my_f__resume"(i64 %"site_id", ptr %"state") uwtable gc "statepoint-example"' in fir.module_ir
 
 
 # -- misuse -----------------------------------------------------------------------

@@ -132,4 +132,65 @@ def main(out=print):
         out(f"version 1 loaded: {v1.loaded}; version 2 (v{v2.id}) current at {v2.code_range[0]:#x}")
         ok = (agree and result == expected and stats["pending_returns"] == 0
               and stats["freed_versions"] == 1 and not v1.loaded)
-        return 0 if ok else 1
+    out("")
+    return 0 if ok and threads_part(out) else 1
+
+
+SPIN = """
+def spin(k):
+    i = 0
+    while i < k:
+        i = i + 1
+    return 0
+"""
+SPIN_DONE = """
+def spin(k):
+    i = 0
+    while i < k:
+        i = k
+    return 0
+"""
+WALK = """
+def walk(n, k):
+    if n == 0:
+        return spin(k)
+    return walk(n - 1, k) + {step}
+"""
+
+
+def threads_part(out=print):
+    """Part 2: three threads deep in `walk` are stopped, replaced and released at once."""
+    import threading
+    import time
+    from .runtime import Runtime
+    with Runtime() as rt:
+        rt.compile(SPIN + WALK.format(step=1))
+        walk = rt.function("walk")
+        results = {}
+        depths = {"worker-1": 200, "worker-2": 400, "worker-3": 600}
+        threads = [threading.Thread(target=lambda n=n, d=d: results.__setitem__(n, walk(d, 1 << 40)),
+                                    name=n) for n, d in depths.items()]
+        for t in threads:
+            t.start()
+        time.sleep(0.1)                       # each thread is now spinning at the bottom
+        out("Part 2: three threads spin at the bottom of walk(n), 200, 400 and 600 frames deep "
+            "(safepoint polls on every loop back-edge). The main thread replaces walk "
+            "(+1 per level -> +10 per level), then spin (to end the loops):")
+        rt.replace("walk", WALK.format(step=10))
+        p = rt.last_pause
+        s = rt.stats()
+        out(f"  replace(walk): stopped {p['threads'] - 1} threads in "
+            f"{p['time_to_safepoint'] * 1e3:.1f} ms, hijacked {p['frames_hijacked']} frames, "
+            f"released after {p['pause'] * 1e3:.1f} ms; {s['pending_returns']} pending returns")
+        rt.replace("spin", SPIN_DONE)
+        p = rt.last_pause
+        out(f"  replace(spin): the 3 spinning frames move into the new loop at their next poll "
+            f"({p['frames_hijacked']} frames hijacked)")
+        for t in threads:
+            t.join()
+        for n, d in depths.items():
+            out(f"  {n}: walk({d}) = {results[n]} (expected {10 * d}: every frame finished in v2)")
+        s = rt.stats()
+        out(f"  rt.stats() = {s}")
+        return (all(results[n] == 10 * d for n, d in depths.items()) and s["pending_returns"] == 0
+                and s["freed_versions"] == 2)

@@ -33,6 +33,7 @@ import ctypes
 import itertools
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 
@@ -524,6 +525,7 @@ class Runtime:
         self._count_lock = threading.Lock()
         #: Why the last incomplete stack walk ended (old versions were kept), or None.
         self.last_incomplete_walk = None
+        self.last_pause = None
         self._space = unwinder.AddressSpace.current_process()
         # Native transitions (entry thunks, hook/safepoint/error wrappers, the
         # transfer's status marking, the signal handler) and the threads.
@@ -844,12 +846,14 @@ class Runtime:
                 self._function(name)          # UnknownFunction before compiling anything
             irs = self._replacement_irs(names, source, polls)
             new_versions = self._link_batch(irs)
+            t0 = time.perf_counter()
             try:
                 others = self._world.stop(timeout=timeout)
             except BaseException:
                 for v in new_versions.values():
                     self._discard(v)
                 raise
+            t1 = time.perf_counter()
             try:
                 try:
                     stack = self._collect_frames(set(names), others)
@@ -863,6 +867,12 @@ class Runtime:
                 self._hijack(stack)
             finally:
                 self._world.release()
+            t2 = time.perf_counter()
+            #: Seconds of the last replace(): ``time_to_safepoint`` (request ->
+            #: all other threads stopped) and ``pause`` (request -> walked,
+            #: hijacked, released), plus ``threads`` and ``frames_hijacked``.
+            self.last_pause = {"time_to_safepoint": t1 - t0, "pause": t2 - t0,
+                               "threads": len(others) + 1, "frames_hijacked": len(stack)}
             self._reclaim_all()
             return [new_versions[name] for name in names]
 
@@ -944,7 +954,9 @@ class Runtime:
         """
         executing = set()
         found = []
-        memory = unwinder.ProcessMemory()
+        # Every stack read here is stopped (other threads parked, ours below
+        # the capture point), so 4 KiB pages can be cached for this scan.
+        memory = unwinder.ProcessMemory(page_cache=True)
 
         def classify(regs, ident, caller_frame):
             prev = None
@@ -956,7 +968,9 @@ class Runtime:
                     if fm is not None and prev is not None and v.name in names:
                         found.append((v, fm, None if frame.translated else prev.ra_slot,
                                       frame.pc, ident))
-                    else:
+                    elif not (fm is not None and frame.translated):
+                        # Not a pending return (those are counted): this frame
+                        # runs, or will return into, the version's code.
                         executing.add(v)
                 prev = frame
             if frame is None or frame.end_reason not in _NORMAL_ENDS:

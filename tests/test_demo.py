@@ -11,4 +11,8 @@ def test_demo_runs_from_the_quickstart_command():
     assert p.returncode == 0, p.stdout + p.stderr
     assert "HIJACKED" in p.stdout
     assert "'pending_returns': 0" in p.stdout and "'freed_versions': 1" in p.stdout
+    assert "'freed_versions': 2" in p.stdout
     assert "agrees from the first JIT frame to its last frame: True" in p.stdout
+    assert "replace(walk): stopped 3 threads" in p.stdout
+    for d in (200, 400, 600):
+        assert f"walk({d}) = {10 * d} " in p.stdout

@@ -1,0 +1,132 @@
+"""Benchmark: stop-the-world pause and time-to-safepoint beside glibc ``backtrace()``.
+
+For T = 1, 2, 4 threads, each thread recurses D = 1,000 frames deep in JIT
+code and then spins in a loop with safepoint polls. The main thread replaces
+the recursive function R times (alternating two versions); each replacement
+stops the world, walks every thread's stack, hijacks its D old frames and
+releases. Reported (medians over the R replacements):
+
+* time-to-safepoint — request → every thread parked;
+* pause — request → parked → walked and hijacked → released;
+* glibc — the time glibc ``backtrace()`` takes to walk the same stacks: each
+  thread, at the same depth, times its own ``backtrace()`` (median of 15)
+  and the figure is the sum over the threads (a stop-the-world walks them all).
+
+    python scripts/bench_stw.py [--threads 1,2,4] [--depth 1000] [--rounds 15] [--json PATH]
+"""
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SPIN = """
+def spin(k):
+    i = 0
+    while i < k:
+        i = i + 1
+    return 0
+"""
+DEEP = """
+def deep(n, k):
+    if n == 0:
+        return spin(k) + hook(0)
+    return deep(n - 1, k) + {step}
+"""
+
+
+def glibc_walk_seconds(rt, depth, n_threads):
+    """Sum over threads of the median time of one glibc backtrace() at ``depth`` frames."""
+    libc = ctypes.CDLL("libc.so.6")
+    per_thread = []
+    lock = threading.Lock()
+
+    def on_hook(_):
+        buf = (ctypes.c_void_p * (depth + 4096))()
+        times = []
+        for _ in range(15):
+            t = time.perf_counter()
+            libc.backtrace(buf, len(buf))
+            times.append(time.perf_counter() - t)
+        with lock:
+            per_thread.append(statistics.median(times))
+        return 0
+
+    rt.on_hook(on_hook)
+    deep = rt.function("deep")
+    ts = [threading.Thread(target=deep, args=(depth, 0)) for _ in range(n_threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    rt.on_hook(lambda x: 0)
+    return sum(per_thread)
+
+
+def measure(n_threads, depth, rounds):
+    import osrjit
+    with osrjit.Runtime() as rt:
+        rt.compile(SPIN + DEEP.format(step=1))
+        rt.on_hook(lambda x: 0)
+        glibc = glibc_walk_seconds(rt, depth, n_threads)
+        deep = rt.function("deep")
+        stop = threading.Event()
+
+        def worker():
+            while not stop.is_set():
+                deep(depth, 50_000_000)
+
+        threading.stack_size(64 << 20)
+        ts = [threading.Thread(target=worker) for _ in range(n_threads)]
+        for t in ts:
+            t.start()
+        time.sleep(0.2)
+        ttsp, pause, hijacked = [], [], []
+        for i in range(rounds):
+            rt.replace("deep", DEEP.format(step=2 if i % 2 == 0 else 1))
+            p = rt.last_pause
+            ttsp.append(p["time_to_safepoint"])
+            pause.append(p["pause"])
+            hijacked.append(p["frames_hijacked"])
+            time.sleep(0.02)
+        stop.set()
+        rt.safepoint_flag = 0
+        # Let the spinners finish their current loop quickly: replace spin by a no-op.
+        rt.replace("spin", "def spin(k):\n    return 0\n")
+        for t in ts:
+            t.join()
+        return {"time_to_safepoint_s": statistics.median(ttsp), "pause_s": statistics.median(pause),
+                "glibc_walk_s": glibc, "frames_hijacked": statistics.median(hijacked),
+                "stats": rt.stats()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", default="1,2,4")
+    ap.add_argument("--depth", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    out = {}
+    print(f"{'threads':>7} {'frames/thread':>13} {'hijacked':>8} {'time-to-safepoint':>18} "
+          f"{'pause':>10} {'glibc walk':>11} {'pause/glibc':>11}")
+    for n in (int(x) for x in args.threads.split(",")):
+        r = measure(n, args.depth, args.rounds)
+        out[str(n)] = r
+        print(f"{n:>7} {args.depth:>13} {r['frames_hijacked']:>8.0f} "
+              f"{r['time_to_safepoint_s'] * 1e3:>15.2f} ms {r['pause_s'] * 1e3:>7.2f} ms "
+              f"{r['glibc_walk_s'] * 1e3:>8.3f} ms {r['pause_s'] / r['glibc_walk_s']:>10.0f}x",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

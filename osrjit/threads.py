@@ -234,48 +234,7 @@ done:
   ret void
 }
 
-define i64 @osrjit_hook(i64 %x) uwtable {
-entry:
-  %ts = call ptr @osrjit_current_thread()
-  %has = icmp ne ptr %ts, null
-  br i1 %has, label %out, label %svc
-out:
-  %anchor = getelementptr i8, ptr %ts, i64 8
-  call void @osrjit_save_anchor(ptr %anchor)
-  store atomic i64 2, ptr %ts release, align 8
-  br label %svc
-svc:
-  %p = load ptr, ptr @osrjit_py_hook
-  %r = call i64 %p(i64 %x)
-  br i1 %has, label %back, label %done
-back:
-  call void @osrjit_enter(ptr %ts)
-  br label %done
-done:
-  ret i64 %r
-}
-
-define void @osrjit_error(i64 %code) uwtable {
-entry:
-  %ts = call ptr @osrjit_current_thread()
-  %has = icmp ne ptr %ts, null
-  br i1 %has, label %out, label %svc
-out:
-  %anchor = getelementptr i8, ptr %ts, i64 8
-  call void @osrjit_save_anchor(ptr %anchor)
-  store atomic i64 2, ptr %ts release, align 8
-  br label %svc
-svc:
-  %p = load ptr, ptr @osrjit_py_error
-  call void %p(i64 %code)
-  br i1 %has, label %back, label %done
-back:
-  call void @osrjit_enter(ptr %ts)
-  br label %done
-done:
-  ret void
-}
-
+{SERVICE_WRAPPERS}
 define ptr @osrjit_transfer(ptr %exit) uwtable {
 entry:
   %ts = call ptr @osrjit_current_thread()
@@ -316,6 +275,40 @@ done:
   ret void
 }
 """
+
+def _service_wrapper_ir(name, ret, param_type, cell):
+    """IR of a wrapper around a Python service: save the anchor, go OUTSIDE,
+    call the service through ``cell``, enter JIT code again (blocking while
+    the world is stopped)."""
+    result = "%r = " if ret != "void" else ""
+    ret_stmt = f"ret {ret} %r" if ret != "void" else "ret void"
+    return f"""
+define {ret} @{name}({param_type} %x) uwtable {{
+entry:
+  %ts = call ptr @osrjit_current_thread()
+  %has = icmp ne ptr %ts, null
+  br i1 %has, label %out, label %svc
+out:
+  %anchor = getelementptr i8, ptr %ts, i64 8
+  call void @osrjit_save_anchor(ptr %anchor)
+  store atomic i64 2, ptr %ts release, align 8
+  br label %svc
+svc:
+  %p = load ptr, ptr @{cell}
+  {result}call {ret} %p({param_type} %x)
+  br i1 %has, label %back, label %done
+back:
+  call void @osrjit_enter(ptr %ts)
+  br label %done
+done:
+  {ret_stmt}
+}}
+"""
+
+
+SUPPORT_IR = SUPPORT_IR.replace("{SERVICE_WRAPPERS}", "".join((
+    _service_wrapper_ir("osrjit_hook", "i64", "i64", "osrjit_py_hook"),
+    _service_wrapper_ir("osrjit_error", "void", "i64", "osrjit_py_error"))))
 
 _SIGNATURE_TYPES = {"i64": "i64", "i32": "i32", "i8": "i8", "i1": "i1", "double": "double",
                     "ptr": "ptr", "void": "void"}

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 import llvmlite.binding as llvm
 
 import unwinder
-from unwinder.walk import END_RA_UNDEFINED, END_RA_ZERO
+from unwinder.walk import END_RA_UNDEFINED, FALLBACK_FRAME_POINTER
 from deopt.errors import IncompatibleVersion
 from deopt.transfer import ResumeTarget, TransferError
 
@@ -62,7 +62,7 @@ assert abi.STATEPOINT_HEADER_LOCATIONS == _fm.STATEPOINT_HEADER_LOCATIONS
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 #: How a complete walk of a thread's stack ends (its outermost frame).
-_NORMAL_ENDS = (END_RA_UNDEFINED, END_RA_ZERO)
+_NORMAL_ENDS = (END_RA_UNDEFINED,)
 
 _HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
 _SAFEPOINT_SLOW_TYPE = ctypes.CFUNCTYPE(None)
@@ -961,7 +961,9 @@ class Runtime:
         def classify(regs, ident, caller_frame):
             prev = None
             frame = None
+            walked = []
             for frame in unwinder.walk(regs, memory, self._space, caller_frame=caller_frame):
+                walked.append(frame)
                 v = self.version_at(frame.lookup_pc)
                 if v is not None and (v.name in names or self._functions[v.name].current is not v):
                     fm = v.frame_map_at(frame.pc) if frame.lookup_pc != frame.pc else None
@@ -973,9 +975,11 @@ class Runtime:
                         # runs, or will return into, the version's code.
                         executing.add(v)
                 prev = frame
-            if frame is None or frame.end_reason not in _NORMAL_ENDS:
-                # The walk did not reach the thread's first frame: frames of
-                # old versions may hide below. Free none of them this time.
+            if (frame is None or frame.end_reason not in _NORMAL_ENDS
+                    or any(f.fallback == FALLBACK_FRAME_POINTER for f in walked)):
+                # The walk did not reach the thread's first frame, or guessed a
+                # frame by frame pointers (JIT code keeps none): frames of old
+                # versions may hide below. Free none of them this time.
                 self.last_incomplete_walk = frame.end_reason if frame else "no frames"
                 for fn in self._functions.values():
                     executing.update(v for v in fn.versions if v is not fn.current)

@@ -587,7 +587,7 @@ class World:
         load = self.support.load_status
         self.support.set_flag(FLAG_STOP)
         start = time.perf_counter()
-        signalled = set()
+        signalled = {}                      # ident -> time of the last signal
         while True:
             others = [t for t in self.registry.snapshot() if t[0] != me]
             running = [t for t in others if load(ctypes.addressof(t[1])) not in STOPPED]
@@ -600,9 +600,13 @@ class World:
                                         for _, st, name in running], timeout)
             if async_stop and self.signal is not None and elapsed > self.grace:
                 for ident, st, _ in running:
-                    if ident not in signalled and load(ctypes.addressof(st)) == IN_JIT:
+                    # Signal a thread still running JIT code; again after a
+                    # grace if it was, e.g., transferring when the first came.
+                    last = signalled.get(ident)
+                    if (load(ctypes.addressof(st)) == IN_JIT
+                            and (last is None or elapsed - last > 10 * self.grace)):
                         if self.signal.send(ident):
-                            signalled.add(ident)
+                            signalled[ident] = elapsed
                             self.signals_sent += 1
             time.sleep(0.00002)
         self.stops += 1

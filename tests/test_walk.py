@@ -216,3 +216,13 @@ def test_code_object_registration_errors():
     assert space.generation == gen + 1 and space.find_module(0x400000) is None
     with pytest.raises(unwinder.ModuleError, match="not registered"):
         space.remove_code_object(h)
+
+
+def test_a_pc_on_a_jump_stub_unwinds_as_at_a_function_entry():
+    # jmp *0(%rip) at 0x20000; the stack holds the caller's return address.
+    code = bytes.fromhex("ff2500000000") + bytes(10)
+    stack = struct.pack("<QQ", 0x4444, 0)
+    mem = SnapshotMemory.from_regions([(0x20000, code), (0x10000, stack)])
+    frames = list(walk({RA: 0x20000, RSP: 0x10000, RBP: 0}, mem, AddressSpace(), max_frames=2))
+    assert frames[0].fallback == "jump-stub" and frames[0].cfa == 0x10008
+    assert frames[0].ra_slot == 0x10000 and frames[1].pc == 0x4444

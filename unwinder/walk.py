@@ -32,6 +32,9 @@ TRACKED = (RA, RSP) + CALLEE_SAVED
 DEFAULT_MAX_FRAMES = 1 << 20
 
 FALLBACK_FRAME_POINTER = "frame-pointer"
+#: The innermost pc sits on ``jmp *disp32(%rip)`` (a linker's PLT/JIT stub,
+#: which has no FDE): unwound as at a function's entry, CFA = RSP + 8.
+FALLBACK_JUMP_STUB = "jump-stub"
 _MASK64 = (1 << 64) - 1
 
 END_RA_UNDEFINED = "end of stack: return address undefined"
@@ -144,6 +147,23 @@ def _step_cfi(plan, regs, read_u64):
     return cfa, caller, ra_slot, saved_at
 
 
+def _is_jump_stub(pc, read_u64):
+    """Whether the bytes at ``pc`` are ``FF 25 disp32`` (``jmp *disp32(%rip)``)."""
+    try:
+        return read_u64(pc) & 0xFFFF == 0x25FF
+    except MemoryReadError:
+        return False
+
+
+def _step_entry(regs, read_u64):
+    """At a function's first instruction: ``(cfa, rip) = (rsp + 8, *rsp)``; others unchanged."""
+    rsp = regs[RSP]
+    caller = {r: regs[r] for r in CALLEE_SAVED if r in regs}
+    caller[RSP] = rsp + 8
+    caller[RA] = read_u64(rsp)
+    return rsp + 8, caller, rsp, {}
+
+
 def _step_frame_pointer(regs, read_u64):
     """``(cfa, rip, rbp) = (rbp + 16, *(rbp + 8), *rbp)``; others keep their value."""
     rbp = regs.get(RBP)
@@ -213,6 +233,10 @@ def _unwind_one(space, regs, read_u64, exact_pc, index=0, prev_cfa=None, stored_
     try:
         if entry is not None:
             cfa, caller, ra_slot, saved_at = _step_cfi(entry[0], regs, read_u64)
+        elif exact_pc and _is_jump_stub(pc, read_u64):
+            fallback = FALLBACK_JUMP_STUB
+            space.fallback_frames += 1
+            cfa, caller, ra_slot, saved_at = _step_entry(regs, read_u64)
         else:
             fallback = FALLBACK_FRAME_POINTER
             space.fallback_frames += 1

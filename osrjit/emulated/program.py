@@ -1,0 +1,318 @@
+"""Reference-language (and IR authors') functions loaded into a :class:`Machine`.
+
+The emulated counterpart of :class:`osrjit.Runtime`'s loading half: every
+:class:`~osrjit.abi.FunctionIR` is emitted with :func:`osrjit.runtime.emit_object`
+(the same bytes the native runtime links), loaded by
+:mod:`osrjit.emulated.loader`, registered with the machine's unwinder, and its
+``.llvm_stackmaps`` become :mod:`deopt` frame maps. The runtime services of
+:mod:`osrjit.abi` live in emulated memory or are hypercalls:
+
+====================================  ==========================================
+``osrjit.slot.<name>``                an 8-byte emulated cell holding the entry
+                                      of ``<name>``'s current version
+``osrjit.fn.<name>`` (direct calls)   the entry of ``<name>``'s current version
+                                      at link time (not re-patched here)
+``osrjit_safepoint_flag``             an 8-byte emulated cell (:attr:`safepoint_flag`)
+``osrjit_hook``                       hypercall: :meth:`on_hook`'s ``fn(x) -> int``
+``osrjit_safepoint_slow``             hypercall: :meth:`on_safepoint`'s ``fn(thread)``
+``osrjit_error``                      hypercall: the thread's first error
+====================================  ==========================================
+
+Errors behave as in the native runtime: a hook that raises, a hook result
+out of int64, a missing hook, or ``osrjit_error`` make the *thread's* first
+pending exception (:attr:`EmuThread.pending`); the service returns 0 and
+:meth:`EmulatedProgram.call` raises it when the thread finishes.
+
+Lifetime: owned by its machine (``machine.program()``); versions stay loaded
+for the machine's life (frames may still return into them).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+
+from deopt import framemaps as _fm
+from deopt.framemaps import FrameMapTable, ObjectImage
+from osrjit import abi
+from osrjit.abi import FunctionIR
+from osrjit.errors import CompileError, HookNotSet, OsrJitError, UnknownFunction
+
+from .loader import EmulationError, LoadedObject
+from .machine import EmuThread, Machine
+
+__all__ = ["EmulatedProgram", "EmuVersion"]
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class EmuVersion:
+    """One version of a function loaded into emulated memory.
+
+    ``id`` (1, 2, ... per program), ``ir`` (its FunctionIR), ``object``
+    (the :class:`LoadedObject`), ``entry`` / ``resume_entry`` (absolute
+    emulated addresses of ``@<symbol>`` and ``@<symbol>__resume``),
+    ``code_range`` (absolute ``(start, end)`` of ``.text``), ``frame_maps``
+    (a :class:`deopt.framemaps.FrameMapTable`, absolute return addresses).
+    """
+
+    def __init__(self, vid: int, ir: FunctionIR, obj: LoadedObject, table: FrameMapTable):
+        self.id = vid
+        self.ir = ir
+        self.object = obj
+        self.entry = obj.symbol(ir.symbol)
+        self.resume_entry = obj.symbol(ir.resume_symbol)
+        text = obj.load_addresses[".text"]
+        self.code_range = (text, next(hi for lo, hi in obj.ranges if lo == text))
+        self.frame_maps = table
+
+    name = property(lambda self: self.ir.name)
+    symbol = property(lambda self: self.ir.symbol)
+    sites = property(lambda self: self.ir.sites)
+    load_addresses = property(lambda self: self.object.load_addresses)
+
+    def contains(self, address: int) -> bool:
+        return self.code_range[0] <= address < self.code_range[1]
+
+    def __repr__(self):
+        return (f"<EmuVersion {self.name} #{self.id} .text [{self.code_range[0]:#x}, "
+                f"{self.code_range[1]:#x}) {len(self.frame_maps)} frame maps>")
+
+
+class EmulatedProgram:
+    """Functions and runtime services in one :class:`Machine` (see the module docstring).
+
+    ``opt_level``: 0-3 for both the IR pipeline and code generation, as in
+    :class:`osrjit.Runtime`.
+    """
+
+    def __init__(self, machine: Machine, *, opt_level: int = 2):
+        from osrjit.runtime import target_machine
+        self.machine = machine
+        self.opt_level = opt_level
+        self.tm = target_machine(opt_level)
+        self.flag_address = machine.alloc_cell(8)
+        self.slots: dict[str, int] = {}
+        self._versions: dict[str, list[EmuVersion]] = {}
+        self._current: dict[str, EmuVersion] = {}
+        self._ids = itertools.count(1)
+        self.hook_fn: Callable[[int], int] | None = None
+        self.safepoint_fn: Callable[[EmuThread], None] | None = None
+        #: Every value the hook service was called with, in call order.
+        self.hook_calls: list[int] = []
+        #: Number of times a poll took its slow path.
+        self.safepoint_calls = 0
+        self._services = {
+            abi.HOOK_SYMBOL: machine.hypercall(abi.HOOK_SYMBOL, self._hook_service),
+            abi.SAFEPOINT_SLOW_SYMBOL: machine.hypercall(abi.SAFEPOINT_SLOW_SYMBOL,
+                                                         self._safepoint_service),
+            abi.ERROR_SYMBOL: machine.hypercall(abi.ERROR_SYMBOL, self._error_service),
+            abi.SAFEPOINT_FLAG_SYMBOL: self.flag_address,
+        }
+
+    # -- services ----------------------------------------------------------------
+
+    def on_hook(self, fn: Callable[[int], int] | None):
+        """Install ``fn(value) -> int`` as the hook service (None removes it)."""
+        self.hook_fn = fn
+
+    def on_safepoint(self, fn: Callable[[EmuThread], None] | None):
+        """Install ``fn(thread)`` to run when a poll takes its slow path; it may
+        clear :attr:`safepoint_flag`, park the thread or stop the world."""
+        self.safepoint_fn = fn
+
+    @property
+    def safepoint_flag(self) -> int:
+        """The emulated word polls test; nonzero sends every poll to its slow path."""
+        return self.machine.read_i64(self.flag_address)
+
+    @safepoint_flag.setter
+    def safepoint_flag(self, value: int):
+        self.machine.write_u64(self.flag_address, int(value))
+
+    @staticmethod
+    def _set_pending(thread: EmuThread, exc: BaseException):
+        if thread.pending is None:
+            thread.pending = exc
+
+    def _hook_service(self, machine: Machine, thread: EmuThread) -> int:
+        value = thread.arg(0, signed=True)
+        self.hook_calls.append(value)
+        if thread.pending is not None:
+            return 0
+        try:
+            fn = self.hook_fn
+            if fn is None:
+                raise HookNotSet(f"compiled code called the hook with {value} but no hook is "
+                                 "installed (EmulatedProgram.on_hook)")
+            result = fn(value)
+            if not isinstance(result, int):
+                raise TypeError(f"the hook must return an int, got {type(result).__name__}")
+            if not _INT64_MIN <= result <= _INT64_MAX:
+                raise OverflowError(f"the hook's result {result} does not fit in 64 bits")
+            return result
+        except Exception as exc:  # noqa: BLE001 - becomes the thread's pending exception
+            self._set_pending(thread, exc)
+            return 0
+
+    def _safepoint_service(self, machine: Machine, thread: EmuThread):
+        self.safepoint_calls += 1
+        if thread.pending is not None:
+            return None
+        try:
+            if self.safepoint_fn is not None:
+                self.safepoint_fn(thread)
+        except Exception as exc:  # noqa: BLE001
+            self._set_pending(thread, exc)
+        return None
+
+    def _error_service(self, machine: Machine, thread: EmuThread):
+        code = thread.arg(0, signed=True)
+        try:
+            kind = abi.ErrorCode(code)
+        except ValueError:
+            self._set_pending(thread, OsrJitError(f"compiled code reported unknown error code "
+                                                  f"{code}"))
+            return None
+        if kind is abi.ErrorCode.ZERO_DIVISION:
+            self._set_pending(thread, ZeroDivisionError("integer division or modulo by zero"))
+        else:
+            self._set_pending(thread, OsrJitError(f"compiled code reported {kind.name}"))
+        return None
+
+    # -- loading -------------------------------------------------------------------
+
+    def compile(self, source: str, *, polls: bool = True, calls: str = abi.CALLS_SLOT) -> list[str]:
+        """Compile reference-language ``source`` (:func:`osrjit.lang.compile_source`)
+        and load it; returns the names defined."""
+        from osrjit import lang
+        known = {name: len(v.ir.params) for name, v in self._current.items()}
+        irs = lang.compile_source(source, known=known, polls=polls, calls=calls)
+        self.load(irs)
+        return [ir.name for ir in irs]
+
+    def load(self, firs: FunctionIR | Iterable[FunctionIR]) -> list[EmuVersion]:
+        """Emit, place, link and publish a batch of versions (new current versions).
+
+        All objects of the batch are placed before any is linked, so direct
+        calls between them (``osrjit.fn.<g>``) resolve to the batch's entries.
+        """
+        from osrjit.runtime import emit_object
+        if isinstance(firs, FunctionIR):
+            firs = [firs]
+        firs = list(firs)
+        names = [f.name for f in firs]
+        if len(set(names)) != len(names):
+            raise CompileError(f"a function is defined twice in one batch: {names}")
+        m = self.machine
+        vids = {f.name: next(self._ids) for f in firs}
+        placed = []
+        for f in firs:
+            data = emit_object(f, self.tm, self.opt_level)
+            placed.append(m.place_object(data, name=f"{f.name}.v{vids[f.name]}"))
+        batch_entries = {f.symbol: p.symbols.get(f.symbol) for f, p in zip(firs, placed)}
+        batch_names = {abi.DIRECT_CALL_PREFIX + f.name: p.symbols.get(f.symbol)
+                       for f, p in zip(firs, placed)}
+        for f in firs:
+            if f.name not in self.slots:
+                self.slots[f.name] = m.alloc_cell(8)
+
+        def resolve(sym: str) -> int | None:
+            if sym.startswith(abi.SLOT_PREFIX):
+                return self.slots.get(sym[len(abi.SLOT_PREFIX):])
+            if sym in self._services:
+                return self._services[sym]
+            if sym.startswith(abi.DIRECT_CALL_PREFIX):
+                if sym in batch_names:
+                    return batch_names[sym]
+                cur = self._current.get(sym[len(abi.DIRECT_CALL_PREFIX):])
+                return None if cur is None else cur.entry
+            return batch_entries.get(sym)
+
+        versions = []
+        for f, p in zip(firs, placed):
+            obj = m.link_object(p, resolve, export=False)
+            image = ObjectImage(obj.data, obj.load_addresses, name=obj.name)
+            table = _fm.frame_maps_for_object(image, f.sites, function=f.name,
+                                              version=vids[f.name])
+            versions.append(EmuVersion(vids[f.name], f, obj, table))
+        for v in versions:
+            self._versions.setdefault(v.name, []).append(v)
+            self._current[v.name] = v
+            m.write_u64(self.slots[v.name], v.entry)        # publish
+        return versions
+
+    # -- queries ---------------------------------------------------------------------
+
+    def current(self, name: str) -> EmuVersion:
+        try:
+            return self._current[name]
+        except KeyError:
+            raise UnknownFunction(name) from None
+
+    def versions(self, name: str) -> list[EmuVersion]:
+        return list(self._versions.get(name, ()))
+
+    def names(self) -> list[str]:
+        return list(self._current)
+
+    def version_at(self, address: int) -> EmuVersion | None:
+        """The version whose ``.text`` contains absolute ``address``, or None."""
+        for vs in self._versions.values():
+            for v in vs:
+                if v.contains(address):
+                    return v
+        return None
+
+    # -- running -----------------------------------------------------------------------
+
+    def spawn(self, name: str, *args: int, **kwargs) -> EmuThread:
+        """A thread that calls the current version of ``name`` (through its slot)."""
+        v = self.current(name)
+        if len(args) != len(v.ir.params):
+            raise TypeError(f"{name}() takes {len(v.ir.params)} arguments, {len(args)} given")
+        entry = self.machine.read_u64(self.slots[name])
+        return self.machine.spawn(entry, args, name=kwargs.pop("thread_name", name), **kwargs)
+
+    def state_buffer(self, values: Iterable[int]) -> int:
+        """A fresh emulated array of 8-byte slots holding ``values`` (absolute address)."""
+        values = list(values)
+        address = self.machine.alloc_cell(8 * max(1, len(values)))
+        for i, value in enumerate(values):
+            self.machine.write_u64(address + 8 * i, value)
+        return address
+
+    def spawn_resume(self, version: EmuVersion, site_id: int, result: int = 0,
+                     values: Mapping[str, int] | None = None, **kwargs) -> EmuThread:
+        """A thread that calls ``version``'s resume entry at ``site_id`` with a
+        state built from ``result`` and the live values by name (see
+        :mod:`osrjit.abi`: ``state[0]`` result, ``state[1 + i]`` = ``live[i]``)."""
+        values = dict(values or {})
+        live = version.sites[site_id].live
+        missing = {v.name for v in live} - set(values)
+        extra = set(values) - {v.name for v in live}
+        if missing or extra:
+            raise EmulationError(f"{version.name} site {site_id} needs {[v.name for v in live]}; "
+                                 f"missing {sorted(missing)}, unexpected {sorted(extra)}")
+        state = [0] * (abi.STATE_LIVE_BASE + len(live))
+        state[abi.STATE_RESULT_INDEX] = result
+        for i, v in enumerate(live):
+            state[abi.STATE_LIVE_BASE + i] = values[v.name]
+        address = self.state_buffer(state)
+        return self.machine.spawn(version.resume_entry, (site_id, address),
+                                  name=kwargs.pop("thread_name", f"{version.name}__resume"),
+                                  **kwargs)
+
+    def call(self, name: str, *args: int, seed: int = 0, quantum=(1, 100)) -> int:
+        """Run ``name(*args)`` in a new thread (with every other runnable
+        thread) and return its result; its pending exception is raised."""
+        thread = self.spawn(name, *args)
+        self.machine.run(seed, quantum, raise_on_fault=False)
+        return finish(thread)
+
+
+def finish(thread: EmuThread) -> int:
+    """The thread's result, raising its fault or pending exception first."""
+    result = thread.result
+    if thread.pending is not None:
+        raise thread.pending
+    return result

@@ -474,7 +474,11 @@ class ThreadRegistry:
     def _detach(self, holder):
         holder.state.status = DETACHED
         with self._lock:
-            self._states.pop(holder.ident, None)
+            # A thread's block may be collected after a new thread reused its
+            # ident and attached: only forget the entry if it is still ours.
+            entry = self._states.get(holder.ident)
+            if entry is not None and entry[0] is holder.state:
+                del self._states[holder.ident]
 
 
 class _Holder:

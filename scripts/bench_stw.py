@@ -80,7 +80,7 @@ def measure(n_threads, depth, rounds):
 
         def worker():
             while not stop.is_set():
-                deep(depth, 50_000_000)
+                deep(depth, 1 << 40)
 
         threading.stack_size(64 << 20)
         ts = [threading.Thread(target=worker) for _ in range(n_threads)]
@@ -97,8 +97,9 @@ def measure(n_threads, depth, rounds):
             time.sleep(0.02)
         stop.set()
         rt.safepoint_flag = 0
-        # Let the spinners finish their current loop quickly: replace spin by a no-op.
-        rt.replace("spin", "def spin(k):\n    return 0\n")
+        # End the spinners' loops: a version of spin whose loop exits at once
+        # (same sites, so their frames move into it at their next poll).
+        rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
         for t in ts:
             t.join()
         return {"time_to_safepoint_s": statistics.median(ttsp), "pause_s": statistics.median(pause),

@@ -338,3 +338,24 @@ def test_signals_the_runtime_does_not_own_are_untouched():
     assert hits == ["usr1"] and usr1_kept
     assert value == 20
     assert handler == 0                      # SIG_DFL restored for the runtime's signal
+
+
+def test_a_late_detach_does_not_forget_a_thread_that_reused_the_ident():
+    # A thread's block can be collected after a new thread got the same
+    # pthread id and attached; the registry must keep the new thread.
+    from osrjit.threads import ThreadRegistry, _Holder
+
+    class Fake:
+        pass
+
+    reg = ThreadRegistry(key=0)
+    old, new = _Holder.__new__(_Holder), _Holder.__new__(_Holder)
+    for h in (old, new):
+        h.state, h.ident, h._registry = __import__("osrjit.threads").threads.ThreadState(), 42, reg
+    with reg._lock:
+        reg._states[42] = (old.state, "old")
+        reg._states[42] = (new.state, "new")      # the new thread attached with the same id
+    reg._detach(old)                             # the old block is collected late
+    assert [name for _, _, name in reg.snapshot()] == ["new"]
+    reg._detach(new)
+    assert reg.snapshot() == []

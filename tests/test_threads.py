@@ -343,15 +343,12 @@ def test_signals_the_runtime_does_not_own_are_untouched():
 def test_a_late_detach_does_not_forget_a_thread_that_reused_the_ident():
     # A thread's block can be collected after a new thread got the same
     # pthread id and attached; the registry must keep the new thread.
-    from osrjit.threads import ThreadRegistry, _Holder
-
-    class Fake:
-        pass
+    from osrjit.threads import ThreadRegistry, ThreadState, _Holder
 
     reg = ThreadRegistry(key=0)
     old, new = _Holder.__new__(_Holder), _Holder.__new__(_Holder)
     for h in (old, new):
-        h.state, h.ident, h._registry = __import__("osrjit.threads").threads.ThreadState(), 42, reg
+        h.state, h.ident, h._registry = ThreadState(), 42, reg
     with reg._lock:
         reg._states[42] = (old.state, "old")
         reg._states[42] = (new.state, "new")      # the new thread attached with the same id

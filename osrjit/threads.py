@@ -266,10 +266,20 @@ parking:
   %ucp = getelementptr i8, ptr %ts, i64 144
   %uci = ptrtoint ptr %uc to i64
   store i64 %uci, ptr %ucp, align 8
+  br label %parked
+parked:
   store atomic i64 5, ptr %ts seq_cst, align 8
   call void @osrjit_wait_released()
+  ; Leave only the way osrjit_enter does: publish IN_JIT, then check STOP.
+  ; A stopper that saw PARKED_SIGNAL may be walking this stack right now:
+  ; then STOP is set and we park again before running any JIT code.
+  %old = atomicrmw xchg ptr %ts, i64 1 seq_cst
+  %f2 = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %stop2 = and i64 %f2, 1
+  %again = icmp ne i64 %stop2, 0
+  br i1 %again, label %parked, label %resume
+resume:
   store i64 0, ptr %ucp, align 8
-  store atomic i64 1, ptr %ts seq_cst, align 8
   br label %done
 done:
   ret void

@@ -32,8 +32,10 @@ class AddressSpace:
 
     def __init__(self, modules=(), *, refresh=None):
         self._lock = threading.Lock()
-        self._entries = ()      # sorted tuple of (start, end, module)
-        self._starts = ()       # parallel tuple of starts for bisect
+        # One immutable pair, swapped in a single store so a reader on another
+        # thread never pairs the starts of one version with the entries of
+        # another: (starts for bisect, sorted tuple of (start, end, module)).
+        self._index = ((), ())
         self._cache = {}
         self._refresh = refresh  # callable returning fresh modules, or None
         self._known_paths = set()
@@ -69,7 +71,7 @@ class AddressSpace:
 
     def _add_modules(self, modules):
         with self._lock:
-            entries = list(self._entries)
+            entries = list(self._index[1])
             for m in modules:
                 key = getattr(m, "path", None) or m.name
                 if not isinstance(m, CodeObject):
@@ -79,8 +81,7 @@ class AddressSpace:
                 for start, end in m.ranges:
                     entries.append((start, end, m))
             entries.sort(key=lambda e: e[0])
-            self._entries = tuple(entries)
-            self._starts = tuple(e[0] for e in entries)
+            self._index = (tuple(e[0] for e in entries), tuple(entries))
             # Negative cache entries may now be covered.
             self._cache = {pc: v for pc, v in self._cache.items() if v is not None}
 
@@ -106,13 +107,12 @@ class AddressSpace:
     def remove_code_object(self, handle):
         """Forget a code object added by :meth:`add_code_object` (clears the cache)."""
         with self._lock:
-            entries = tuple(e for e in self._entries if e[2] is not handle)
-            if len(entries) == len(self._entries):
+            entries = tuple(e for e in self._index[1] if e[2] is not handle)
+            if len(entries) == len(self._index[1]):
                 raise ModuleError(f"{getattr(handle, 'name', handle)!r} is not registered")
-            self._entries = entries
-            self._starts = tuple(e[0] for e in entries)
-            self._cache = {}
             self.generation += 1
+            self._index = (tuple(e[0] for e in entries), entries)
+            self._cache = {}
 
     def add_return_address_filter(self, translate):
         """Let walks see through rewritten return addresses.
@@ -139,18 +139,18 @@ class AddressSpace:
     def modules(self):
         """The registered modules, in address order (each once)."""
         seen, out = set(), []
-        for _, _, m in self._entries:
+        for _, _, m in self._index[1]:
             if id(m) not in seen:
                 seen.add(id(m))
                 out.append(m)
         return out
 
     def _find(self, pc):
-        starts = self._starts
+        starts, entries = self._index
         i = bisect.bisect_right(starts, pc) - 1
         if i >= 0:
-            start, end, m = self._entries[i]
-            if pc < end:
+            start, end, m = entries[i]
+            if start <= pc < end:
                 return m
         return None
 
@@ -178,9 +178,11 @@ class AddressSpace:
         None when no module or no FDE covers it (the walker then falls back to
         frame pointers). Plans are cached per pc.
         """
-        hit = self._cache.get(pc, _MISS)
+        cache = self._cache
+        hit = cache.get(pc, _MISS)
         if hit is not _MISS:
             return hit
+        generation = self.generation
         module = self.find_module(pc)
         entry = None
         if module is not None:
@@ -189,10 +191,12 @@ class AddressSpace:
                 row = decode_fde(fde).row_for(pc)
                 if row is not None:
                     entry = (compile_row(row), fde.cie.is_signal_frame, module)
-        cache = self._cache
-        if len(cache) >= _MAX_CACHE:
-            cache.clear()
-        cache[pc] = entry
+        # Another thread may have removed this module meanwhile (and the next
+        # object may reuse its addresses): cache only if nothing was removed.
+        if generation == self.generation and cache is self._cache:
+            if len(cache) >= _MAX_CACHE:
+                cache.clear()
+            cache[pc] = entry
         return entry
 
     def __repr__(self):

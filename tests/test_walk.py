@@ -226,3 +226,24 @@ def test_a_pc_on_a_jump_stub_unwinds_as_at_a_function_entry():
     frames = list(walk({RA: 0x20000, RSP: 0x10000, RBP: 0}, mem, AddressSpace(), max_frames=2))
     assert frames[0].fallback == "jump-stub" and frames[0].cfa == 0x10008
     assert frames[0].ra_slot == 0x10000 and frames[1].pc == 0x4444
+
+
+def test_one_process_memory_reader_serves_several_threads():
+    # The read syscall runs without the GIL: each read must use its own buffer.
+    import threading
+    mem = ProcessMemory()
+    errors = []
+
+    def reader(value):
+        cell = ctypes.c_uint64(value)
+        for _ in range(20000):
+            if mem.read_u64(ctypes.addressof(cell)) != value:
+                errors.append(value)
+                return
+
+    ts = [threading.Thread(target=reader, args=(v,)) for v in (0x1111, 0x2222, 0x3333, 0x4444)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []

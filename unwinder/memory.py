@@ -99,7 +99,7 @@ class ProcessMemory(Memory):
 
     The kernel checks that the source range is mapped and readable, so an
     arbitrary (possibly garbage) address yields :class:`MemoryReadError`,
-    never a fault. ``page_cache=True`` keeps each 4 KiB page it has read for
+    never a fault. Safe to share between threads (without ``page_cache``). ``page_cache=True`` keeps each 4 KiB page it has read for
     the reader's lifetime: make one such reader per walk of a stopped stack,
     never keep it across changes of the memory it caches.
     """
@@ -107,11 +107,13 @@ class ProcessMemory(Memory):
     def __init__(self, pid: int | None = None, *, page_cache: bool = False):
         self._pid = os.getpid() if pid is None else pid
         self._pages = {} if page_cache else None
-        self._buf = ctypes.create_string_buffer(PAGE_SIZE)
 
-    def _readv(self, address, size, buf):
+    def _readv(self, address, size):
+        # A fresh buffer per read: the syscall runs without the GIL, so a
+        # buffer shared between threads would hand one thread another's bytes.
         if address < 0 or address + size > 1 << 64:
             raise MemoryReadError(address, size)
+        buf = ctypes.create_string_buffer(size)
         local = _IOVec(ctypes.addressof(buf), size)
         remote = _IOVec(address, size)
         n = _process_vm_readv(self._pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
@@ -122,15 +124,14 @@ class ProcessMemory(Memory):
     def read(self, address, size):
         pages = self._pages
         if pages is None or size > PAGE_SIZE:
-            buf = self._buf if size <= PAGE_SIZE else ctypes.create_string_buffer(size)
-            return self._readv(address, size, buf)
+            return self._readv(address, size)
         page = address & ~(PAGE_SIZE - 1)
         off = address - page
         if off + size > PAGE_SIZE:  # straddles two pages: read it directly
-            return self._readv(address, size, self._buf)
+            return self._readv(address, size)
         data = pages.get(page)
         if data is None:
-            data = self._readv(page, PAGE_SIZE, self._buf)
+            data = self._readv(page, PAGE_SIZE)
             pages[page] = data
         return data[off:off + size]
 

@@ -17,8 +17,17 @@ from childproc import run_child
 WORK = """
 def work(n):
     if n == 0:
-        return 0
+        return pause(100000)
     return {k} + work(n - 1)
+"""
+# Keeps each thread deep in JIT code most of the time (a loop with polls at
+# the bottom of every recursion), so replacements catch frames mid-flight.
+PAUSE = """
+def pause(k):
+    i = 0
+    while i < k:
+        i = i + 1
+    return 0
 """
 
 
@@ -28,7 +37,7 @@ def workers_scenario(n_threads, depth, replacements, seed):
     errors = []
     stop = threading.Event()
     with osrjit.Runtime() as rt:
-        rt.compile(WORK.format(k=1))
+        rt.compile(PAUSE + WORK.format(k=1))
         work = rt.function("work")
 
         def worker(d):
@@ -66,7 +75,7 @@ def test_four_threads_recursing_while_main_replaces(replacements):
     assert any(r not in (d, 2 * d) for d, r in results) or len(results) < 4  # mixed runs happened
     assert stats["pending_returns"] == 0 and stats["transfer_failures"] == 0
     assert stats["transfers"] == stats["hijacks"] > 0
-    assert stats["live_versions"] == {"work": 1}
+    assert stats["live_versions"] == {"pause": 1, "work": 1}
     assert stats["freed_versions"] == replacements
     assert stats["stops"] == replacements
 
@@ -77,7 +86,7 @@ def test_four_threads_thousand_replacements():
     assert not errors and results
     assert all(d <= r <= 2 * d for d, r in results)
     assert stats["pending_returns"] == 0 and stats["transfers"] == stats["hijacks"]
-    assert stats["live_versions"] == {"work": 1} and stats["freed_versions"] == 1000
+    assert stats["live_versions"] == {"pause": 1, "work": 1} and stats["freed_versions"] == 1000
 
 
 SPIN = """
@@ -321,7 +330,7 @@ def foreign_signal_scenario():
     signal.signal(signal.SIGUSR1, lambda *a: hits.append("usr1"))
     with osrjit.Runtime() as rt:
         ours = rt._signal.signal
-        rt.compile(WORK.format(k=1))
+        rt.compile(PAUSE + WORK.format(k=1))
         rt.replace("work", WORK.format(k=2))
         signal.raise_signal(signal.SIGUSR1)
         value = rt.function("work")(10)

@@ -41,7 +41,6 @@ import llvmlite.binding as llvm
 
 import unwinder
 from unwinder.walk import END_RA_UNDEFINED, FALLBACK_FRAME_POINTER
-from deopt.errors import IncompatibleVersion
 from deopt.transfer import ResumeTarget, TransferError
 
 from deopt import framemaps as _fm
@@ -145,6 +144,24 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
 # Pending exceptions and the native services
 # --------------------------------------------------------------------------
 
+def call_hook(fn, value, installer):
+    """Run a user hook ``fn(value) -> int`` for compiled code; checks the result.
+
+    Raises :class:`HookNotSet` (naming ``installer``, the API that installs
+    one) when ``fn`` is None, TypeError/OverflowError for a result that is not
+    a 64-bit int. Callers turn any exception into the thread's pending one.
+    """
+    if fn is None:
+        raise HookNotSet(f"compiled code called the hook with {value} but no hook is "
+                         f"installed ({installer})")
+    result = fn(value)
+    if not isinstance(result, int):
+        raise TypeError(f"the hook must return an int, got {type(result).__name__}")
+    if not _INT64_MIN <= result <= _INT64_MAX:
+        raise OverflowError(f"the hook's result {result} does not fit in 64 bits")
+    return result
+
+
 class _Services:
     """The Python side of the native services, shared by every version.
 
@@ -184,16 +201,7 @@ class _Services:
         try:
             if getattr(self.tls, "pending", None) is not None:
                 return 0        # an exception is already on its way out: do not run more Python
-            fn = self.hook
-            if fn is None:
-                raise HookNotSet(f"compiled code called the hook with {value} but no hook is "
-                                 "installed (Runtime.on_hook)")
-            result = fn(value)
-            if not isinstance(result, int):
-                raise TypeError(f"the hook must return an int, got {type(result).__name__}")
-            if not _INT64_MIN <= result <= _INT64_MAX:
-                raise OverflowError(f"the hook's result {result} does not fit in 64 bits")
-            return result
+            return call_hook(self.hook, value, "Runtime.on_hook")
         except BaseException as exc:  # noqa: BLE001 - must never unwind into native code
             self.set_pending(exc)
             return 0

@@ -9,7 +9,6 @@ or ``clone3`` (another thread). Each scenario runs in a child process.
 import ctypes
 import threading
 
-import pytest
 
 from childproc import run_child
 

@@ -335,7 +335,6 @@ def foreign_signal_scenario():
         signal.raise_signal(signal.SIGUSR1)
         value = rt.function("work")(10)
     # After close the runtime's signal is back to its previous action.
-    old = ctypes.c_void_p * 19
     act = (ctypes.c_uint8 * 152)()
     ctypes.CDLL("libc.so.6").sigaction(ours, None, ctypes.byref(act))
     handler = int.from_bytes(bytes(act[:8]), "little")

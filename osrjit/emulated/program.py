@@ -35,14 +35,14 @@ from deopt import framemaps as _fm
 from deopt.framemaps import FrameMapTable, ObjectImage
 from osrjit import abi
 from osrjit.abi import FunctionIR
-from osrjit.errors import CompileError, HookNotSet, OsrJitError, UnknownFunction
+from osrjit.errors import CompileError, OsrJitError, UnknownFunction
+from osrjit.runtime import call_hook
 
 from .loader import EmulationError, LoadedObject
 from .machine import EmuThread, Machine
 
 __all__ = ["EmulatedProgram", "EmuVersion"]
 
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class EmuVersion:
@@ -140,16 +140,7 @@ class EmulatedProgram:
         if thread.pending is not None:
             return 0
         try:
-            fn = self.hook_fn
-            if fn is None:
-                raise HookNotSet(f"compiled code called the hook with {value} but no hook is "
-                                 "installed (EmulatedProgram.on_hook)")
-            result = fn(value)
-            if not isinstance(result, int):
-                raise TypeError(f"the hook must return an int, got {type(result).__name__}")
-            if not _INT64_MIN <= result <= _INT64_MAX:
-                raise OverflowError(f"the hook's result {result} does not fit in 64 bits")
-            return result
+            return call_hook(self.hook_fn, value, "EmulatedProgram.on_hook")
         except Exception as exc:  # noqa: BLE001 - becomes the thread's pending exception
             self._set_pending(thread, exc)
             return 0

@@ -11,10 +11,11 @@ from .abi import FunctionIR, LiveValue, SiteInfo, SiteKind
 from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
                      VersionInUse)
 from .runtime import JitFunction, Runtime, Version
+from .threads import SafepointTimeout
 
 __all__ = [
     "Runtime", "Version", "JitFunction",
     "FunctionIR", "SiteInfo", "SiteKind", "LiveValue",
     "OsrJitError", "CompileError", "UnknownFunction", "RuntimeClosed", "HookNotSet",
-    "VersionInUse",
+    "VersionInUse", "SafepointTimeout",
 ]

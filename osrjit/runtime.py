@@ -1101,6 +1101,9 @@ class Runtime:
         ``stops`` (stop-the-world pauses), ``signals_sent`` (threads stopped by the
         runtime's signal rather than at a poll), ``attached_threads``."""
         with self._lock:
+            # Reclaims a transfer had to defer (the lock was busy) happen now.
+            while self._reclaim_later:
+                self._maybe_reclaim(self._reclaim_later.pop())
             return {
                 "live_versions": {n: len(fn.versions) for n, fn in self._functions.items()},
                 "pending_returns": len(self._deopt.table),

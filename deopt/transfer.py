@@ -130,6 +130,9 @@ def plan_transfer(record, target, saved, memory, space):
         raise TransferError(f"{fm}: cannot unwind the old frame: {e}") from e
     if caller is None:
         raise TransferError(f"{fm}: cannot unwind the old frame: {frame.end_reason}")
+    if frame.fallback is not None:
+        raise TransferError(f"{fm}: no unwind row for the old frame at {record.original_ra:#x} "
+                            f"(would guess by {frame.fallback})")
     if frame.ra_slot != frame.cfa - 8:
         raise TransferError(f"{fm}: the caller's return address is at {frame.ra_slot}, "
                             f"not at CFA - 8 = {frame.cfa - 8:#x}")

@@ -975,7 +975,8 @@ class Runtime:
                 v = self.version_at(frame.lookup_pc)
                 if v is not None and (v.name in names or self._functions[v.name].current is not v):
                     fm = v.frame_map_at(frame.pc) if frame.lookup_pc != frame.pc else None
-                    if fm is not None and prev is not None and v.name in names:
+                    if (fm is not None and prev is not None and v.name in names
+                            and (frame.translated or prev.ra_slot is not None)):
                         found.append((v, fm, None if frame.translated else prev.ra_slot,
                                       frame.pc, ident))
                     elif not (fm is not None and frame.translated):

@@ -35,7 +35,9 @@ through the cell :data:`TRANSFER_CELL_SYMBOL` (so a native transfer can later
 replace the Python one). It returns a plan; the stub loads every register
 from it, sets ``RSP = plan.rsp`` — where a return address now sits on top —
 stores :data:`STATUS_RESUMED` at ``plan.status_ptr`` (the thread's status
-word, see :mod:`osrjit.threads`) and jumps to ``plan.rip``: a version's resume entry (``rdi`` = site id,
+word, see :mod:`osrjit.threads`) and jumps to ``plan.rip`` — held in R11 from
+before that store, so a thread stopped by a signal between the store and the
+jump shows its target in its registers (the runtime keeps that version): a version's resume entry (``rdi`` = site id,
 ``rsi`` = state), or :data:`RETURN_SYMBOL` (a lone ``ret``) to return into the
 original address when no transfer is possible.
 """
@@ -169,8 +171,9 @@ movq 0(%r11), %rsp
 .cfi_restore %r13
 .cfi_restore %r14
 .cfi_restore %r15
+movq 8(%r11), %r11
 movq ${STATUS_RESUMED}, (%r10)
-jmpq *8(%r11)
+jmpq *%r11
 {RETURN_SYMBOL}:
 retq
 .cfi_endproc

@@ -139,3 +139,73 @@ def plan_transfer(record, target, saved, memory, space):
     caller_regs = {r: caller.get(r, regs.get(r)) for r in CALLEE_SAVED}
     return Transfer(rsp=frame.cfa - 8, rip=target.resume_entry, site_id=target.site_id,
                     state=state, caller_regs=caller_regs, cfa=frame.cfa)
+
+
+@dataclass(frozen=True)
+class StubReturn:
+    """What the deopt stub does after a hijacked return (see :func:`return_through_stub`).
+
+    ``ok``: the frame was rebuilt in a new version; then ``rip`` is its resume
+    entry, ``rdi`` the site id and ``state`` the 8-byte values for the state
+    buffer (``rsi`` is the buffer's address, chosen by the backend).
+    Otherwise (``ok`` False, ``error`` says why) the frame returns into its
+    old code: ``rsp`` is the slot (holding the original return address
+    again), ``rip`` the stub's lone ``ret`` and ``state`` is empty.
+    ``regs``: DWARF number -> value for RAX, RBX, RBP, R12–R15 to load.
+    ``keep_xmm0``: load XMM0 from the stub's saved block (fallback) rather
+    than clear it. ``record``: the :class:`~deopt.hijack.HijackRecord` taken.
+    """
+    record: object
+    ok: bool
+    rsp: int
+    rip: int
+    rdi: int
+    state: tuple
+    regs: dict
+    keep_xmm0: bool
+    error: BaseException | None = None
+
+
+def return_through_stub(table, entry_rsp, saved, resolve, memory, space, return_address, *,
+                        restore_slot=None, observer=None):
+    """The transfer the deopt stub asks for, shared by every backend.
+
+    A callee returned into the stub with ``RSP = entry_rsp`` (``E`` in the
+    module docstring; its slot is ``E − 8``). In order:
+
+    1. take the slot's :class:`~deopt.hijack.HijackRecord` from ``table``
+       (:class:`~deopt.hijack.HijackError` if there is none: a bug, the
+       caller must not continue the thread);
+    2. write the original return address back into the slot
+       (``restore_slot(slot, value)``, default ``memory.write_u64``): from
+       here on libgcc, gdb and the unwinder walk through the stub into the
+       old frame;
+    3. ``observer(record)`` if given (tests, debugging);
+    4. ``resolve(record) -> ResumeTarget`` and :func:`plan_transfer`.
+
+    ``saved``: DWARF number -> value for RAX, RBX, RBP, R12–R15 as the stub
+    saved them. ``return_address``: absolute address of the stub's ``ret``
+    (:data:`deopt.stub.RETURN_SYMBOL`). Any exception in steps 3–4 makes the
+    frame return into its old code instead (``ok`` False); it never
+    propagates.
+    """
+    slot = entry_rsp - 8
+    record = table.take(slot)
+    if restore_slot is None:
+        memory.write_u64(slot, record.original_ra)
+    else:
+        restore_slot(slot, record.original_ra)
+    regs_in = dict(saved)
+    regs_in[RSP] = entry_rsp
+    try:
+        if observer is not None:
+            observer(record)
+        target = resolve(record)
+        t = plan_transfer(record, target, regs_in, memory, space)
+    except Exception as e:  # noqa: BLE001 - the frame falls back to its old code
+        regs = {r: saved.get(r, 0) for r in CALLEE_SAVED}
+        regs[RAX] = saved.get(RAX, 0)
+        return StubReturn(record, False, slot, return_address, 0, (), regs, True, e)
+    regs = dict(t.caller_regs)
+    regs[RAX] = 0
+    return StubReturn(record, True, t.rsp, t.rip, t.site_id, t.state, regs, False)

@@ -28,8 +28,8 @@ from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
                         stub_module_ir)
-from deopt.transfer import ResumeTarget, TransferError, plan_transfer
-from unwinder.x86_64 import RAX, RBP, RBX, RSP, R12, R13, R14, R15
+from deopt.transfer import ResumeTarget, TransferError, return_through_stub
+from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
 #: Version id under which the stub library's tracker is kept (versions start at 1).
 STUB_LIBRARY_ID = 0
@@ -123,53 +123,43 @@ class NativeDeopt:
     def _transfer_or_fall_back(self, exit_state):
         es = exit_state.contents
         entry_rsp = ctypes.addressof(es) + EXIT_STATE_TO_ENTRY_RSP
-        slot = entry_rsp - 8
-        record = self.table.take(slot)   # HijackError: no record -> fatal (see _transfer)
-        # Put the original return address back first: from here on libgcc and
-        # gdb unwind through the stub into the old frame.
-        ctypes.c_uint64.from_address(slot).value = record.original_ra
         saved = {reg: getattr(es, name) for reg, name in _SAVED}
         saved[RAX] = es.rax
-        saved[RSP] = entry_rsp
+        # HijackError (no record) propagates: fatal, see _transfer.
+        out = return_through_stub(self.table, entry_rsp, saved, self._resolve, self.memory,
+                                  self.space, self.return_address,
+                                  restore_slot=_store_u64, observer=self.observer)
         buffers = self._buffers
         plan = buffers.plan
-        ok = False
-        try:
-            if self.observer is not None:
-                self.observer(record)
-            target = self._resolve(record)
-            t = plan_transfer(record, target, saved, self.memory, self.space)
-            if len(buffers.state) < len(t.state):
-                buffers.state = (ctypes.c_uint64 * (2 * len(t.state)))()
+        if out.ok:
+            if len(buffers.state) < len(out.state):
+                buffers.state = (ctypes.c_uint64 * (2 * len(out.state)))()
             state = buffers.state
-            for i, v in enumerate(t.state):
+            for i, v in enumerate(out.state):
                 state[i] = v
-            plan.rsp, plan.rip = t.rsp, t.rip
-            plan.rdi, plan.rsi = t.site_id, ctypes.addressof(state)
-            plan.rax = 0
-            for reg, name in _SAVED:
-                setattr(plan, name, t.caller_regs[reg])
+            plan.rsi = ctypes.addressof(state)
             ctypes.memset(ctypes.addressof(plan) + TransferPlan.xmm0.offset, 0, 16)
             with self._count_lock:
                 self.transfers += 1
-            ok = True
-        except Exception as e:  # noqa: BLE001 - fall back to the old code, report in stats
+        else:
             with self._count_lock:
                 self.failures += 1
-            self.last_error = e
-            # Return into the original address as if nothing happened: the
-            # slot holds it again, so pop it with the stub's `ret`.
-            plan.rsp, plan.rip = slot, self.return_address
-            plan.rdi = plan.rsi = 0
-            plan.rax = es.rax
-            for reg, name in _SAVED:
-                setattr(plan, name, saved[reg])
+            self.last_error = out.error
+            plan.rsi = 0
             ctypes.memmove(ctypes.addressof(plan) + TransferPlan.xmm0.offset,
                            ctypes.addressof(es), 16)
+        plan.rsp, plan.rip, plan.rdi = out.rsp, out.rip, out.rdi
+        plan.rax = out.regs[RAX]
+        for reg, name in _SAVED:
+            setattr(plan, name, out.regs[reg])
         status = self._status_address() if self._status_address is not None else None
         plan.status_ptr = status or ctypes.addressof(self._dummy_status)
-        self._on_transferred(record, ok)
+        self._on_transferred(out.record, out.ok)
         return ctypes.addressof(plan)
+
+
+def _store_u64(address, value):
+    ctypes.c_uint64.from_address(address).value = value
 
 
 __all__ = ["NativeDeopt", "ResumeTarget", "TransferError", "STUB_LIBRARY_ID"]

@@ -40,14 +40,13 @@ from collections.abc import Callable, Iterable, Mapping
 import llvmlite.binding as llvm
 
 import unwinder
-from unwinder.walk import END_RA_UNDEFINED, FALLBACK_FRAME_POINTER
 from deopt.transfer import ResumeTarget, TransferError
 
 from deopt import framemaps as _fm
 from deopt.errors import FrameMapError
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
-from . import abi, patching, threads
+from . import abi, patching, stackscan, threads
 from .abi import FunctionIR, SiteInfo
 from .deoptimizer import NativeDeopt
 from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
@@ -59,9 +58,6 @@ __all__ = ["Runtime", "Version", "JitFunction", "emit_object", "target_machine"]
 assert abi.STATEPOINT_HEADER_LOCATIONS == _fm.STATEPOINT_HEADER_LOCATIONS
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-#: How a complete walk of a thread's stack ends (its outermost frame).
-_NORMAL_ENDS = (END_RA_UNDEFINED,)
 
 _HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
 _SAFEPOINT_SLOW_TYPE = ctypes.CFUNCTYPE(None)
@@ -512,7 +508,16 @@ class Runtime:
     function may be running then. Thread-safe for compiling and calling.
     """
 
-    def __init__(self, *, opt_level: int = 2, calls: str = abi.CALLS_SLOT):
+    def __new__(cls, *, backend: str = "native", **kwargs):
+        if backend == "emulated":
+            from .emulated.runtime import EmulatedRuntime   # the one upward import, lazy
+            return EmulatedRuntime(**kwargs)
+        if backend != "native":
+            raise ValueError(f"unknown backend {backend!r} (use 'native' or 'emulated')")
+        return super().__new__(cls)
+
+    def __init__(self, *, opt_level: int = 2, calls: str = abi.CALLS_SLOT,
+                 backend: str = "native"):
         if not 0 <= opt_level <= 3:
             raise ValueError(f"opt_level must be 0..3, got {opt_level}")
         if calls not in abi.CALL_MODES:
@@ -967,29 +972,15 @@ class Runtime:
         memory = unwinder.ProcessMemory(page_cache=True)
 
         def classify(regs, ident, caller_frame):
-            prev = None
-            frame = None
-            walked = []
-            for frame in unwinder.walk(regs, memory, self._space, caller_frame=caller_frame):
-                walked.append(frame)
-                v = self.version_at(frame.lookup_pc)
-                if v is not None and (v.name in names or self._functions[v.name].current is not v):
-                    fm = v.frame_map_at(frame.pc) if frame.lookup_pc != frame.pc else None
-                    if (fm is not None and prev is not None and v.name in names
-                            and (frame.translated or prev.ra_slot is not None)):
-                        found.append((v, fm, None if frame.translated else prev.ra_slot,
-                                      frame.pc, ident))
-                    elif not (fm is not None and frame.translated):
-                        # Not a pending return (those are counted): this frame
-                        # runs, or will return into, the version's code.
-                        executing.add(v)
-                prev = frame
-            if (frame is None or frame.end_reason not in _NORMAL_ENDS
-                    or any(f.fallback == FALLBACK_FRAME_POINTER for f in walked)):
-                # The walk did not reach the thread's first frame, or guessed a
-                # frame by frame pointers (JIT code keeps none): frames of old
-                # versions may hide below. Free none of them this time.
-                self.last_incomplete_walk = frame.end_reason if frame else "no frames"
+            frames = unwinder.walk(regs, memory, self._space, caller_frame=caller_frame)
+            result = stackscan.classify_frames(
+                frames, self.version_at, names,
+                lambda v: self._functions[v.name].current is not v, ident)
+            found.extend((p.version, p.frame_map, p.slot, p.pc, p.thread) for p in result.pending)
+            executing.update(result.executing)
+            if result.incomplete is not None:
+                # Frames of old versions may hide below: free none of them this time.
+                self.last_incomplete_walk = result.incomplete
                 for fn in self._functions.values():
                     executing.update(v for v in fn.versions if v is not fn.current)
 

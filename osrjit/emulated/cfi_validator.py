@@ -17,7 +17,10 @@ any unwind information::
             callee must preserve)
 
 A thread seen for the first time is at its entry: one frame, ``cfa = rsp +
-8`` and ``ra = *rsp`` (the exit hypercall). Tail calls (``jmp``) keep the
+8`` and ``ra = *rsp`` (the exit hypercall). An address in ``return_entries``
+(the deopt stub) is entered by a ``ret`` through a hijacked slot: it pushes a
+frame with ``cfa = rsp`` and ``ra`` = the slot's translated value
+(``*(rsp − 8)`` through the space's return-address filters). Tail calls (``jmp``) keep the
 frame; a call into code outside the ranges that comes back is invisible,
 as it should be.
 
@@ -146,8 +149,9 @@ class CFIValidator:
     """
 
     def __init__(self, machine: Machine, ranges: Iterable[tuple[int, int]] | None = None, *,
-                 max_failures: int = 50):
+                 max_failures: int = 50, return_entries: Iterable[int] = ()):
         self.machine = machine
+        self.return_entries = frozenset(return_entries)
         self.report = Report()
         self.max_failures = max_failures
         self._shadows: dict[int, _ThreadShadow] = {}
@@ -173,6 +177,19 @@ class CFIValidator:
                 else:
                     out.append((lo, hi))
         return out
+
+    def cover(self, ranges: Iterable[tuple[int, int]]):
+        """Also check ``ranges`` (absolute, half-open), e.g. code loaded after
+        the validator started; already translated code there is flushed so
+        the new hooks see every instruction."""
+        uc = self.machine.uc
+        for lo, hi in ranges:
+            if hi > lo:
+                self._hooks.append(uc.hook_add(UC_HOOK_CODE, self._on_instruction, None,
+                                               lo, hi - 1))
+                uc.ctl_remove_cache(lo, hi)
+                self.ranges.append((lo, hi))
+        self.ranges.sort()
 
     def close(self):
         for h in self._hooks:
@@ -217,8 +234,15 @@ class CFIValidator:
         if prev is not None:
             ppc, psize, prsp = prev
             end = ppc + psize
-            if rsp == prsp - 8 and read(rsp) == end and self._is_call(ppc, psize):
+            if rsp == prsp - 8 and self._return_address(rsp) == end and \
+                    self._is_call(ppc, psize):
                 stack.append(ShadowFrame(rsp + 8, end, {r: regs[r] for r in CALLEE_SAVED}, ppc))
+        if pc in self.return_entries:
+            # Entered by a return (the deopt stub through a hijacked slot): a
+            # callee of the frame whose slot it is, CFA = RSP, return address
+            # in the slot at CFA - 8 (as the walk sees it, through the filters).
+            stack.append(ShadowFrame(rsp, self._return_address(rsp - 8),
+                                     {r: regs[r] for r in CALLEE_SAVED}))
         shadow.prev = (pc, size, rsp)
         rep = self.report
         rep.instructions_checked += 1
@@ -227,6 +251,14 @@ class CFIValidator:
         rep.by_symbol[sym] = rep.by_symbol.get(sym, 0) + 1
         self._pcs.setdefault(sym, set()).add(pc)
         self._check(thread, pc, regs, stack)
+
+    def _return_address(self, slot: int) -> int:
+        """The return address in ``slot`` as a walk sees it: a hijacked slot
+        (holding the deopt stub) reads as its original return address."""
+        ra = self.machine.memory.read_u64(slot)
+        for translate in self.machine.space.return_address_filters:
+            ra = translate(slot, ra)
+        return ra
 
     def _is_call(self, pc: int, size: int) -> bool:
         code = self.machine.read(pc, size)

@@ -175,6 +175,8 @@ class EmuThread:
         self.pending: BaseException | None = None
         self._ctx = ctx
         self._result: int | None = None
+        self._park_in_call = False
+        self._resume_in_call = False
 
     # -- registers ---------------------------------------------------------------
 
@@ -241,11 +243,20 @@ class EmuThread:
                                  f"({self.state.value})")
         return self._result
 
-    def park(self):
-        """Stop scheduling this thread (from a hypercall: after the hypercall
-        returns) until :meth:`unpark`."""
+    def park(self, *, in_call: bool = False):
+        """Stop scheduling this thread until :meth:`unpark`.
+
+        From a hypercall, by default the thread parks as if the hypercall had
+        returned. With ``in_call`` it parks *inside* it, like a native thread
+        blocked in a service: RIP stays at the hypercall and its return
+        address stays on the stack (a walk shows the hypercall frame, and the
+        caller's return-address slot can be hijacked); on resumption the
+        ``ret`` executes without calling the function again (so that
+        hypercall counts as two instructions).
+        """
         if self.state is ThreadState.RUNNABLE:
             self.state = ThreadState.PARKED
+            self._park_in_call = in_call and self._live()
 
     def unpark(self):
         """Make a parked thread runnable again (no effect otherwise)."""
@@ -313,7 +324,7 @@ class Machine:
                  stack_base: int = 0x6000_0000_0000, hypercall_base: int | None = None,
                  hypercall_capacity: int = 255):
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self.space = AddressSpace()
+        self._space = AddressSpace()
         self.memory = UnicornMemory(self.uc)
         self.threads: list[EmuThread] = []
         self.objects: list[LoadedObject] = []
@@ -343,10 +354,18 @@ class Machine:
         self._hypercalls: dict[str, Hypercall] = {}
         self._by_address: dict[int, Hypercall] = {}
         self._hc_object: LoadedObject | None = None
+        self._hc_dirty = False
         self._hc_regions: list[int] = []
         self.uc.hook_add(UC_HOOK_CODE, self._on_hypercall, None,
                          page.address + _SLOT_SIZE, page.address + size - 1)
         self.exit_address = self.hypercall(EXIT_HYPERCALL, _exit_hypercall)
+
+    @property
+    def space(self) -> AddressSpace:
+        """The unwinder's view of this machine's code (hypercall page included)."""
+        if self._hc_dirty:
+            self._rebuild_hypercall_object()
+        return self._space
 
     # -- memory ------------------------------------------------------------------
 
@@ -449,7 +468,7 @@ class Machine:
     def _register(self, obj: LoadedObject):
         for o in (obj, obj.stub_object):
             if o is not None and o.ranges:
-                o.unwind_handle = self.space.add_code_object(o.data, o.load_addresses, name=o.name)
+                o.unwind_handle = self._space.add_code_object(o.data, o.load_addresses, name=o.name)
         self.objects.append(obj)
 
     def unload_object(self, obj: LoadedObject):
@@ -459,7 +478,7 @@ class Machine:
             if o is None:
                 continue
             if o.unwind_handle is not None:
-                self.space.remove_code_object(o.unwind_handle)
+                self._space.remove_code_object(o.unwind_handle)
                 o.unwind_handle = None
             for region in o.regions:
                 self.unmap(region.address)
@@ -501,7 +520,7 @@ class Machine:
         self._hypercalls[name] = hc
         self._by_address[address] = hc
         self.symbols[name] = address
-        self._rebuild_hypercall_object()
+        self._hc_dirty = True       # rebuilt once, before the next run or walk
         return address
 
     def _rebuild_hypercall_object(self):
@@ -519,19 +538,23 @@ class Machine:
             lines += [f"\t.fill {_SLOT_ENTRY}, 1, 0xcc", "\tret",
                       f"\t.fill {_SLOT_SIZE - _SLOT_ENTRY - 1}, 1, 0xcc", "\t.cfi_endproc",
                       f"\t.size {sym}, {_SLOT_SIZE}"]
-        data = assemble("\n".join(lines) + "\n")
+        self._hc_dirty = False
+        data = _assemble_cached("\n".join(lines) + "\n")
         if self._hc_object is not None:
-            self.space.remove_code_object(self._hc_object.unwind_handle)
+            self._space.remove_code_object(self._hc_object.unwind_handle)
             for address in self._hc_regions:
                 self.unmap(address)
         adapter = _HypercallMemory(self, self.hypercall_page, self._hypercalls_in_arena)
         obj = load_object(data, adapter, name="hypercalls")
-        obj.unwind_handle = self.space.add_code_object(obj.data, obj.load_addresses,
+        obj.unwind_handle = self._space.add_code_object(obj.data, obj.load_addresses,
                                                        name="hypercalls")
         self._hc_object, self._hc_regions = obj, adapter.regions
 
     def _on_hypercall(self, uc, address, size, _user):
         thread = self._live
+        if thread._resume_in_call:
+            thread._resume_in_call = False      # parked inside: the ret just runs now
+            return
         hc = self._by_address.get(address)
         if hc is None:
             self._fault(thread, address, f"executed the hypercall page at {address:#x}, "
@@ -546,7 +569,11 @@ class Machine:
             return
         if thread.state is ThreadState.RUNNABLE and self._stop_request is None:
             return     # the ret executes natively (or fn redirected RIP: continue there)
-        if thread.state is not ThreadState.FINISHED and uc.reg_read(_RIP) == address:
+        if thread.state is ThreadState.PARKED and thread._park_in_call:
+            thread._park_in_call = False
+            if uc.reg_read(_RIP) == address:
+                thread._resume_in_call = True
+        elif thread.state is not ThreadState.FINISHED and uc.reg_read(_RIP) == address:
             # Complete the ret on the thread's behalf, so its saved state is
             # "the hypercall returned".
             rsp = uc.reg_read(_RSP)
@@ -616,6 +643,8 @@ class Machine:
 
     def _run_quantum(self, thread: EmuThread, count: int) -> int:
         """Run ``thread`` for at most ``count`` instructions; returns how many it executed."""
+        if self._hc_dirty:
+            self._rebuild_hypercall_object()
         uc = self.uc
         uc.context_restore(thread._ctx)
         self._live, self._burn = thread, False
@@ -692,6 +721,18 @@ class Machine:
             raise EmulationError("the machine's program already exists; options apply only "
                                  "when it is made")
         return prog
+
+
+_ASSEMBLED: dict[str, bytes] = {}
+
+
+def _assemble_cached(text: str) -> bytes:
+    """:func:`assemble`, memoised: every machine with the same hypercalls
+    assembles the same page."""
+    data = _ASSEMBLED.get(text)
+    if data is None:
+        data = _ASSEMBLED[text] = assemble(text)
+    return data
 
 
 def _exit_hypercall(machine: Machine, thread: EmuThread):

@@ -64,6 +64,12 @@ class EmuVersion:
         text = obj.load_addresses[".text"]
         self.code_range = (text, next(hi for lo, hi in obj.ranges if lo == text))
         self.frame_maps = table
+        #: Runtime accounting (:class:`~osrjit.emulated.runtime.EmulatedRuntime`):
+        #: hijacked slots returning into it, "a frame may run its code outside
+        #: a site" (never freed automatically), "the last scan found it running".
+        self.pending_returns = 0
+        self.pinned = False
+        self.executing = False
 
     name = property(lambda self: self.ir.name)
     symbol = property(lambda self: self.ir.symbol)
@@ -72,6 +78,10 @@ class EmuVersion:
 
     def contains(self, address: int) -> bool:
         return self.code_range[0] <= address < self.code_range[1]
+
+    def frame_map_at(self, return_address: int):
+        """The frame map for absolute ``return_address`` in this version, or None."""
+        return self.frame_maps.at(return_address)
 
     def __repr__(self):
         return (f"<EmuVersion {self.name} #{self.id} .text [{self.code_range[0]:#x}, "
@@ -82,12 +92,17 @@ class EmulatedProgram:
     """Functions and runtime services in one :class:`Machine` (see the module docstring).
 
     ``opt_level``: 0-3 for both the IR pipeline and code generation, as in
-    :class:`osrjit.Runtime`.
+    :class:`osrjit.Runtime`. ``object_cache``: see :attr:`object_cache`.
     """
 
-    def __init__(self, machine: Machine, *, opt_level: int = 2):
+    def __init__(self, machine: Machine, *, opt_level: int = 2,
+                 object_cache: dict | None = None):
         from osrjit.runtime import target_machine
         self.machine = machine
+        #: Optional dict shared between programs: (module IR, symbol, opt
+        #: level) -> emitted object bytes, so machines that load the same
+        #: versions (a sweep) compile each once.
+        self.object_cache = object_cache
         self.opt_level = opt_level
         self.tm = target_machine(opt_level)
         self.flag_address = machine.alloc_cell(8)
@@ -181,13 +196,15 @@ class EmulatedProgram:
         self.load(irs)
         return [ir.name for ir in irs]
 
-    def load(self, firs: FunctionIR | Iterable[FunctionIR]) -> list[EmuVersion]:
+    def load(self, firs: FunctionIR | Iterable[FunctionIR], *,
+             publish: bool = True) -> list[EmuVersion]:
         """Emit, place, link and publish a batch of versions (new current versions).
 
         All objects of the batch are placed before any is linked, so direct
         calls between them (``osrjit.fn.<g>``) resolve to the batch's entries.
+        With ``publish=False`` the versions are loaded but not yet callable
+        through their slots (see :meth:`publish`).
         """
-        from osrjit.runtime import emit_object
         if isinstance(firs, FunctionIR):
             firs = [firs]
         firs = list(firs)
@@ -198,7 +215,7 @@ class EmulatedProgram:
         vids = {f.name: next(self._ids) for f in firs}
         placed = []
         for f in firs:
-            data = emit_object(f, self.tm, self.opt_level)
+            data = self._emit(f)
             placed.append(m.place_object(data, name=f"{f.name}.v{vids[f.name]}"))
         batch_entries = {f.symbol: p.symbols.get(f.symbol) for f, p in zip(firs, placed)}
         batch_names = {abi.DIRECT_CALL_PREFIX + f.name: p.symbols.get(f.symbol)
@@ -228,9 +245,33 @@ class EmulatedProgram:
             versions.append(EmuVersion(vids[f.name], f, obj, table))
         for v in versions:
             self._versions.setdefault(v.name, []).append(v)
-            self._current[v.name] = v
-            m.write_u64(self.slots[v.name], v.entry)        # publish
+        if publish:
+            self.publish(versions)
         return versions
+
+    def publish(self, versions: Iterable[EmuVersion]):
+        """Make ``versions`` current: new calls through the slots run them."""
+        for v in versions:
+            self._current[v.name] = v
+            self.machine.write_u64(self.slots[v.name], v.entry)
+
+    def forget(self, version: EmuVersion):
+        """Drop a version that is not current from the program and unmap its code
+        (the caller knows nothing can run it)."""
+        if self._current.get(version.name) is version:
+            raise EmulationError(f"{version.name} version {version.id} is current")
+        self._versions[version.name].remove(version)
+        self.machine.unload_object(version.object)
+
+    def _emit(self, f: FunctionIR) -> bytes:
+        from osrjit.runtime import emit_object
+        if self.object_cache is None:
+            return emit_object(f, self.tm, self.opt_level)
+        key = (f.module_ir, f.symbol, self.opt_level)
+        data = self.object_cache.get(key)
+        if data is None:
+            data = self.object_cache[key] = emit_object(f, self.tm, self.opt_level)
+        return data
 
     # -- queries ---------------------------------------------------------------------
 

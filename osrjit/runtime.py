@@ -255,10 +255,22 @@ class _NativeResources:
         self.lljit = llvm.create_lljit_compiler(self.tm)
         self.lljit._owned = True            # disposed by close(), after the trackers
         self.trackers: dict[int, object] = {}      # version id -> ResourceTracker
+        # version id -> the LLJIT holding only that version. llvmlite cannot
+        # remove a JITDylib from an LLJIT (each library stays, ~10 KB, for the
+        # LLJIT's life), so each version gets its own LLJIT, disposed with it.
+        self.version_jits: dict[int, object] = {}
         self.registrations: dict[int, object] = {}  # version id -> unwinder handle
         self.keepalive: list = []            # cells and callbacks reachable from code
         self.closed = False
         self._lock = threading.Lock()
+
+    def jit_for(self, version_id: int):
+        """A fresh LLJIT owned by ``version_id`` (disposed by :meth:`release`)."""
+        jit = llvm.create_lljit_compiler(self.tm)
+        jit._owned = True
+        with self._lock:
+            self.version_jits[version_id] = jit
+        return jit
 
     def adopt(self, version_id: int, tracker, registration):
         tracker._owned = True               # disposed by release()/close() only
@@ -271,15 +283,23 @@ class _NativeResources:
         with self._lock:
             handle = self.registrations.pop(version_id, None)
             tracker = self.trackers.pop(version_id, None)
+            jit = self.version_jits.pop(version_id, None)
         try:
             if handle is not None:
                 _unregister(handle)
         finally:
-            if tracker is not None:
-                try:
-                    tracker._dispose()
-                finally:
-                    tracker.detach()
+            try:
+                if tracker is not None:
+                    try:
+                        tracker._dispose()
+                    finally:
+                        tracker.detach()
+            finally:
+                if jit is not None:       # after its only tracker
+                    try:
+                        jit._dispose()
+                    finally:
+                        jit.detach()
 
     def close(self):
         """Release every version, then the LLJIT, then the TargetMachine. Idempotent.
@@ -293,7 +313,7 @@ class _NativeResources:
             self.closed = True
             # Versions first, the deopt stub library (id 0) last: nothing may
             # return into the stub once the code that could is gone.
-            ids = sorted(self.trackers, reverse=True)
+            ids = sorted(set(self.trackers) | set(self.version_jits), reverse=True)
         error = None
         for vid in ids:
             try:
@@ -496,16 +516,22 @@ class Runtime:
     """Compiles functions into versions and runs the current one.
 
     ``opt_level``: 0-3, for both the IR pipeline and code generation.
+    ``compiler``: ``"inprocess"`` (default) or ``"worker"`` — optimise and
+    emit versions in a child process (:mod:`osrjit.compiler`); use it in
+    long-lived processes that replace often: llvmlite's pass pipeline leaks
+    about 60 KB of native memory per compile in the process that runs it.
     ``calls``: how reference-language code calls *other* functions —
     ``"slot"`` (load the callee's ``osrjit.slot.<name>`` cell and call through
     it: publishing a version is one store) or ``"direct"`` (``call rel32``,
     patched to the new version on every replacement: no indirection at run
     time). Self-calls are direct in both modes and patched the same way.
 
-    Lifetime: owns one LLJIT and every version's code (through a private
-    owner, see :class:`_NativeResources`). :meth:`close` (or leaving a
-    ``with`` block) unmaps all code, trackers before the LLJIT; no compiled
-    function may be running then. Thread-safe for compiling and calling.
+    Lifetime: owns one LLJIT for its runtime stubs, one LLJIT per version
+    (llvmlite cannot drop a JITDylib, so a version's LLJIT goes with it) and
+    every version's code (through a private owner, see
+    :class:`_NativeResources`). :meth:`close` (or leaving a ``with`` block)
+    unmaps all code, trackers before their LLJIT; no compiled function may be
+    running then. Thread-safe for compiling and calling.
     """
 
     def __new__(cls, *, backend: str = "native", **kwargs):
@@ -517,12 +543,18 @@ class Runtime:
         return super().__new__(cls)
 
     def __init__(self, *, opt_level: int = 2, calls: str = abi.CALLS_SLOT,
-                 backend: str = "native"):
+                 backend: str = "native", compiler: str = "inprocess"):
         if not 0 <= opt_level <= 3:
             raise ValueError(f"opt_level must be 0..3, got {opt_level}")
         if calls not in abi.CALL_MODES:
             raise ValueError(f"calls must be one of {abi.CALL_MODES}, got {calls!r}")
+        if compiler not in ("inprocess", "worker"):
+            raise ValueError(f"compiler must be 'inprocess' or 'worker', got {compiler!r}")
         self.opt_level = opt_level
+        #: Where versions are optimised and emitted: ``"inprocess"``, or
+        #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
+        #: llvmlite's pass pipeline leaks ~60 KB of native memory per run).
+        self.compiler = compiler
         self.calls = calls
         self._call_sites = patching.CallSiteIndex()
         self._lock = threading.RLock()
@@ -701,6 +733,9 @@ class Runtime:
                 raise CompileError(f"{ir.name}: unsupported return type {ir.return_type!r}")
 
     def _emit(self, ir: FunctionIR) -> bytes:
+        if self.compiler == "worker":
+            from .compiler import shared_worker
+            return shared_worker().emit(ir, self.opt_level)
         return emit_object(ir, self._native.tm, self.opt_level)
 
     def _imports(self, ir: FunctionIR, image: ObjectImage,
@@ -746,9 +781,11 @@ class Runtime:
         for sym, address in imports.items():
             builder.import_symbol(sym, address)
         builder.export_symbol(ir.symbol).export_symbol(ir.resume_symbol)
+        jit = self._native.jit_for(vid)
         try:
-            tracker = builder.link(self._native.lljit, library)
+            tracker = builder.link(jit, library)
         except RuntimeError as e:
+            self._native.release(vid)
             raise CompileError(f"{ir.name}: linking failed: {e}") from None
         self._native.adopt(vid, tracker, None)
         try:

@@ -235,3 +235,12 @@ def test_cfi_validator_through_the_deopt_stub_and_resume_entries(k):
     assert "osrjit_deopt_stub" in report.by_symbol
     assert "hypercall.osrjit_deopt_transfer" in report.by_symbol
     assert any(s.endswith("__resume") for s in report.by_symbol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_scenario_full_sweep(name):
+    """Every instruction boundary (also ``python scripts/sweep.py``)."""
+    report = SCENARIOS[name].sweep()
+    assert report.points_tried == report.run_instructions >= 2000
+    assert report.ok, report.summary()

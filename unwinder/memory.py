@@ -131,7 +131,10 @@ class ProcessMemory(Memory):
             return self._readv(address, size)
         data = pages.get(page)
         if data is None:
-            data = self._readv(page, PAGE_SIZE)
+            try:
+                data = self._readv(page, PAGE_SIZE)
+            except MemoryReadError:
+                raise MemoryReadError(address, size) from None   # name the address asked for
             pages[page] = data
         return data[off:off + size]
 

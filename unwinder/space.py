@@ -98,7 +98,10 @@ class AddressSpace:
         """
         obj = CodeObject(elf_bytes, load_addresses, name=name)
         for start, end in obj.ranges:
-            other = self.find_module(start) or self.find_module(end - 1)
+            # Registered objects only: JIT memory is anonymous, so no module of
+            # /proc/self/maps can overlap it (and re-reading maps costs ~5 ms).
+            other = (self.find_module(start, refresh=False)
+                     or self.find_module(end - 1, refresh=False))
             if other is not None and other is not obj:
                 raise ModuleError(f"{obj.name}: [{start:#x}, {end:#x}) overlaps {other.name}")
         self._add_modules([obj])

@@ -1,0 +1,135 @@
+"""osrjit's benchmark suite: every figure side by side in one run (also ``python -m osrjit bench``).
+
+Each part runs in its own child process (a crash or a leak in one cannot
+distort another) and reports medians of repeated runs as JSON, which this
+script merges:
+
+====================================  =========================================================
+``walk_ns_per_frame``                 ``{"python"|"native"|"glibc": {depth: ns}}`` — the same
+                                      stacks (``scripts/bench_native_walk.py``)
+``deopt_ns_per_frame``                ``{"python"|"native"|"plain_return": ns}`` — 100,000
+                                      pending frames returning through the stub
+                                      (``scripts/bench_deopt.py``)
+``steady_state_ratio``                ``{"patched_direct"|"indirect_slot"|"orc_stub": ratio}``
+                                      — fib(27) against a fresh compile (``bench_steady.py``)
+``stw_pause_ratio_vs_glibc``          ``{"1"|"2"|"4": ratio}`` — stop-the-world pause over glibc
+                                      ``backtrace()`` of the same stacks (``bench_stw.py``)
+``rss_growth_bytes_10k_cycles``       RSS growth over 10,000 replace cycles (``bench_memory.py``)
+====================================  =========================================================
+
+    python scripts/bench.py [--quick] [--json PATH] [--only walk,deopt,...]
+
+``--quick`` (under a minute or so): fewer rounds, depths up to 1,000, 300
+replace cycles instead of 10,000 (the RSS key then says how many ran).
+A part that fails is reported with its error and ``null`` figures; the
+exit status is then 1.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+PARTS = ("walk", "deopt", "steady", "stw", "memory")
+
+
+def _commands(quick):
+    py = sys.executable
+    s = lambda name: os.path.join(HERE, name)  # noqa: E731
+    return {
+        "walk": [py, s("bench_native_walk.py"), "--depths",
+                 "100,1000" if quick else "100,1000,10000", "--rounds", "3" if quick else "7"],
+        "deopt": [py, s("bench_deopt.py")] + (["--quick"] if quick else []),
+        "steady": [py, s("bench_steady.py"), "--rounds", "5" if quick else "21"],
+        "stw": [py, s("bench_stw.py"), "--rounds", "3" if quick else "15"],
+        "memory": [py, s("bench_memory.py"), "--cycles", "300" if quick else "10000"],
+    }
+
+
+def _extract(part, data):
+    """The part's figures under the suite's JSON keys."""
+    if part == "walk":
+        return {"walk_ns_per_frame": data["walk_ns_per_frame"]}
+    if part == "deopt":
+        return {"deopt_ns_per_frame": data["deopt_ns_per_frame"]}
+    if part == "steady":
+        return {"steady_state_ratio": data["steady_state_ratio"]}
+    if part == "stw":
+        return {"stw_pause_ratio_vs_glibc": {n: r["pause_s"] / r["glibc_walk_s"]
+                                             for n, r in data.items()},
+                "stw_pause_ms": {n: r["pause_s"] * 1e3 for n, r in data.items()},
+                "stw_glibc_walk_ms": {n: r["glibc_walk_s"] * 1e3 for n, r in data.items()}}
+    if part == "memory":
+        return {"rss_growth_bytes_10k_cycles": data["rss_growth_bytes_10k_cycles"],
+                "replace_cycles": data["cycles"],
+                "jit_code_bytes": [data["jit_code_bytes_after_warmup"],
+                                   data["jit_code_bytes_after"]]}
+    raise ValueError(part)
+
+
+_NULLS = {"walk": {"walk_ns_per_frame": None}, "deopt": {"deopt_ns_per_frame": None},
+          "steady": {"steady_state_ratio": None}, "stw": {"stw_pause_ratio_vs_glibc": None},
+          "memory": {"rss_growth_bytes_10k_cycles": None}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a run of about a minute")
+    ap.add_argument("--json", metavar="PATH", help="write the merged figures here")
+    ap.add_argument("--only", default=",".join(PARTS),
+                    help=f"comma-separated subset of {','.join(PARTS)}")
+    args = ap.parse_args(argv)
+    parts = [p for p in args.only.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        ap.error(f"unknown parts {unknown}")
+    commands = _commands(args.quick)
+    result = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
+                          "cpus": os.cpu_count(), "processor": _cpu_name()},
+              "quick": args.quick, "errors": {}}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    started = time.perf_counter()
+    for i, part in enumerate(parts, 1):
+        print(f"[{i}/{len(parts)}] {part}: {' '.join(os.path.basename(c) for c in commands[part][1:])}"
+              f"   ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{part}.json")
+            t0 = time.perf_counter()
+            proc = subprocess.run(commands[part] + ["--json", path], env=env, cwd=ROOT)
+            seconds = time.perf_counter() - t0
+            if proc.returncode != 0 or not os.path.exists(path):
+                result["errors"][part] = f"exit status {proc.returncode}"
+                result.update(_NULLS[part])
+                print(f"    {part} FAILED (exit status {proc.returncode})", flush=True)
+                continue
+            with open(path) as fh:
+                result.update(_extract(part, json.load(fh)))
+            print(f"    {part} done in {seconds:.0f} s", flush=True)
+    result["seconds"] = time.perf_counter() - started
+    print(json.dumps({k: v for k, v in result.items() if k not in ("machine",)}, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 1 if result["errors"] else 0
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

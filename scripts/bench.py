@@ -67,6 +67,7 @@ def _extract(part, data):
                 "stw_glibc_walk_ms": {n: r["glibc_walk_s"] * 1e3 for n, r in data.items()}}
     if part == "memory":
         return {"rss_growth_bytes_10k_cycles": data["rss_growth_bytes_10k_cycles"],
+                "rss_growth_bytes_after_settled": data.get("rss_growth_bytes_after_settled"),
                 "replace_cycles": data["cycles"],
                 "jit_code_bytes": [data["jit_code_bytes_after_warmup"],
                                    data["jit_code_bytes_after"]]}

@@ -57,6 +57,10 @@ class HijackTable:
         #: Count of records ever created (hijacks) and taken (returns into the stub).
         self.hijacks = 0
         self.taken = 0
+        #: Optional ``set(slot, original_ra)`` / ``discard(slot)`` object kept
+        #: in step with the records (e.g. an :class:`unwinder.ReturnAddressTable`
+        #: that a native walker reads), updated under the table's lock.
+        self.mirror = None
 
     def __len__(self):
         return len(self._records)
@@ -103,6 +107,8 @@ class HijackTable:
                                   threading.get_ident() if thread is None else thread)
             memory.write_u64(slot, self.stub_address)
             self._records[slot] = record
+            if self.mirror is not None:
+                self.mirror.set(slot, original_ra)
             self.hijacks += 1
             return record
 
@@ -117,5 +123,7 @@ class HijackTable:
             if record is None:
                 raise HijackError(f"the deopt stub was entered through slot {slot:#x}, "
                                   "which has no hijack record")
+            if self.mirror is not None:
+                self.mirror.discard(slot)
             self.taken += 1
             return record

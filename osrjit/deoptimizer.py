@@ -1,18 +1,26 @@
-"""Native deoptimization: the stub library, the hijack table and the Python transfer.
+"""Native deoptimization: the stub library, the hijack table and both transfers.
 
 :class:`NativeDeopt` belongs to one :class:`~osrjit.runtime.Runtime`. It links
 the deopt stub (:mod:`deopt.stub`) into the runtime's LLJIT as its own
 library, registers it with the unwinder, owns the
 :class:`~deopt.hijack.HijackTable` of every hijacked slot, and provides the
-transfer function the stub calls: a ctypes callback that finds the record of
-the slot it returned through, asks :func:`deopt.transfer.plan_transfer` where
-to resume, and fills a per-thread :class:`~deopt.stub.TransferPlan`.
+Python transfer function: a ctypes callback that finds the record of the slot
+it returned through, asks :func:`deopt.transfer.plan_transfer` where to
+resume, and fills a per-thread :class:`~deopt.stub.TransferPlan`.
 
-Lifetimes: the stub code, the transfer callback and the per-thread buffers
-live as long as the runtime's native resources (the stub library is released
-after every version). A thread's plan and state buffers are reused by its
-next transfer; the stub consumes the plan before that can happen, and a
-resume entry reads the state before its first site.
+With ``Runtime(transfer="native")`` a :class:`NativeTransferPath` (its
+:attr:`NativeDeopt.native`) runs first: the support library's
+``osrjit_transfer`` calls its dispatcher (:mod:`deopt.native_transfer`) and
+falls back to the Python transfer only when that returns NULL. The hijack
+table stays the record of truth; the native path reports what it took
+through the LIFO entries' statuses, which the runtime drains.
+
+Lifetimes: the stub code, the transfer callback, the per-thread buffers and
+the dispatcher live as long as the runtime's native resources (the stub
+library is released after every version). A thread's plan and state buffers
+are reused by its next transfer; the stub consumes the plan before that can
+happen, and a resume entry reads the state before its first site. A
+version's native transfer code lives until the version is freed.
 """
 import ctypes
 import os
@@ -23,6 +31,7 @@ import traceback
 import llvmlite.binding as llvm
 
 import unwinder
+from deopt import native_transfer as ntx
 from deopt.framemaps import ObjectImage
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
@@ -68,6 +77,9 @@ class NativeDeopt:
         self.transfers = 0
         self.failures = 0
         self.last_error = None
+        #: The :class:`NativeTransferPath` of a ``Runtime(transfer="native")``
+        #: (set by the runtime), else None.
+        self.native = None
         #: Optional ``fn(record)`` called inside every transfer, on the
         #: returning thread, after the original return address is back in its
         #: slot and while the stub's frame is live (debugging and tests: a
@@ -105,6 +117,8 @@ class NativeDeopt:
     def close(self):
         """Stop translating return addresses (the code goes with the runtime's resources)."""
         self.space.remove_return_address_filter(self.table.translate)
+        if self.native is not None:
+            self.native.close()
 
     # -- the transfer (runs on the thread that returned into the stub) ---------
 
@@ -162,4 +176,285 @@ def _store_u64(address, value):
     ctypes.c_uint64.from_address(address).value = value
 
 
-__all__ = ["NativeDeopt", "ResumeTarget", "TransferError", "STUB_LIBRARY_ID"]
+# --------------------------------------------------------------------------
+# The native transfer (Runtime(transfer="native"))
+# --------------------------------------------------------------------------
+
+#: Tracker id of the dispatcher library; a version's transfer code is kept
+#: under ``VERSION_TRANSFER_ID_BASE - version id`` (ids sort below every
+#: version and the support libraries, so :meth:`_NativeResources.close`
+#: releases them last).
+DISPATCH_LIBRARY_ID = -1_000_000
+VERSION_TRANSFER_ID_BASE = -1_000_001
+
+
+class _VersionTransfer:
+    """The native transfer code of one version and the descriptors of its frame maps.
+
+    ``plans[k]``: the :class:`~deopt.native_transfer.NativeFramePlan` of frame
+    map ``k`` (``version.frame_maps[k]``) or an
+    :class:`~deopt.native_transfer.Unsupported`. ``descriptors[k]``: what a
+    LIFO entry points at. ``targets[k]``: the
+    :class:`~deopt.native_transfer.Target` ``descriptors[k].target`` holds
+    (None: NULL). Replaced targets are kept in ``retired`` (a transfer that
+    read one without the world stopped may still be reading it) until the
+    version goes. Lifetime: until :meth:`NativeTransferPath.forget` (the
+    version is freed) or the runtime closes.
+    """
+
+    def __init__(self, version, plans, code_address, tracker_id):
+        self.version_id = version.id
+        self.frame_maps = version.frame_maps
+        self.plans = plans
+        self.tracker_id = tracker_id
+        self.descriptors = (ntx.Descriptor * max(1, len(plans)))()
+        for k in range(len(plans)):
+            self.descriptors[k].code = code_address
+            self.descriptors[k].index = k
+            self.descriptors[k].target = 0
+            self.descriptors[k].version = version.id
+        self.targets = [None] * len(plans)
+        self.retired = []
+        self.index_by_ra = {fm.return_address: k for k, fm in enumerate(self.frame_maps)
+                            if isinstance(plans[k], ntx.NativeFramePlan)}
+        self.native_cases = frozenset(self.index_by_ra.values())
+
+    def descriptor_address(self, k):
+        return ctypes.addressof(self.descriptors) + k * ctypes.sizeof(ntx.Descriptor)
+
+
+class NativeTransferPath:
+    """The native deopt transfer of one runtime (:mod:`deopt.native_transfer`).
+
+    Owns the dispatcher library, every old version's transfer code and
+    descriptors, and every thread's :class:`~deopt.native_transfer.ThreadLifo`.
+    The runtime calls, with its lock held:
+
+    * :meth:`prepare` before stopping the world (compiles the transfer code
+      of versions that may get hijacked frames, so the pause does not);
+    * :meth:`retarget` when it publishes a new current version;
+    * :meth:`push` for every slot it hijacks, then :meth:`commit` before it
+      releases the world;
+    * :meth:`drain` (any time) and :meth:`commit` (world stopped) return the
+      hijack records the native transfer took, which the runtime drops from
+      its hijack table (``pending_returns``, reclamation, ``transfers``);
+    * :meth:`forget` when it frees a version (no entry of it is pending).
+
+    ``native``: the runtime's resource owner (LLJIT, target machine,
+    trackers); ``space``: the unwinder's address space (CFI rows of the
+    versions; the dispatcher is registered there). ``detached(ts)``: whether
+    the thread of a :class:`~osrjit.threads.ThreadState` has exited (its LIFO
+    can then be freed once nothing is pending).
+    """
+
+    #: Code generation level of versions' transfer code (0: FastISel, ~4x
+    #: faster to emit than 2 for these straight-line functions).
+    CODEGEN_OPT = 0
+
+    def __init__(self, native, space, detached):
+        self._native = native
+        self._space = space
+        self._detached = detached
+        tm = native.tm
+        obj = tm.emit_object(self._module(ntx.dispatch_module_ir(tm.triple)))
+        tracker = (llvm.JITLibraryBuilder().add_object_img(obj)
+                   .export_symbol(ntx.DISPATCH_SYMBOL)
+                   .link(native.lljit, f"osrjit.ntx-dispatch.{id(self):x}"))
+        self.dispatch_address = tracker[ntx.DISPATCH_SYMBOL]
+        load = ObjectImage.infer_load_addresses(obj, {ntx.DISPATCH_SYMBOL: self.dispatch_address})
+        handle = space.add_code_object(obj, load, name="osrjit.ntx-dispatch")
+        native.adopt(DISPATCH_LIBRARY_ID, tracker, (space, handle))
+        self._tm = None
+        self._versions = {}          # version id -> _VersionTransfer
+        self._lifos = {}             # addressof(ThreadState) -> ThreadLifo (token: ThreadState)
+        #: Records the native transfer took (counted when drained).
+        self.transfers = 0
+        #: Hijacked frames pushed to no LIFO (their frame map has no native
+        #: case, their version no transfer code, or their thread no block):
+        #: they take the Python transfer.
+        self.unsupported = 0
+        #: Versions whose transfer code could not be built, with the error
+        #: (their frames take the Python transfer).
+        self.build_errors = {}
+        self._dropped = [0, 0, 0]    # searches, misses, handed of dropped LIFOs
+        #: Tests: ``fn([(record, descriptor address)]) -> list`` applied to
+        #: each thread's sorted LIFO at commit (reorder to force the fallback
+        #: search; drop to force the Python transfer).
+        self.reorder = None
+
+    def _module(self, text):
+        # No IR pass pipeline: the generated IR is already in SSA form (only
+        # the value array is memory), code generation optimises at the
+        # target machine's level, and llvmlite's pipeline leaks native memory
+        # on every run (see osrjit.compiler).
+        mod = llvm.parse_assembly(text)
+        mod.verify()
+        tm = self._native.tm
+        mod.triple = tm.triple
+        mod.data_layout = str(tm.target_data)
+        return mod
+
+    def _codegen_tm(self):
+        """The target machine that emits versions' transfer code (created on first use)."""
+        if self._tm is None:
+            self._tm = llvm.Target.from_default_triple().create_target_machine(
+                opt=self.CODEGEN_OPT, reloc="pic", codemodel="small")
+        return self._tm
+
+    # -- versions ----------------------------------------------------------------
+
+    def prepare(self, version):
+        """Compile ``version``'s transfer code unless it exists (world running).
+
+        A failure is recorded in :attr:`build_errors` and the version's frames
+        take the Python transfer.
+        """
+        if version.id in self._versions or version.id in self.build_errors:
+            return
+        plans = [ntx.compile_frame_map(fm, self._space) for fm in version.frame_maps]
+        symbol = f"osrjit_ntx_v{version.id}"
+        tracker_id = VERSION_TRANSFER_ID_BASE - version.id
+        try:
+            text = ntx.version_transfer_ir(
+                symbol, [p if isinstance(p, ntx.NativeFramePlan) else None for p in plans])
+            tm = self._codegen_tm()
+            obj = tm.emit_object(self._module(f'target triple = "{tm.triple}"\n' + text))
+        except RuntimeError as e:
+            self.build_errors[version.id] = ntx.NativeTransferError(
+                f"{version.name} v{version.id}: {e}")
+            return
+        # Its own LLJIT when the runtime gives versions one (a JITDylib
+        # cannot be removed from an LLJIT), released with the tracker.
+        jit_for = getattr(self._native, "jit_for", None)
+        jit = self._native.lljit if jit_for is None else jit_for(tracker_id)
+        try:
+            tracker = (llvm.JITLibraryBuilder().add_object_img(obj).export_symbol(symbol)
+                       .link(jit, f"osrjit.ntx.{version.id}.{id(self):x}"))
+        except RuntimeError as e:
+            self._native.release(tracker_id)
+            self.build_errors[version.id] = ntx.NativeTransferError(
+                f"{version.name} v{version.id}: {e}")
+            return
+        # Not registered with the unwinder (that costs more than compiling):
+        # only a TRANSFERRING thread runs this code, and no stack is walked
+        # while a thread is TRANSFERRING (stop-the-world waits, the signal
+        # handler does not park it, no Python runs inside).
+        self._native.adopt(tracker_id, tracker, None)
+        self._versions[version.id] = _VersionTransfer(version, plans, tracker[symbol],
+                                                      tracker_id)
+
+    def retarget(self, versions, current):
+        """Point every frame map of the old ``versions`` (with transfer code) at ``current``.
+
+        One 8-byte store per descriptor; a site ``current`` lacks, or live
+        values the old frame does not record, leave NULL (Python transfer,
+        which reports the error). Safe while threads run (each transfer
+        reads one target pointer once).
+        """
+        for v in versions:
+            vt = self._versions.get(v.id)
+            if vt is None or v is current:
+                continue
+            cache = {}
+            for k, fm in enumerate(vt.frame_maps):
+                if k not in vt.native_cases:
+                    continue
+                site = current.sites.get(fm.site_id)
+                perm = None if site is None else ntx.permutation(
+                    fm, [lv.name for lv in site.live])
+                target = None
+                if perm is not None:
+                    key = (site.id, perm)
+                    target = cache.get(key)
+                    if target is None:
+                        target = cache[key] = ntx.Target(current.resume_entry, site.id, perm,
+                                                         current)
+                old = vt.targets[k]
+                vt.targets[k] = target
+                vt.descriptors[k].target = 0 if target is None else target.address
+                if old is not None:
+                    vt.retired.append(old)
+
+    def forget(self, version):
+        """Free ``version``'s transfer code (no LIFO entry of it may be pending)."""
+        vt = self._versions.pop(version.id, None)
+        self.build_errors.pop(version.id, None)
+        if vt is not None:
+            self._native.release(vt.tracker_id)
+
+    def has_code(self, version):
+        return version.id in self._versions
+
+    # -- threads ---------------------------------------------------------------
+
+    def push(self, record, thread_state):
+        """Queue ``record`` (just hijacked, world stopped) on its thread's LIFO.
+
+        ``thread_state``: the :class:`~osrjit.threads.ThreadState` of the
+        thread whose stack holds the slot, or None. Returns False (counted in
+        :attr:`unsupported`) when the frame will take the Python transfer.
+        """
+        vt = self._versions.get(record.owner.id)
+        k = None if vt is None else vt.index_by_ra.get(record.original_ra)
+        if k is None or thread_state is None:
+            self.unsupported += 1
+            return False
+        key = ctypes.addressof(thread_state)
+        lifo = self._lifos.get(key)
+        if lifo is None:
+            lifo = self._lifos[key] = ntx.ThreadLifo(thread_state)
+            thread_state.transfer_block = lifo.address
+        lifo.push(record, vt.descriptor_address(k))
+        return True
+
+    def drain(self):
+        """Hijack records the native transfer took since the last drain (any time)."""
+        out = []
+        for lifo in list(self._lifos.values()):
+            out.extend(lifo.drain()[0])
+        return out
+
+    def commit(self):
+        """Write every thread's LIFO (world stopped); returns the records drained meanwhile.
+
+        LIFOs of threads that detached with nothing pending are freed.
+        """
+        out = []
+        for key, lifo in list(self._lifos.items()):
+            out.extend(lifo.commit(self.reorder)[0])
+            ts = lifo.token
+            if not lifo.pending and self._detached(ts):
+                ts.transfer_block = 0
+                b = lifo.block
+                self._dropped[0] += b.searches
+                self._dropped[1] += b.misses
+                self._dropped[2] += b.handed
+                del self._lifos[key]
+        return out
+
+    def counters(self):
+        """``{"lifo_searches", "lifo_misses", "handed_to_python"}`` summed over threads."""
+        s, m, h = self._dropped
+        for lifo in list(self._lifos.values()):
+            b = lifo.block
+            s, m, h = s + b.searches, m + b.misses, h + b.handed
+        return {"lifo_searches": s, "lifo_misses": m, "handed_to_python": h}
+
+    def close(self):
+        """Forget every thread's block and release the code-generation target
+        machine (the runtime closes; no JIT code runs any more). The generated
+        code goes with the runtime's other trackers."""
+        for lifo in self._lifos.values():
+            lifo.token.transfer_block = 0
+        self._lifos.clear()
+        if self._tm is not None:
+            self._tm.close()
+            self._tm = None
+
+    def lifo_of(self, thread_state):
+        """The :class:`~deopt.native_transfer.ThreadLifo` of a thread, or None (tests)."""
+        return self._lifos.get(ctypes.addressof(thread_state))
+
+
+__all__ = ["NativeDeopt", "NativeTransferPath", "ResumeTarget", "TransferError",
+           "STUB_LIBRARY_ID"]

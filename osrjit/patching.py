@@ -500,7 +500,7 @@ def _pages(address: int, size: int) -> range:
     return range(first, address + size, PAGE_SIZE)
 
 
-def apply_patches(patches: Iterable[Patch]) -> list[Patch]:
+def apply_patches(patches: Iterable[Patch], memory: "MemoryMap | None" = None) -> list[Patch]:
     """Write ``patches`` in order, under W^X; returns them.
 
     Before anything is written, every patch is checked against live memory:
@@ -510,12 +510,14 @@ def apply_patches(patches: Iterable[Patch]) -> list[Patch]:
     ``rw-`` (never ``rwx``), the stores are done, and every page gets its
     original protection back (also when a store or an ``mprotect`` fails).
     Finally each store is read back. Only one thread patches at a time.
+    ``memory``: a :class:`MemoryMap` read since the patches were planned (no
+    mapping may have changed in between), else read here.
     """
     patches = list(patches)
     if not patches:
         return patches
     with _PATCH_LOCK:
-        memory = MemoryMap.current()
+        memory = memory or MemoryMap.current()
         original: dict[int, Region] = {}
         for p in patches:
             if p.site is not None:
@@ -689,7 +691,8 @@ class CallSiteIndex:
 
     # -- retargeting --
 
-    def plan_retarget(self, callee: str, new_target: int) -> list[Patch]:
+    def plan_retarget(self, callee: str, new_target: int,
+                      memory: "MemoryMap | None" = None) -> list[Patch]:
         """The patches that make every site calling ``callee`` reach ``new_target``.
 
         Per site: if ``new_target`` is within ±2 GiB of the call, its rel32 is
@@ -700,7 +703,7 @@ class CallSiteIndex:
         GOT entry shared by several sites is patched once; stores that would
         not change anything are left out. Raises before anything is written.
         """
-        memory = MemoryMap.current()
+        memory = memory or MemoryMap.current()
         patches: list[Patch] = []
         gots: set[int] = set()
 

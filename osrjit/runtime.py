@@ -46,9 +46,9 @@ from deopt import framemaps as _fm
 from deopt.errors import FrameMapError
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
-from . import abi, patching, stackscan, threads
+from . import abi, fastscan, patching, stackscan, threads
 from .abi import FunctionIR, SiteInfo
-from .deoptimizer import NativeDeopt
+from .deoptimizer import NativeDeopt, NativeTransferPath
 from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
                      VersionInUse)
 
@@ -64,6 +64,9 @@ _SAFEPOINT_SLOW_TYPE = ctypes.CFUNCTYPE(None)
 _ERROR_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int64)
 
 #: LLVM return type -> ctypes restype of the Python entry wrapper.
+#: ``Runtime(transfer=...)`` choices.
+TRANSFERS = ("python", "native")
+
 _RESTYPES = {"i64": ctypes.c_int64, "i32": ctypes.c_int32, "i8": ctypes.c_int8,
              "i1": ctypes.c_bool, "double": ctypes.c_double, "ptr": ctypes.c_void_p,
              "void": None}
@@ -520,11 +523,22 @@ class Runtime:
     emit versions in a child process (:mod:`osrjit.compiler`); use it in
     long-lived processes that replace often: llvmlite's pass pipeline leaks
     about 60 KB of native memory per compile in the process that runs it.
+    ``walker``: how :meth:`replace` walks the stopped stacks — ``"python"``
+    (:func:`unwinder.walk`, the reference) or ``"native"``
+    (:class:`unwinder.NativeWalker`, same frames, a walk that needed Python
+    anywhere is redone by the reference).
     ``calls``: how reference-language code calls *other* functions —
     ``"slot"`` (load the callee's ``osrjit.slot.<name>`` cell and call through
     it: publishing a version is one store) or ``"direct"`` (``call rel32``,
     patched to the new version on every replacement: no indirection at run
     time). Self-calls are direct in both modes and patched the same way.
+
+    ``transfer``: how a hijacked frame is rebuilt when its callee returns into
+    the deopt stub — ``"python"`` (:func:`deopt.transfer.return_through_stub`
+    called back through ctypes) or ``"native"`` (:mod:`deopt.native_transfer`:
+    per-version code generated from the frame maps and a per-thread LIFO of
+    hijacks, no Python on the path; a frame it cannot handle takes the Python
+    transfer, counted in :meth:`stats`).
 
     Lifetime: owns one LLJIT for its runtime stubs, one LLJIT per version
     (llvmlite cannot drop a JITDylib, so a version's LLJIT goes with it) and
@@ -543,13 +557,25 @@ class Runtime:
         return super().__new__(cls)
 
     def __init__(self, *, opt_level: int = 2, calls: str = abi.CALLS_SLOT,
-                 backend: str = "native", compiler: str = "inprocess"):
+                 backend: str = "native", compiler: str = "inprocess",
+                 transfer: str = "python", walker: str = "python"):
         if not 0 <= opt_level <= 3:
             raise ValueError(f"opt_level must be 0..3, got {opt_level}")
         if calls not in abi.CALL_MODES:
             raise ValueError(f"calls must be one of {abi.CALL_MODES}, got {calls!r}")
         if compiler not in ("inprocess", "worker"):
             raise ValueError(f"compiler must be 'inprocess' or 'worker', got {compiler!r}")
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+        if walker not in ("python", "native"):
+            raise ValueError(f"walker must be 'python' or 'native', got {walker!r}")
+        #: How hijacked frames are rebuilt: ``"python"`` or ``"native"``.
+        self.transfer = transfer
+        #: How stopped stacks are walked in :meth:`replace` / :meth:`collect`:
+        #: ``"python"`` (:func:`unwinder.walk`, the reference) or ``"native"``
+        #: (:class:`unwinder.NativeWalker` via :mod:`osrjit.fastscan`).
+        self.walker = walker
+        self._walker_instance = None
         self.opt_level = opt_level
         #: Where versions are optimised and emitted: ``"inprocess"``, or
         #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
@@ -601,6 +627,12 @@ class Runtime:
                                   lambda: ctypes.addressof(registry.current()))
         support.set_service("osrjit_py_transfer", self._deopt.callback_address)
         self._deopt.route_through(support.addresses["osrjit_transfer"])
+        if walker == "native":
+            self._translation_mirror()
+        if transfer == "native":
+            self._deopt.native = NativeTransferPath(
+                self._native, self._space, lambda ts: ts.status == threads.DETACHED)
+            support.set_service("osrjit_native_transfer", self._deopt.native.dispatch_address)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -612,6 +644,7 @@ class Runtime:
         """
         with self._lock:
             if not self._native.closed:
+                self._native_drain()
                 pending = len(self._deopt.table)
                 if pending:
                     raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
@@ -619,6 +652,8 @@ class Runtime:
                 self._deopt.close()
                 if self._signal is not None:
                     self._signal.close()
+                if self._walker_instance is not None:
+                    self._walker_instance.close()
             for fn in self._functions.values():
                 for v in fn.versions:
                     v.loaded = False
@@ -711,6 +746,7 @@ class Runtime:
                 fn.versions.append(v)
                 fn.current = v
                 fn.slot.value = v.entry      # publish: callers read the slot at each call
+                self._retarget_native(fn)
             self._retarget_direct_calls(irs)
             return [ir.name for ir in irs]
 
@@ -898,6 +934,7 @@ class Runtime:
             new_versions = self._link_batch(irs)
             t0 = time.perf_counter()
             try:
+                self._prepare_native(names)      # native transfer code, before the pause
                 others = self._world.stop(timeout=timeout)
             except BaseException:
                 for v in new_versions.values():
@@ -906,6 +943,7 @@ class Runtime:
             t1 = time.perf_counter()
             try:
                 try:
+                    self._native_drain()
                     stack = self._collect_frames(set(names), others)
                     for old in {entry[0] for entry in stack}:
                         self.check_compatible(old, self._new_for(old, new_versions))
@@ -916,11 +954,17 @@ class Runtime:
                 self._publish(irs, new_versions)
                 self._hijack(stack)
             finally:
-                self._world.release()
-            t2 = time.perf_counter()
+                try:
+                    self._native_commit()
+                finally:
+                    t2 = time.perf_counter()
+                    self._world.release()
             #: Seconds of the last replace(): ``time_to_safepoint`` (request ->
             #: all other threads stopped) and ``pause`` (request -> walked,
-            #: hijacked, released), plus ``threads`` and ``frames_hijacked``.
+            #: hijacked, release issued: the flag cleared and parked threads
+            #: woken right after t2 — how soon this thread runs again once
+            #: they compete for the CPUs is not part of the pause), plus
+            #: ``threads`` and ``frames_hijacked``.
             self.last_pause = {"time_to_safepoint": t1 - t0, "pause": t2 - t0,
                                "threads": len(others) + 1, "frames_hijacked": len(stack)}
             self._reclaim_all()
@@ -963,6 +1007,7 @@ class Runtime:
             fn.versions.append(v)
             fn.current = v
             fn.slot.value = v.entry
+            self._retarget_native(fn)
         self._retarget_direct_calls(irs)
 
     def _retarget_direct_calls(self, irs):
@@ -974,15 +1019,19 @@ class Runtime:
         for ir in irs:
             names |= set(ir.direct_callees)
         plans = []
+        memory = None            # one read of /proc/self/maps for all of it
         for name in sorted(names):
             fn = self._functions.get(name)
             if fn is not None and fn.current is not None:
-                plans.extend(self._call_sites.plan_retarget(name, fn.current.entry))
-        patching.apply_patches(plans)
+                memory = memory or patching.MemoryMap.current()
+                plans.extend(self._call_sites.plan_retarget(name, fn.current.entry, memory))
+        patching.apply_patches(plans, memory)
 
     def _discard(self, version):
         """Unmap a version that was never published."""
         version.loaded = False
+        if self._deopt.native is not None:
+            self._deopt.native.forget(version)
         if version.id in self._call_sites:
             self._call_sites.remove(version.id)
         self._native.release(version.id)
@@ -1008,12 +1057,33 @@ class Runtime:
         # the capture point), so 4 KiB pages can be cached for this scan.
         memory = unwinder.ProcessMemory(page_cache=True)
 
+        def is_old(v):
+            return self._functions[v.name].current is not v
+
+        if self.walker == "native":
+            index = fastscan.VersionIndex(v for fn in self._functions.values()
+                                          for v in fn.versions)
+            translation = self._translation_mirror()
+            me = threading.get_ident()
+            own = threads.current_stack_bounds()
+            bounds = fastscan.scan_bounds(
+                lambda ident: own if ident == me else self._registry.stack_bounds(ident))
+            native_walker = self._native_walker()
+
         def classify(regs, ident, caller_frame):
-            frames = unwinder.walk(regs, memory, self._space, caller_frame=caller_frame)
-            result = stackscan.classify_frames(
-                frames, self.version_at, names,
-                lambda v: self._functions[v.name].current is not v, ident)
-            found.extend((p.version, p.frame_map, p.slot, p.pc, p.thread) for p in result.pending)
+            def reference():
+                return unwinder.walk(regs, memory, self._space, caller_frame=caller_frame)
+            if self.walker == "native":
+                result = fastscan.classify_native(
+                    native_walker, regs, caller_frame=caller_frame, index=index,
+                    replaced=names, is_old=is_old, thread=ident, translation=translation,
+                    bounds=bounds, reference=reference)
+                found.extend(result.pending)
+            else:
+                result = stackscan.classify_frames(reference(), self.version_at, names,
+                                                   is_old, ident)
+                found.extend((p.version, p.frame_map, p.slot, p.pc, p.thread)
+                             for p in result.pending)
             executing.update(result.executing)
             if result.incomplete is not None:
                 # Frames of old versions may hide below: free none of them this time.
@@ -1044,14 +1114,70 @@ class Runtime:
                 v.executing = v in executing
         return found
 
+    def _native_walker(self):
+        """This runtime's :class:`unwinder.NativeWalker` (made on first use)."""
+        if self._walker_instance is None:
+            self._walker_instance = unwinder.NativeWalker(self._space)
+        return self._walker_instance
+
+    def _translation_mirror(self):
+        """Keep an :class:`unwinder.ReturnAddressTable` in step with the hijack
+        table, for the native walker (installed before the first hijack)."""
+        table = self._deopt.table
+        if table.mirror is None:
+            table.mirror = unwinder.ReturnAddressTable(
+                self._deopt.stub_address, {r.slot: r.original_ra for r in table.records()})
+        return table.mirror
+
     def _hijack(self, stack):
         memory = self._deopt.memory
+        ntx = self._deopt.native
+        states = {} if ntx is None else {i: st for i, st, _ in self._registry.snapshot()}
         for version, fm, slot, pc, ident in stack:
             if slot is None:
                 continue                      # already hijacked: retargeted at transfer time
-            self._deopt.table.hijack(slot, pc, fm, version, memory, thread=ident)
+            record = self._deopt.table.hijack(slot, pc, fm, version, memory, thread=ident)
             with self._count_lock:
                 version.pending_returns += 1
+            if ntx is not None:
+                ntx.push(record, states.get(ident))
+
+    # -- the native transfer's bookkeeping (runtime lock held) ----------------
+
+    def _prepare_native(self, names):
+        """Compile the native transfer code of every loaded version of ``names``."""
+        ntx = self._deopt.native
+        if ntx is not None:
+            for name in names:
+                for v in self._functions[name].versions:
+                    ntx.prepare(v)
+
+    def _retarget_native(self, fn):
+        """Point the old versions' native frame maps at ``fn.current``."""
+        if self._deopt.native is not None:
+            self._deopt.native.retarget(fn.versions, fn.current)
+
+    def _native_drain(self):
+        """Drop the hijack records the native transfer took (any time)."""
+        if self._deopt.native is not None:
+            self._account_native(self._deopt.native.drain())
+
+    def _native_commit(self):
+        """Write the threads' LIFOs before the world is released."""
+        if self._deopt.native is not None:
+            self._account_native(self._deopt.native.commit())
+
+    def _account_native(self, taken):
+        """What :meth:`_after_transfer` does for Python transfers, for ``taken`` records."""
+        if not taken:
+            return
+        table = self._deopt.table
+        for record in taken:
+            table.take(record.slot)
+            with self._count_lock:
+                record.owner.pending_returns -= 1
+        self._deopt.native.transfers += len(taken)
+        self._reclaim_later.extend({id(r.owner): r.owner for r in taken}.values())
 
     def collect(self, *, timeout: float | None = None) -> int:
         """Stop the world, re-scan every stack, free old versions nothing runs.
@@ -1065,14 +1191,19 @@ class Runtime:
             before = self._freed_versions
             self._world.stop(timeout=timeout)
             try:
+                self._native_drain()
                 others = [t for t in self._registry.snapshot() if t[0] != threading.get_ident()]
                 self._collect_frames(set(), others)
             finally:
-                self._world.release()
+                try:
+                    self._native_commit()
+                finally:
+                    self._world.release()
             self._reclaim_all()
             return self._freed_versions - before
 
     def _reclaim_all(self):
+        self._native_drain()
         for fn in list(self._functions.values()):
             for v in list(fn.versions):
                 self._maybe_reclaim(v)
@@ -1128,16 +1259,40 @@ class Runtime:
         ``last_transfer_error``), ``hijacks`` (slots ever hijacked),
         ``pinned_versions`` (old versions kept because a frame may still run them),
         ``stops`` (stop-the-world pauses), ``signals_sent`` (threads stopped by the
-        runtime's signal rather than at a poll), ``attached_threads``."""
+        runtime's signal rather than at a poll), ``attached_threads``.
+
+        How frames were transferred: ``native_transfers`` (by the native
+        transfer) and ``python_transfers`` (by the Python one: every transfer
+        with ``transfer="python"``, the fallbacks with ``"native"``);
+        ``native_unsupported`` (hijacked frames the native transfer cannot
+        rebuild: no native case for their frame map, or no thread block),
+        ``lifo_searches`` (records found below the top of their thread's LIFO),
+        ``lifo_misses`` (stub returns whose slot was not in the LIFO) and
+        ``native_handed`` (records found whose frame has no target in the
+        current version: the Python transfer reports the failure); 0 with
+        ``transfer="python"``.
+
+        Records the native transfer took are dropped here (and at every
+        stop-the-world), so counts are exact when no thread is transferring."""
         with self._lock:
+            self._native_drain()
             # Reclaims a transfer had to defer (the lock was busy) happen now.
             while self._reclaim_later:
                 self._maybe_reclaim(self._reclaim_later.pop())
+            ntx = self._deopt.native
+            native = ({"lifo_searches": 0, "lifo_misses": 0, "handed_to_python": 0}
+                      if ntx is None else ntx.counters())
             return {
                 "live_versions": {n: len(fn.versions) for n, fn in self._functions.items()},
                 "pending_returns": len(self._deopt.table),
                 "freed_versions": self._freed_versions,
-                "transfers": self._deopt.transfers,
+                "transfers": self._deopt.transfers + (ntx.transfers if ntx else 0),
+                "native_transfers": ntx.transfers if ntx else 0,
+                "python_transfers": self._deopt.transfers,
+                "native_unsupported": ntx.unsupported if ntx else 0,
+                "lifo_searches": native["lifo_searches"],
+                "lifo_misses": native["lifo_misses"],
+                "native_handed": native["handed_to_python"],
                 "transfer_failures": self._deopt.failures,
                 "hijacks": self._deopt.table.hijacks,
                 "pinned_versions": sum(1 for fn in self._functions.values() for v in fn.versions
@@ -1174,3 +1329,7 @@ class Runtime:
             if version.id in self._call_sites:
                 self._call_sites.remove(version.id)
             self._native.release(version.id)
+            if self._deopt.native is not None:
+                # No LIFO entry of it is pending (pending_returns is 0), so
+                # no thread runs or will run its transfer code.
+                self._deopt.native.forget(version)

@@ -28,8 +28,11 @@ that saves the anchor):
   saves the anchor, parks on a futex (no Python, no GIL) until released;
   with the USER bit it calls the Python safepoint service;
 * ``osrjit_transfer`` — the deopt stub's transfer: ``TRANSFERRING`` around
-  the Python transfer; the stub itself stores ``IN_JIT`` after it has moved
-  RSP to the rebuilt frame;
+  the native transfer (when the runtime installed one in
+  ``osrjit_native_transfer``: it gets the thread's transfer block, see
+  :mod:`deopt.native_transfer`) and, if that returns NULL, the Python
+  transfer; the stub itself stores ``IN_JIT`` after it has moved RSP to the
+  rebuilt frame;
 * ``osrjit_signal_handler`` — async-signal-safe (no Python, no malloc): a
   thread ``IN_JIT`` when the world is stopping saves its ucontext and parks.
 
@@ -80,17 +83,23 @@ class SafepointTimeout(OsrJitError):
 
 class ThreadState(ctypes.Structure):
     """The native per-thread block. Layout shared with the support library IR:
-    ``status`` at 0, ``anchor`` (17 u64 by DWARF number) at 8, ``ucontext`` at 144."""
+    ``status`` at 0, ``anchor`` (17 u64 by DWARF number) at 8, ``ucontext`` at
+    144, ``transfer_block`` at 152: address of the thread's
+    :class:`deopt.native_transfer.ThreadBlock` (its hijack LIFO), 0 if none;
+    written only while the world is stopped, read by ``osrjit_transfer``."""
     _fields_ = [("status", ctypes.c_int64),
                 ("anchor", ctypes.c_uint64 * 17),
-                ("ucontext", ctypes.c_uint64)]
+                ("ucontext", ctypes.c_uint64),
+                ("transfer_block", ctypes.c_uint64)]
 
 
-assert ctypes.sizeof(ThreadState) == 152
+assert ctypes.sizeof(ThreadState) == 160
 assert ThreadState.anchor.offset == 8 and ThreadState.ucontext.offset == 144
+assert ThreadState.transfer_block.offset == 152
 
 ANCHOR_OFFSET = 8
 UCONTEXT_OFFSET = 144
+TRANSFER_BLOCK_OFFSET = 152
 
 # glibc x86-64 ucontext_t: uc_flags 8, uc_link 8, uc_stack 24, then
 # mcontext_t.gregs[23] (REG_R8 = 0 ... REG_RIP = 16).
@@ -127,6 +136,7 @@ SUPPORT_IR = r"""
 @osrjit_py_safepoint = external global ptr
 @osrjit_py_error = external global ptr
 @osrjit_py_transfer = external global ptr
+@osrjit_native_transfer = external global ptr
 
 declare ptr @pthread_getspecific(i32)
 declare i64 @syscall(i64, ...)
@@ -235,6 +245,9 @@ done:
 }
 
 {SERVICE_WRAPPERS}
+; The native transfer (deopt.native_transfer), if installed, runs first:
+; ptr native(ptr exit, ptr transfer_block, ptr status) returns the plan, or
+; NULL (stack and slot untouched) to ask for the Python transfer.
 define ptr @osrjit_transfer(ptr %exit) uwtable {
 entry:
   %ts = call ptr @osrjit_current_thread()
@@ -242,7 +255,17 @@ entry:
   br i1 %has, label %mark, label %svc
 mark:
   %old = atomicrmw xchg ptr %ts, i64 4 seq_cst
-  br label %svc
+  %nt = load ptr, ptr @osrjit_native_transfer
+  %hasnt = icmp ne ptr %nt, null
+  br i1 %hasnt, label %native, label %svc
+native:
+  %bp = getelementptr i8, ptr %ts, i64 152
+  %block = load ptr, ptr %bp
+  %nplan = call ptr %nt(ptr %exit, ptr %block, ptr %ts)
+  %ok = icmp ne ptr %nplan, null
+  br i1 %ok, label %done, label %svc
+done:
+  ret ptr %nplan
 svc:
   %p = load ptr, ptr @osrjit_py_transfer
   %plan = call ptr %p(ptr %exit)
@@ -364,6 +387,28 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.pthread_key_create.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
 _libc.pthread_setspecific.argtypes = [ctypes.c_uint, ctypes.c_void_p]
 _libc.pthread_kill.argtypes = [ctypes.c_ulong, ctypes.c_int]
+_libc.pthread_self.restype = ctypes.c_ulong
+_libc.pthread_getattr_np.argtypes = [ctypes.c_ulong, ctypes.c_void_p]
+_libc.pthread_attr_getstack.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_size_t)]
+_libc.pthread_attr_destroy.argtypes = [ctypes.c_void_p]
+
+
+def current_stack_bounds():
+    """``(lo, hi)``: absolute byte range of the calling thread's stack
+    (``pthread_getattr_np``; for the main thread ``lo`` is the lowest address
+    the stack may grow to, so only ``[rsp, hi)`` is known to be mapped), or
+    None if glibc cannot say."""
+    attr = ctypes.create_string_buffer(128)         # pthread_attr_t is 56 bytes on x86-64
+    if _libc.pthread_getattr_np(_libc.pthread_self(), attr) != 0:
+        return None
+    try:
+        addr, size = ctypes.c_void_p(), ctypes.c_size_t()
+        if _libc.pthread_attr_getstack(attr, ctypes.byref(addr), ctypes.byref(size)) != 0:
+            return None
+        return addr.value, addr.value + size.value
+    finally:
+        _libc.pthread_attr_destroy(attr)
 
 
 class SupportLibrary:
@@ -376,7 +421,8 @@ class SupportLibrary:
     Cells for the Python services are filled with :meth:`set_service`.
     """
 
-    SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer")
+    SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer",
+                "osrjit_native_transfer")
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
                "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")
@@ -416,9 +462,14 @@ class SupportLibrary:
         native.adopt(self.LIBRARY_ID, tracker, (space, handle))
         a = self.addresses
         self.enter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(a["osrjit_enter"])
-        self.set_flag = ctypes.CFUNCTYPE(None, ctypes.c_int64)(a["osrjit_set_flag"])
-        self.clear_flag = ctypes.CFUNCTYPE(None, ctypes.c_int64)(a["osrjit_clear_flag"])
-        self.load_status = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(a["osrjit_load_status"])
+        # PYFUNCTYPE: called with the GIL held (these never block). Releasing
+        # it around clear_flag would let the threads it wakes take the GIL
+        # first, and the stopper would wait a whole switch interval (5 ms) to
+        # get it back before replace() can return.
+        self.set_flag = ctypes.PYFUNCTYPE(None, ctypes.c_int64)(a["osrjit_set_flag"])
+        self.clear_flag = ctypes.PYFUNCTYPE(None, ctypes.c_int64)(a["osrjit_clear_flag"])
+        self.load_status = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(
+            a["osrjit_load_status"])
         self._thunks = {}
         self._thunk_lock = threading.Lock()
 
@@ -458,6 +509,7 @@ class ThreadRegistry:
         self._key = key
         self._lock = threading.Lock()
         self._states = {}              # ident -> (ThreadState, thread name)
+        self._bounds = {}              # ident -> (lo, hi) of its stack
         self._local = threading.local()
 
     def current(self):
@@ -467,6 +519,12 @@ class ThreadRegistry:
             holder = _Holder(self)
             self._local.holder = holder
         return holder.state
+
+    def stack_bounds(self, ident):
+        """``(lo, hi)`` of attached thread ``ident``'s stack (see
+        :func:`current_stack_bounds`), or None."""
+        with self._lock:
+            return self._bounds.get(ident)
 
     def snapshot(self):
         """``[(ident, ThreadState, name)]`` of every attached thread."""
@@ -478,8 +536,11 @@ class ThreadRegistry:
         st.status = OUTSIDE
         if _libc.pthread_setspecific(self._key, ctypes.addressof(st)) != 0:
             raise OsrJitError("pthread_setspecific failed")
+        bounds = current_stack_bounds()
         with self._lock:
             self._states[holder.ident] = (st, threading.current_thread().name)
+            if bounds is not None:
+                self._bounds[holder.ident] = bounds
 
     def _detach(self, holder):
         holder.state.status = DETACHED
@@ -489,6 +550,7 @@ class ThreadRegistry:
             entry = self._states.get(holder.ident)
             if entry is not None and entry[0] is holder.state:
                 del self._states[holder.ident]
+                self._bounds.pop(holder.ident, None)
 
 
 class _Holder:

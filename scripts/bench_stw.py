@@ -69,9 +69,9 @@ def glibc_walk_seconds(rt, depth, n_threads):
     return sum(per_thread)
 
 
-def measure(n_threads, depth, rounds):
+def measure(n_threads, depth, rounds, walker="python"):
     import osrjit
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(walker=walker) as rt:
         rt.compile(SPIN + DEEP.format(step=1))
         rt.on_hook(lambda x: 0)
         glibc = glibc_walk_seconds(rt, depth, n_threads)
@@ -112,13 +112,15 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2,4")
     ap.add_argument("--depth", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--walker", choices=("python", "native"), default="native",
+                    help="how replace() walks the stopped stacks (default native)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     out = {}
     print(f"{'threads':>7} {'frames/thread':>13} {'hijacked':>8} {'time-to-safepoint':>18} "
           f"{'pause':>10} {'glibc walk':>11} {'pause/glibc':>11}")
     for n in (int(x) for x in args.threads.split(",")):
-        r = measure(n, args.depth, args.rounds)
+        r = measure(n, args.depth, args.rounds, args.walker)
         out[str(n)] = r
         print(f"{n:>7} {args.depth:>13} {r['frames_hijacked']:>8.0f} "
               f"{r['time_to_safepoint_s'] * 1e3:>15.2f} ms {r['pause_s'] * 1e3:>7.2f} ms "

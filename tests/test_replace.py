@@ -11,6 +11,9 @@ import pytest
 
 from childproc import run_child
 
+#: Every deopt scenario runs with both transfers (``Runtime(transfer=...)``).
+TRANSFERS = ["python", "native"]
+
 SUM_V1 = """
 def sum(n):
     if n == 0:
@@ -31,11 +34,11 @@ def _glibc_backtrace(limit=4096):
     return [buf[i] or 0 for i in range(n)]
 
 
-def sum_scenario(depth, big_stack, calls="slot"):
+def sum_scenario(depth, big_stack, calls="slot", transfer="python"):
     import osrjit
     import unwinder
     out = {}
-    with osrjit.Runtime(calls=calls) as rt:
+    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
         rt.compile(SUM_V1)
         v1 = rt.current("sum")
 
@@ -69,8 +72,9 @@ def sum_scenario(depth, big_stack, calls="slot"):
 
 @pytest.mark.parametrize("depth,big_stack,calls", [(1000, False, "slot"), (1000, False, "direct"),
                                                    (100_000, True, "slot")])
-def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack, calls):
-    out = run_child(sum_scenario, depth, big_stack, calls, timeout=600)
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack, calls, transfer):
+    out = run_child(sum_scenario, depth, big_stack, calls, transfer, timeout=600)
     # Every pending frame finished with the new semantics (2n per level).
     assert out["result"] == depth * (depth + 1), out["error"]
     assert out["hijacked_frames"] == depth + 1          # sum(depth) .. sum(0)
@@ -99,9 +103,9 @@ def fib(n):
 """
 
 
-def fib_scenario(n, replace_at, calls="slot"):
+def fib_scenario(n, replace_at, calls="slot", transfer="python"):
     import osrjit
-    with osrjit.Runtime(calls=calls) as rt:
+    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
         rt.compile(FIB_V1)
         count = [0]
 
@@ -135,8 +139,9 @@ def fib_mixed_reference(n, replace_at):
 
 @pytest.mark.parametrize("replace_at,calls", [(1, "slot"), (17, "slot"), (55, "slot"),
                                               (17, "direct")])
-def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at, calls):
-    result, stats = run_child(fib_scenario, 15, replace_at, calls)
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at, calls, transfer):
+    result, stats = run_child(fib_scenario, 15, replace_at, calls, transfer)
     assert result == fib_mixed_reference(15, replace_at)
     assert result != fib_mixed_reference(15, 10 ** 9)       # the replacement did change it
     assert stats["pending_returns"] == 0 and stats["transfer_failures"] == 0
@@ -169,9 +174,9 @@ def odd(n):
 """
 
 
-def even_odd_scenario(n, which, calls="slot"):
+def even_odd_scenario(n, which, calls="slot", transfer="python"):
     import osrjit
-    with osrjit.Runtime(calls=calls) as rt:
+    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
         rt.compile(EVEN_ODD_V1)
 
         def on_hook(_):
@@ -193,9 +198,10 @@ def even_odd_scenario(n, which, calls="slot"):
 
 @pytest.mark.parametrize("which", ["both", "odd"])
 @pytest.mark.parametrize("calls", ["slot", "direct"])
-def test_mutual_recursion_both_or_one_replaced(which, calls):
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_mutual_recursion_both_or_one_replaced(which, calls, transfer):
     n = 40
-    result, stats, again, links = run_child(even_odd_scenario, n, which, calls)
+    result, stats, again, links = run_child(even_odd_scenario, n, which, calls, transfer)
     assert again == result
     # Every direct call site left (self-calls in slot mode have none here;
     # cross calls in direct mode) reaches the current version with a plain rel32.
@@ -222,10 +228,10 @@ def sum(n):
 """
 
 
-def chained_scenario(depth):
+def chained_scenario(depth, transfer="python"):
     import osrjit
     out = {"stats": []}
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(transfer=transfer) as rt:
         rt.compile(CHAIN.format(k=1))
         v1 = rt.current("sum")
 
@@ -245,8 +251,9 @@ def chained_scenario(depth):
     return out
 
 
-def test_chained_versions_transfer_straight_to_the_newest():
-    out = run_child(chained_scenario, 100)
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_chained_versions_transfer_straight_to_the_newest(transfer):
+    out = run_child(chained_scenario, 100, transfer)
     assert out["result"] == 3 * 100 * 101 // 2           # every frame ends in v3
     during = out["stats"][0]
     # v1 frames 100..61 stay hijacked once (retargeted, never stacked); the
@@ -275,10 +282,10 @@ def outer(k):
 """
 
 
-def spinning_callee_scenario(stop_at):
+def spinning_callee_scenario(stop_at, transfer="python"):
     import osrjit
     seen = []
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(transfer=transfer) as rt:
         rt.compile(SPIN)
         v1 = rt.current("outer")
 
@@ -295,8 +302,9 @@ def spinning_callee_scenario(stop_at):
         return result, seen, rt.stats(), v1.loaded
 
 
-def test_caller_of_a_looping_callee_is_freed_only_after_the_loop_returns():
-    result, seen, stats, v1_loaded = run_child(spinning_callee_scenario, 50)
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_caller_of_a_looping_callee_is_freed_only_after_the_loop_returns(transfer):
+    result, seen, stats, v1_loaded = run_child(spinning_callee_scenario, 50, transfer)
     assert result == 50 + 2000                      # the caller finished in v2
     # While the callee loops, the old caller stays loaded with one pending return.
     assert seen and all(s == (True, 1, 2) for s in seen)
@@ -324,9 +332,9 @@ def loop(n):
 """
 
 
-def loop_osr_scenario(n, at_poll):
+def loop_osr_scenario(n, at_poll, transfer="python"):
     import osrjit
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(transfer=transfer) as rt:
         rt.compile(LOOP_V1)
         polls = [0]
 
@@ -341,9 +349,10 @@ def loop_osr_scenario(n, at_poll):
         return rt.function("loop")(n), polls[0], rt.stats()
 
 
-def test_loop_osr_moves_a_running_frame_at_its_next_poll():
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_loop_osr_moves_a_running_frame_at_its_next_poll(transfer):
     n, at_poll = 100, 11            # poll 1 is the entry poll; poll k+1 ends iteration k
-    result, polls, stats = run_child(loop_osr_scenario, n, at_poll)
+    result, polls, stats = run_child(loop_osr_scenario, n, at_poll, transfer)
     switched = at_poll - 1         # iterations 0..switched-1 ran in v1
     assert result == sum(range(switched)) + sum(2 * i for i in range(switched, n))
     assert polls == at_poll
@@ -437,11 +446,11 @@ def f(n):
 """
 
 
-def backtraces_in_resume_scenario():
+def backtraces_in_resume_scenario(transfer="python"):
     import osrjit
     import unwinder
     out = {}
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(transfer=transfer) as rt:
         rt.compile(RESUME_CHAIN_V1)
 
         def observe(record):
@@ -477,8 +486,9 @@ def _suffix_from(pcs, pred):
     return pcs[i:]
 
 
-def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub():
-    out = run_child(backtraces_in_resume_scenario)
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub(transfer):
+    out = run_child(backtraces_in_resume_scenario, transfer)
     assert out["result"] == 5 + 6 + 100 + 1
     lo, hi = out["f2_resume"][1]
     in_f2 = lambda pc: lo <= pc < hi
@@ -489,6 +499,8 @@ def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub():
     assert o[:len(g)] == g and len(g) > 10
     olo, ohi = out["outer"]
     assert olo <= g[1] < ohi                     # resumed frame -> outer (stub CFI / frame rebuilt)
+    if transfer == "native":
+        return          # the observer is a hook of the Python transfer: no Python runs inside
     # Inside the transfer: glibc walks through the stub into the old frame.
     slo, shi = out["stub"]
     in_stub = lambda pc: slo <= pc < shi
@@ -497,11 +509,11 @@ def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub():
     assert o[:len(g)] == g and len(g) > 10
 
 
-def bad_requests_scenario():
+def bad_requests_scenario(transfer="python"):
     import osrjit
     from osrjit.errors import UnknownFunction, VersionInUse
     out = []
-    with osrjit.Runtime() as rt:
+    with osrjit.Runtime(transfer=transfer) as rt:
         rt.compile(SUM_V1 + "\ndef other(n):\n    return n\n")
         for call in (lambda: rt.replace("nope", SUM_V2),
                      lambda: rt.replace("sum", SUM_V2 + "\ndef extra(n):\n    return n\n"),
@@ -529,8 +541,9 @@ def bad_requests_scenario():
     return out
 
 
-def test_bad_replacement_requests_change_nothing():
-    out = run_child(bad_requests_scenario)
+@pytest.mark.parametrize("transfer", TRANSFERS)
+def test_bad_replacement_requests_change_nothing(transfer):
+    out = run_child(bad_requests_scenario, transfer)
     assert out[:5] == ["UnknownFunction", "CompileError", "CompileError", "ValueError", "CompileError"]
     assert out[5].startswith("close refused: cannot close the runtime: 4 hijacked frames")
     assert out[6:] == [0, 1]

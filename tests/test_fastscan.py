@@ -1,0 +1,82 @@
+"""The native stack scan gives the reference scan's answer on the same stopped stacks."""
+import threading
+import time
+
+from childproc import run_child
+
+SPIN = """
+def spin(k):
+    i = 0
+    while i < k:
+        i = i + 1
+    return 0
+"""
+WORK = """
+def work(n, k):
+    if n == 0:
+        return spin(k)
+    return work(n - 1, k) + 1
+"""
+POLL_FREE = """
+def busy(m):
+    i = 0
+    x = 1
+    while i < m:
+        x = (x * 7 + i) % 1009
+        i = i + 1
+    return x
+"""
+
+
+def both_scans_scenario():
+    """Threads deep in JIT code (one parked at a poll, one in a poll-free loop
+    stopped by the signal, one hijacked already); the world is stopped once and
+    both scans classify the same stacks."""
+    import osrjit
+    out = {}
+    with osrjit.Runtime(walker="native") as rt:
+        rt.compile(SPIN)
+        rt.compile(WORK)
+        rt.compile(POLL_FREE, polls=False)
+        rt.compile("def outer(n, m):\n    return work(n, 0) + busy(m)\n")
+        work = rt.function("work")
+        outer = rt.function("outer")
+        threading.stack_size(64 << 20)
+        ts = [threading.Thread(target=work, args=(700, 1 << 40)),
+              threading.Thread(target=work, args=(1300, 1 << 40)),
+              threading.Thread(target=outer, args=(5, 300_000_000))]   # a few seconds
+        for t in ts:
+            t.start()
+        time.sleep(0.3)
+        rt.replace("work", WORK.replace("+ 1", "+ 2"))      # hijacks the first two
+        rt.replace("outer", "def outer(n, m):\n    return work(n, 0) + busy(m) + 1\n")
+        others = rt._world.stop(timeout=5)
+        try:
+            answers = {}
+            for walker in ("python", "native"):
+                rt.walker = walker
+                found = rt._collect_frames({"work", "outer"}, others)
+                executing = sorted(v.id for fn in rt._functions.values() for v in fn.versions
+                                   if v.executing)
+                answers[walker] = (sorted((v.id, fm.site_id, slot, pc, ident)
+                                          for v, fm, slot, pc, ident in found), executing)
+        finally:
+            rt._world.release()
+        out["answers"] = answers
+        out["signals"] = rt.stats()["signals_sent"]
+        # End the threads: spin returns at once in a new version; busy ends by itself.
+        rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
+        for t in ts:
+            t.join(timeout=30)
+        out["alive"] = sum(t.is_alive() for t in ts)
+    return out
+
+
+def test_native_and_reference_scans_agree_on_the_same_stopped_stacks():
+    out = run_child(both_scans_scenario, timeout=300)
+    python, native = out["answers"]["python"], out["answers"]["native"]
+    assert native == python
+    found, executing = native
+    assert len(found) > 2000                  # both deep threads, every frame
+    assert sum(1 for f in found if f[2] is None) > 2000   # already hijacked: seen through
+    assert out["signals"] >= 1 and out["alive"] == 0

@@ -551,6 +551,12 @@ class Runtime:
     def __new__(cls, *, backend: str = "native", **kwargs):
         if backend == "emulated":
             from .emulated.runtime import EmulatedRuntime   # the one upward import, lazy
+            # Native-only choices: the emulated backend has one transfer (a
+            # hypercall running the Python one), the Python walker and no LLJIT.
+            for option, only in (("transfer", "python"), ("walker", "python"),
+                                 ("compiler", "inprocess")):
+                if kwargs.pop(option, only) != only:
+                    raise ValueError(f"the emulated backend supports {option}={only!r} only")
             return EmulatedRuntime(**kwargs)
         if backend != "native":
             raise ValueError(f"unknown backend {backend!r} (use 'native' or 'emulated')")

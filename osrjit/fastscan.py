@@ -94,29 +94,33 @@ def classify_native(walker, regs, *, caller_frame, index, replaced, is_old, thre
     out = ScanResult()
     pcs, slots, translated = arrays.pcs, arrays.ra_slots, arrays.translated
     at = index.at
-    seen = {}             # return address -> (version, frame map, replaced?), per walk
-    pending = out.pending
-    for i, pc in enumerate(pcs):
-        if i == 0 and not caller_frame:
-            v = at(pc)                   # an interrupted pc: never at a site
-            if v is not None and (v.name in replaced or is_old(v)):
-                out.executing.add(v)
-            continue
-        hit = seen.get(pc)
-        if hit is None:
-            v = at(pc - 1)
-            if v is None or not (v.name in replaced or is_old(v)):
-                hit = seen[pc] = (None, None, False)
+    executing, pending = out.executing, out.pending
+    first = 0
+    if pcs and not caller_frame:
+        first = 1
+        v = at(pcs[0])                   # an interrupted pc: never at a site
+        if v is not None and (v.name in replaced or is_old(v)):
+            executing.add(v)
+    # Classify each distinct return address once (a recursion repeats a few
+    # of them thousands of times), then visit only the frames that matter.
+    info = {}
+    for pc in set(pcs[first:]):
+        v = at(pc - 1)
+        if v is not None and (v.name in replaced or is_old(v)):
+            info[pc] = (v, v.frame_map_at(pc), v.name in replaced)
+    if info:
+        for i in [i for i, pc in enumerate(pcs) if pc in info and i >= first]:
+            pc = pcs[i]
+            v, fm, is_replaced = info[pc]
+            if i in translated:          # already hijacked: seen through
+                if fm is None:
+                    executing.add(v)
+                elif is_replaced:
+                    pending.append((v, fm, None, pc, thread))
+            elif fm is not None and is_replaced and i > 0 and slots[i - 1]:
+                pending.append((v, fm, slots[i - 1], pc, thread))
             else:
-                hit = seen[pc] = (v, v.frame_map_at(pc), v.name in replaced)
-        v, fm, is_replaced = hit
-        if v is None:
-            continue
-        is_translated = i in translated
-        if fm is not None and i > 0 and is_replaced and (is_translated or slots[i - 1]):
-            pending.append((v, fm, None if is_translated else slots[i - 1], pc, thread))
-        elif not (fm is not None and is_translated):
-            out.executing.add(v)
+                executing.add(v)
     if not pcs:
         out.incomplete = "no frames"
     elif arrays.end_reason not in NORMAL_ENDS:

@@ -72,6 +72,7 @@ import contextlib
 import ctypes
 import enum
 import io
+import itertools
 import struct
 import threading
 import time
@@ -1716,10 +1717,7 @@ class NativeWalker:
                 # Byte 0 of each info word holds the FRAME_* flags: mark the
                 # translated ones and find them without a per-frame loop.
                 marks = raw[3 * 8::_OUT.size].translate(_TRANSLATED_MARKS)
-                k = marks.find(1)
-                while k >= 0:
-                    translated.append(base + k)
-                    k = marks.find(1, k + 1)
+                translated += itertools.compress(range(base, base + len(marks)), marks)
             end = _TERMINAL.get((words[-1] >> 8) & 0xFF)
         if limited and end is None:
             end = END_STEP_LIMIT

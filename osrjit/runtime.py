@@ -357,6 +357,51 @@ def _unregister(registration):
 # Versions and functions
 # --------------------------------------------------------------------------
 
+def replacement_irs(names, source, *, polls: bool, calls: str,
+                    known: Mapping[str, int]) -> list[FunctionIR]:
+    """The FunctionIRs a ``replace(names, source)`` call links, for every backend.
+
+    ``source``: reference-language text (compiled with ``known``: name ->
+    arity of the functions already compiled) or FunctionIR object(s). They
+    must define exactly ``names``: :class:`CompileError` otherwise.
+    """
+    if isinstance(source, str):
+        from . import lang
+        irs = lang.compile_source(source, known=known, polls=polls, calls=calls)
+    else:
+        irs = [source] if isinstance(source, FunctionIR) else list(source)
+    defined = {ir.name for ir in irs}
+    missing = [n for n in names if n not in defined]
+    extra = sorted(defined - set(names))
+    if missing:
+        raise CompileError(f"the replacement does not define {missing}")
+    if extra:
+        raise CompileError(f"the replacement also defines {extra}, which replace() was not "
+                           "asked to replace (compile() them separately)")
+    return irs
+
+
+def check_versions_compatible(old, old_maps, new) -> None:
+    """Raise :class:`deopt.IncompatibleVersion` unless frames of ``old`` (its
+    frame maps ``old_maps``) can resume in ``new``; both are version objects
+    with ``.name`` (and ``new.sites``) of either backend."""
+    if old.name != new.name:
+        from deopt.errors import IncompatibleVersion
+        raise IncompatibleVersion(f"versions of different functions: {old.name!r} "
+                                  f"and {new.name!r}", reason="different functions")
+    _fm.check_compatible(old_maps, new.sites)
+
+
+def resume_target(record, new) -> ResumeTarget:
+    """Where the frame of hijack ``record`` continues in version ``new`` (its
+    function's current version): :class:`TransferError` if ``new`` lacks the site."""
+    site = new.sites.get(record.frame_map.site_id)
+    if site is None:
+        raise TransferError(f"{record.owner.name} v{new.id} has no site "
+                            f"{record.frame_map.site_id}")
+    return ResumeTarget(new.resume_entry, site.id, tuple(lv.name for lv in site.live), new)
+
+
 class Version:
     """One compiled version of a function: its own JIT library.
 
@@ -887,11 +932,7 @@ class Runtime:
     def check_compatible(self, old: Version, new: Version) -> None:
         """Raise :class:`deopt.IncompatibleVersion` unless frames of ``old`` can
         resume in ``new`` (see :func:`deopt.framemaps.check_compatible`)."""
-        if old.name != new.name:
-            from deopt.errors import IncompatibleVersion
-            raise IncompatibleVersion(f"versions of different functions: {old.name!r} "
-                                      f"and {new.name!r}", reason="different functions")
-        _fm.check_compatible(old.frame_maps, new.sites)
+        check_versions_compatible(old, old.frame_maps, new)
 
     # -- replacement -------------------------------------------------------------
 
@@ -977,21 +1018,8 @@ class Runtime:
             return [new_versions[name] for name in names]
 
     def _replacement_irs(self, names, source, polls):
-        if isinstance(source, str):
-            from . import lang
-            known = {n: len(fn.params) for n, fn in self._functions.items()}
-            irs = lang.compile_source(source, known=known, polls=polls, calls=self.calls)
-        else:
-            irs = [source] if isinstance(source, FunctionIR) else list(source)
-        defined = {ir.name for ir in irs}
-        missing = [n for n in names if n not in defined]
-        extra = sorted(defined - set(names))
-        if missing:
-            raise CompileError(f"the replacement does not define {missing}")
-        if extra:
-            raise CompileError(f"the replacement also defines {extra}, which replace() was not "
-                               "asked to replace (compile() them separately)")
-        return irs
+        return replacement_irs(names, source, polls=polls, calls=self.calls,
+                               known={n: len(fn.params) for n, fn in self._functions.items()})
 
     def _link_batch(self, irs):
         """Link ``irs`` as new versions without publishing them: {name: Version}."""
@@ -1222,11 +1250,7 @@ class Runtime:
         fn = self._functions.get(old.name)
         if fn is None or fn.current is None:
             raise TransferError(f"{old.name} has no current version")
-        new = fn.current
-        site = new.sites.get(record.frame_map.site_id)
-        if site is None:
-            raise TransferError(f"{old.name} v{new.id} has no site {record.frame_map.site_id}")
-        return ResumeTarget(new.resume_entry, site.id, tuple(lv.name for lv in site.live), new)
+        return resume_target(record, fn.current)
 
     def _after_transfer(self, record, ok):
         old = record.owner

@@ -60,15 +60,14 @@ from dataclasses import dataclass
 from unicorn import UC_HOOK_CODE
 
 import unwinder
-from deopt import framemaps as _fm
-from deopt.errors import IncompatibleVersion
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, stub_module_ir)
-from deopt.transfer import ResumeTarget, TransferError, return_through_stub
+from deopt.transfer import ResumeTarget, return_through_stub
 from osrjit import abi, stackscan
 from osrjit.abi import FunctionIR
-from osrjit.errors import CompileError, RuntimeClosed, UnknownFunction
+from osrjit.errors import RuntimeClosed
+from osrjit.runtime import check_versions_compatible, replacement_irs, resume_target
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
 from .loader import EmulationError
@@ -327,10 +326,7 @@ class EmulatedRuntime:
     # -- replacement -----------------------------------------------------------------
 
     def check_compatible(self, old: EmuVersion, new: EmuVersion) -> None:
-        if old.name != new.name:
-            raise IncompatibleVersion(f"versions of different functions: {old.name!r} "
-                                      f"and {new.name!r}", reason="different functions")
-        _fm.check_compatible(old.frame_maps.maps, new.sites)
+        check_versions_compatible(old, old.frame_maps.maps, new)
 
     def replace(self, names, source, *, polls: bool = True) -> list[EmuVersion]:
         """Replace ``names`` with new versions, frames and all (as :meth:`osrjit.Runtime.replace`).
@@ -393,21 +389,8 @@ class EmulatedRuntime:
         return len(self._freed) - before
 
     def _replacement_irs(self, names, source, polls):
-        if isinstance(source, str):
-            from osrjit import lang
-            known = {n: len(self.program.current(n).ir.params) for n in self.program.names()}
-            irs = lang.compile_source(source, known=known, polls=polls, calls=self.calls)
-        else:
-            irs = [source] if isinstance(source, FunctionIR) else list(source)
-        defined = {ir.name for ir in irs}
-        missing = [n for n in names if n not in defined]
-        extra = sorted(defined - set(names))
-        if missing:
-            raise CompileError(f"the replacement does not define {missing}")
-        if extra:
-            raise CompileError(f"the replacement also defines {extra}, which replace() was not "
-                               "asked to replace (compile() them separately)")
-        return irs
+        known = {n: len(self.program.current(n).ir.params) for n in self.program.names()}
+        return replacement_irs(names, source, polls=polls, calls=self.calls, known=known)
 
     def _stop_world(self, replaced=frozenset()) -> int:
         """Park every live thread (see the module docstring); returns how many
@@ -534,12 +517,7 @@ class EmulatedRuntime:
         return plan
 
     def _resume_target(self, record) -> ResumeTarget:
-        old = record.owner
-        new = self.program.current(old.name)
-        site = new.sites.get(record.frame_map.site_id)
-        if site is None:
-            raise TransferError(f"{old.name} v{new.id} has no site {record.frame_map.site_id}")
-        return ResumeTarget(new.resume_entry, site.id, tuple(lv.name for lv in site.live), new)
+        return resume_target(record, self.program.current(record.owner.name))
 
     # -- reclamation and the old-code watch ---------------------------------------------
 

@@ -10,10 +10,19 @@ the thread whose callee just returned into the stub. HotSpot keeps the
 original pc of a deoptimized frame the same way; CoreCLR's return-address
 hijacking keeps one per thread.
 
-Lifetime: a record lives from :meth:`HijackTable.hijack` until the frame's
-callee returns into the stub (:meth:`take`). Nothing else may remove it, and
-the memory of the version it names must stay mapped until then.
+Lifetime: a record lives from :meth:`HijackTable.hijack` (or
+:meth:`HijackTable.add_batch`) until the frame's callee returns into the stub
+(:meth:`take` / :meth:`take_many`). Nothing else may remove it, and the memory
+of the version it names must stay mapped until then.
+
+A stop-the-world that hijacks thousands of frames adds them as one
+:class:`HijackBatch` (arrays, no object per slot); a :class:`HijackRecord` is
+made for a batch entry only when someone asks for it (:meth:`HijackTable.get`,
+:meth:`~HijackTable.take`, :meth:`~HijackTable.records`).
 """
+import bisect
+import collections
+import itertools
 import threading
 from dataclasses import dataclass, field
 
@@ -42,6 +51,62 @@ class HijackRecord:
     thread: int = field(default_factory=threading.get_ident)
 
 
+class HijackBatch:
+    """Slots of one thread hijacked together, as arrays.
+
+    ``slots``: absolute slot addresses, strictly rising (``array('Q')``);
+    ``ras``: the original return address of each (``array('Q')``);
+    ``kinds``: per slot an index into ``meta`` (``array('Q')``); ``meta``:
+    ``[(frame map, owner)]`` — what a :class:`HijackRecord` of that kind
+    holds; ``thread``: ident of the thread whose stack holds the slots;
+    ``kind_counts``: ``{kind: number of entries}`` if the caller has it
+    (else counted here).
+    Entries leave (:meth:`HijackTable.take`) one by one; :attr:`live` counts
+    those still pending.
+    """
+
+    __slots__ = ("slots", "ras", "kinds", "meta", "thread", "gone", "live", "by_owner")
+
+    def __init__(self, slots, ras, kinds, meta, thread, kind_counts=None):
+        if not (len(slots) == len(ras) == len(kinds)):
+            raise HijackError("a hijack batch needs as many return addresses and kinds as slots")
+        self.slots, self.ras, self.kinds, self.meta = slots, ras, kinds, meta
+        self.thread = thread
+        self.gone = bytearray(len(slots))
+        self.live = len(slots)
+        if kind_counts is None:                 # {kind: entries}, when the caller knows them
+            kind_counts = collections.Counter(kinds)
+        #: owner -> entries of it still pending
+        self.by_owner = {}
+        for k, c in kind_counts.items():
+            if c:
+                owner = meta[k][1]
+                self.by_owner[owner] = self.by_owner.get(owner, 0) + c
+
+    def index(self, slot):
+        """Index of the pending entry for ``slot``, or -1."""
+        i = bisect.bisect_left(self.slots, slot)
+        if i < len(self.slots) and self.slots[i] == slot and not self.gone[i]:
+            return i
+        return -1
+
+    def record(self, i):
+        fm, owner = self.meta[self.kinds[i]]
+        return HijackRecord(self.slots[i], self.ras[i], fm, owner, self.thread)
+
+    def remove(self, i):
+        """Mark entry ``i`` taken; returns its owner."""
+        self.gone[i] = 1
+        self.live -= 1
+        owner = self.meta[self.kinds[i]][1]
+        self.by_owner[owner] -= 1
+        return owner
+
+    def pending(self):
+        """Indices of the entries still pending."""
+        return [i for i, g in enumerate(self.gone) if not g]
+
+
 class HijackTable:
     """Every hijacked slot of one stub, keyed by absolute slot address.
 
@@ -53,6 +118,8 @@ class HijackTable:
     def __init__(self, stub_address):
         self.stub_address = stub_address
         self._records = {}
+        self._batches = []            # HijackBatch with live entries
+        self._unmirrored = []         # batches not yet given to the mirror
         self._lock = threading.Lock()
         #: Count of records ever created (hijacks) and taken (returns into the stub).
         self.hijacks = 0
@@ -63,21 +130,39 @@ class HijackTable:
         self.mirror = None
 
     def __len__(self):
-        return len(self._records)
+        return len(self._records) + sum(b.live for b in self._batches)
+
+    def _find(self, slot):
+        """``(batch, index)`` of a pending batch entry for ``slot``, or None (lock held)."""
+        for b in self._batches:
+            i = b.index(slot)
+            if i >= 0:
+                return b, i
+        return None
 
     def get(self, slot):
         """The record for ``slot``, or None."""
-        return self._records.get(slot)
+        with self._lock:
+            record = self._records.get(slot)
+            if record is None and self._batches:
+                found = self._find(slot)
+                if found is not None:
+                    record = found[0].record(found[1])
+            return record
 
     def records(self):
         """A snapshot list of the pending records."""
         with self._lock:
-            return list(self._records.values())
+            out = list(self._records.values())
+            for b in self._batches:
+                out.extend(b.record(i) for i in b.pending())
+            return out
 
     def pending_for(self, owner):
         """Number of pending returns into ``owner``."""
         with self._lock:
-            return sum(1 for r in self._records.values() if r.owner is owner)
+            return (sum(1 for r in self._records.values() if r.owner is owner)
+                    + sum(b.by_owner.get(owner, 0) for b in self._batches))
 
     def translate(self, slot, value):
         """Return-address filter: the original return address of a hijacked slot."""
@@ -85,7 +170,36 @@ class HijackTable:
             record = self._records.get(slot)
             if record is not None:
                 return record.original_ra
+            if self._batches:
+                with self._lock:
+                    found = self._find(slot)
+                    if found is not None:
+                        return found[0].ras[found[1]]
         return value
+
+    def add_batch(self, batch):
+        """Record a :class:`HijackBatch` whose slots the caller has just
+        written the stub into (world stopped; none of them is in the table).
+        The mirror learns them at the next :meth:`flush_mirror`."""
+        with self._lock:
+            if batch.live:
+                self._batches.append(batch)
+                self._unmirrored.append(batch)
+                self.hijacks += batch.live
+
+    def flush_mirror(self):
+        """Give the mirror the batch entries still pending (call before it is read)."""
+        with self._lock:
+            batches, self._unmirrored = self._unmirrored, []
+            if self.mirror is None:
+                return
+            for b in batches:
+                if b.live == len(b.slots):
+                    self.mirror.update(b.slots, b.ras)
+                elif b.live:
+                    keep = [not g for g in b.gone]
+                    self.mirror.update(list(itertools.compress(b.slots, keep)),
+                                       list(itertools.compress(b.ras, keep)))
 
     def hijack(self, slot, original_ra, frame_map, owner, memory, thread=None):
         """Write the stub into ``slot`` (via ``memory.write_u64``) and record it.
@@ -97,7 +211,7 @@ class HijackTable:
         the calling thread).
         """
         with self._lock:
-            if slot in self._records:
+            if slot in self._records or (self._batches and self._find(slot) is not None):
                 raise HijackError(f"slot {slot:#x} is already hijacked")
             current = memory.read_u64(slot)
             if current != original_ra:
@@ -120,6 +234,14 @@ class HijackTable:
         """
         with self._lock:
             record = self._records.pop(slot, None)
+            if record is None and self._batches:
+                found = self._find(slot)
+                if found is not None:
+                    b, i = found
+                    record = b.record(i)
+                    b.remove(i)
+                    if not b.live:
+                        self._batches.remove(b)
             if record is None:
                 raise HijackError(f"the deopt stub was entered through slot {slot:#x}, "
                                   "which has no hijack record")
@@ -127,3 +249,30 @@ class HijackTable:
                 self.mirror.discard(slot)
             self.taken += 1
             return record
+
+    def take_many(self, slots):
+        """:meth:`take` for every slot of ``slots`` (returned through the stub),
+        without making records; returns ``{owner: count}``. Raises
+        :class:`HijackError` (having taken the ones before it) for a slot with
+        no record."""
+        out = {}
+        with self._lock:
+            mirror = self.mirror
+            for slot in slots:
+                record = self._records.pop(slot, None)
+                if record is not None:
+                    owner = record.owner
+                else:
+                    found = self._find(slot) if self._batches else None
+                    if found is None:
+                        raise HijackError(f"the deopt stub was entered through slot "
+                                          f"{slot:#x}, which has no hijack record")
+                    b, i = found
+                    owner = b.remove(i)
+                    if not b.live:
+                        self._batches.remove(b)
+                out[owner] = out.get(owner, 0) + 1
+                if mirror is not None:
+                    mirror.discard(slot)
+                self.taken += 1
+        return out

@@ -70,6 +70,8 @@ from __future__ import annotations
 
 import array
 import ctypes
+import itertools
+import operator
 from dataclasses import dataclass
 
 from unwinder.compiled import (OP_COPY, OP_GENERAL, OP_LOAD, OP_SAME, OP_UNDEF, OP_VALUE)
@@ -567,17 +569,16 @@ def dispatch_module_ir(triple):
 # --------------------------------------------------------------------------
 
 class ThreadLifo:
-    """Owns one thread's :class:`ThreadBlock` and entry array, and mirrors them.
+    """Owns one thread's :class:`ThreadBlock` and entry array.
 
     ``token``: the runtime's handle of the thread (opaque here; kept alive with
-    this object). The native entries ``[0, n)`` correspond one to one to
-    :attr:`records` (``(record, descriptor address)``); :meth:`drain` reports
-    the records the dispatcher has taken since, :meth:`commit` rewrites the
-    array (world stopped only) from the still-pending records and the ones
-    :meth:`push`-ed since.
-
-    ``record`` is a :class:`~deopt.hijack.HijackRecord` (``slot``,
-    ``original_ra``).
+    this object). The native array is the only record of the entries: its
+    first :attr:`size` :class:`LifoEntry` were written by the last
+    :meth:`commit`; :meth:`drain` reports, by slot, those the dispatcher has
+    moved out of PENDING since; :meth:`commit` (world stopped only) rewrites
+    the array from the still-pending entries and the ones queued since
+    (:meth:`push` one by one, :meth:`push_entries` as ready-made native
+    records).
     """
 
     def __init__(self, token=None):
@@ -585,70 +586,118 @@ class ThreadLifo:
         self.block = ThreadBlock()
         self.address = ctypes.addressof(self.block)
         self._array = None
-        self.records = []          # (record, descriptor address), native order
+        #: Entries written by the last commit.
+        self.size = 0
         self._seen = bytearray()   # 1: status already reported by drain()
-        self._new = []
+        self._new = []             # (slot, original_ra, descriptor) pushed one by one
+        self._raw_new = []         # LifoEntry bytes, highest slot first, per push_entries()
 
     def __len__(self):
         """Entries written that drain() has not yet seen leave PENDING, plus pushes."""
-        return self._seen.count(0) + len(self._new)
+        return (self._seen.count(0) + len(self._new)
+                + sum(len(r) for r in self._raw_new) // _ENTRY_SIZE)
 
     def push(self, record, descriptor_address):
-        """Queue ``record`` for the next :meth:`commit` (world stopped)."""
-        self._new.append((record, descriptor_address))
+        """Queue ``record`` (``slot``, ``original_ra``) for the next :meth:`commit`."""
+        self._new.append((record.slot, record.original_ra, descriptor_address))
+
+    def push_entries(self, raw):
+        """Queue ready-made :class:`LifoEntry` records (``bytes``, PENDING,
+        highest slot first) for the next :meth:`commit`."""
+        if len(raw) % _ENTRY_SIZE:
+            raise NativeTransferError(f"{len(raw)} bytes are not whole LIFO entries")
+        if raw:
+            self._raw_new.append(bytes(raw))
+
+    def _raw(self):
+        return ctypes.string_at(ctypes.addressof(self._array), self.size * _ENTRY_SIZE)
 
     def drain(self):
-        """``(taken, handed)``: records whose entries left PENDING since the last drain.
+        """``(taken, handed)``: slots whose entries left PENDING since the last drain.
 
         ``taken``: transferred natively (the caller drops them from its hijack
         table); ``handed``: given to the Python transfer (which took them).
         Safe while threads run: only statuses are read.
         """
-        n = len(self.records)
-        if n == 0 or self._array is None:
-            return [], []
-        raw = ctypes.string_at(ctypes.addressof(self._array), n * ctypes.sizeof(LifoEntry))
-        statuses = memoryview(raw).cast("q")[3::4]
-        taken, handed = [], []
+        n = self.size
         seen = self._seen
-        if seen.count(0) == 0:
-            return taken, handed
-        for i, s in enumerate(statuses):
-            if s != PENDING and not seen[i]:
-                seen[i] = 1
-                (taken if s == TAKEN else handed).append(self.records[i][0])
+        if n == 0 or seen.count(0) == 0:
+            return [], []
+        raw = self._raw()
+        marks = raw[24::_ENTRY_SIZE]              # low byte of each status
+        moved = marks.translate(_MOVED)           # 1: not PENDING
+        if moved == seen:
+            return [], []
+        words = memoryview(raw).cast("Q")
+        taken, handed = [], []
+        for i in itertools.compress(range(n), map(operator.ne, moved, seen)):
+            seen[i] = 1
+            (taken if marks[i] == TAKEN else handed).append(words[4 * i])
         return taken, handed
+
+    def entries(self):
+        """``[(slot, original_ra, descriptor)]`` of the entries written and
+        not yet seen leave PENDING, in native order (tests, debugging)."""
+        if not self.size:
+            return []
+        words = memoryview(self._raw()).cast("Q")
+        return [(words[4 * i], words[4 * i + 1], words[4 * i + 2])
+                for i in range(self.size) if not self._seen[i]]
 
     def commit(self, reorder=None):
         """Rewrite the native LIFO: pending entries plus new pushes, innermost on top.
 
         World stopped only (no thread may be in a transfer). Drains first and
         returns that drain's ``(taken, handed)`` (see :meth:`drain`): the
-        caller must account for them like for any drain.
+        caller must account for them like for any drain. With nothing queued
+        the array is left as it is.
         ``reorder(list) -> list`` (tests) may permute or drop entries of the
-        sorted list ``[(record, descriptor address)]``; a dropped record is
+        sorted list ``[(slot, original_ra, descriptor)]``; a dropped entry is
         no longer native: its transfer falls back to Python.
         """
         drained = self.drain()
-        keep = [r for i, r in enumerate(self.records) if not self._seen[i]] + self._new
-        self._new = []
+        if not self._new and not self._raw_new and reorder is None:
+            return drained
+        pieces = []
+        if self.size and self._seen.count(0):
+            raw = self._raw()
+            if self._seen.count(1) == 0:
+                pieces.append(raw)
+            else:
+                pieces.append(b"".join(raw[i * _ENTRY_SIZE:(i + 1) * _ENTRY_SIZE]
+                                       for i in range(self.size) if not self._seen[i]))
+        pieces += self._raw_new
+        self._raw_new = []
+        new, self._new = self._new, []
         # Highest slot first: the innermost frame (lowest slot) returns first.
-        keep.sort(key=lambda r: r[0].slot, reverse=True)
-        if reorder is not None:
-            keep = list(reorder(keep))
-        n = len(keep)
+        # Every piece is sorted; joined they are when each one starts below
+        # where the previous one ended.
+        ordered = not new and reorder is None and all(
+            _first_slot(b) < _last_slot(a) for a, b in zip(pieces, pieces[1:]))
+        if ordered:
+            data = b"".join(pieces)
+        else:
+            keep = new
+            for piece in pieces:
+                w = memoryview(piece).cast("Q")
+                keep += zip(w[0::4], w[1::4], w[2::4])
+            keep.sort(key=lambda e: e[0], reverse=True)
+            if reorder is not None:
+                keep = list(reorder(keep))
+            words = array.array("Q")
+            for slot, ra, desc in keep:
+                words.extend((slot, ra, desc, PENDING))
+            data = words.tobytes()
+        n = len(data) // _ENTRY_SIZE
         block = self.block
         if self._array is None or len(self._array) < n:
             self._array = (LifoEntry * max(16, 2 * n))()
             block.entries = ctypes.addressof(self._array)
             block.capacity = len(self._array)
-        words = array.array("Q")
-        for record, desc in keep:
-            words.extend((record.slot, record.original_ra, desc, PENDING))
         if n:
-            ctypes.memmove(self._array, words.tobytes(), len(words) * 8)
+            ctypes.memmove(self._array, data, len(data))
         block.top = n
-        self.records = keep
+        self.size = n
         self._seen = bytearray(n)
         return drained
 
@@ -656,3 +705,16 @@ class ThreadLifo:
     def pending(self):
         """Whether an entry may still be PENDING (or a push is waiting for commit)."""
         return len(self) > 0
+
+
+_ENTRY_SIZE = ctypes.sizeof(LifoEntry)
+#: bytes.translate table: status low byte -> 1 unless PENDING.
+_MOVED = bytes(0 if b == PENDING else 1 for b in range(256))
+
+
+def _first_slot(raw):
+    return int.from_bytes(raw[:8], "little")
+
+
+def _last_slot(raw):
+    return int.from_bytes(raw[-_ENTRY_SIZE:-_ENTRY_SIZE + 8], "little")

@@ -22,6 +22,7 @@ are reused by its next transfer; the stub consumes the plan before that can
 happen, and a resume entry reads the state before its first site. A
 version's native transfer code lives until the version is freed.
 """
+import array
 import ctypes
 import os
 import sys
@@ -233,11 +234,13 @@ class NativeTransferPath:
     * :meth:`prepare` before stopping the world (compiles the transfer code
       of versions that may get hijacked frames, so the pause does not);
     * :meth:`retarget` when it publishes a new current version;
-    * :meth:`push` for every slot it hijacks, then :meth:`commit` before it
+    * :meth:`push` for every slot it hijacks (or :meth:`push_entries` for a
+      thread's natively built entries), then :meth:`commit` before it
       releases the world;
     * :meth:`drain` (any time) and :meth:`commit` (world stopped) return the
-      hijack records the native transfer took, which the runtime drops from
-      its hijack table (``pending_returns``, reclamation, ``transfers``);
+      slots of the hijack records the native transfer took, which the
+      runtime drops from its hijack table (``pending_returns``, reclamation,
+      ``transfers``);
     * :meth:`forget` when it frees a version (no entry of it is pending).
 
     ``native``: the runtime's resource owner (LLJIT, target machine,
@@ -351,6 +354,14 @@ class NativeTransferPath:
         which reports the error). Safe while threads run (each transfer
         reads one target pointer once).
         """
+        self.apply_retarget(self.plan_retarget(versions, current))
+
+    def plan_retarget(self, versions, current):
+        """The :class:`~deopt.native_transfer.Target` objects :meth:`retarget`
+        would store, made now (allocation, permutations) for
+        :meth:`apply_retarget` to store later; ``current`` need not be
+        published yet. Valid while no version of ``versions`` is forgotten."""
+        plan = []
         for v in versions:
             vt = self._versions.get(v.id)
             if vt is None or v is current:
@@ -369,11 +380,17 @@ class NativeTransferPath:
                     if target is None:
                         target = cache[key] = ntx.Target(current.resume_entry, site.id, perm,
                                                          current)
-                old = vt.targets[k]
-                vt.targets[k] = target
-                vt.descriptors[k].target = 0 if target is None else target.address
-                if old is not None:
-                    vt.retired.append(old)
+                plan.append((vt, k, target))
+        return plan
+
+    def apply_retarget(self, plan):
+        """Store the targets of a :meth:`plan_retarget` (one 8-byte store each)."""
+        for vt, k, target in plan:
+            old = vt.targets[k]
+            vt.targets[k] = target
+            vt.descriptors[k].target = 0 if target is None else target.address
+            if old is not None:
+                vt.retired.append(old)
 
     def forget(self, version):
         """Free ``version``'s transfer code (no LIFO entry of it may be pending)."""
@@ -399,23 +416,51 @@ class NativeTransferPath:
         if k is None or thread_state is None:
             self.unsupported += 1
             return False
+        self._lifo(thread_state).push(record, vt.descriptor_address(k))
+        return True
+
+    def descriptors(self, meta):
+        """Per kind of ``meta`` (``[(frame map, owner version)]``) the address
+        of its :class:`~deopt.native_transfer.Descriptor`, or 0 when frames of
+        that kind take the Python transfer (``array('Q')``)."""
+        out = array.array("Q")
+        for fm, owner in meta:
+            vt = self._versions.get(owner.id)
+            k = None if vt is None else vt.index_by_ra.get(fm.return_address)
+            out.append(0 if k is None else vt.descriptor_address(k))
+        return out
+
+    def push_entries(self, thread_state, raw, unsupported):
+        """Queue ready-made LIFO entries (``bytes``, see
+        :meth:`deopt.native_transfer.ThreadLifo.push_entries`) of frames just
+        hijacked on the thread of ``thread_state`` (None: the thread has no
+        block; they take the Python transfer); ``unsupported``: how many of its
+        hijacked frames got no entry (counted in :attr:`unsupported`)."""
+        if thread_state is None:
+            self.unsupported += unsupported + len(raw) // ctypes.sizeof(ntx.LifoEntry)
+            return
+        self.unsupported += unsupported
+        if raw:
+            self._lifo(thread_state).push_entries(raw)
+
+    def _lifo(self, thread_state):
         key = ctypes.addressof(thread_state)
         lifo = self._lifos.get(key)
         if lifo is None:
             lifo = self._lifos[key] = ntx.ThreadLifo(thread_state)
             thread_state.transfer_block = lifo.address
-        lifo.push(record, vt.descriptor_address(k))
-        return True
+        return lifo
 
     def drain(self):
-        """Hijack records the native transfer took since the last drain (any time)."""
+        """Slots of the hijack records the native transfer took since the last
+        drain (any time)."""
         out = []
         for lifo in list(self._lifos.values()):
             out.extend(lifo.drain()[0])
         return out
 
     def commit(self):
-        """Write every thread's LIFO (world stopped); returns the records drained meanwhile.
+        """Write every thread's LIFO (world stopped); returns the slots drained meanwhile.
 
         LIFOs of threads that detached with nothing pending are freed.
         """

@@ -2,7 +2,17 @@
 
 Same answer as walking each stopped thread with :func:`unwinder.walk` and
 classifying with :func:`osrjit.stackscan.classify_frames` — the reference,
-which a test compares against — but the walk is
+which a test compares against.
+
+:func:`plan_native` (what ``Runtime(walker="native")`` runs) takes the walk
+as raw native output (:meth:`unwinder.NativeWalker.walk_raw`), classifies
+its distinct return addresses in Python and leaves every per-frame step —
+finding the frames to hijack, checking their slots, writing the stub,
+building LIFO entries — to :mod:`deopt.native_hijack`: a
+:class:`ThreadHijacks` holds one thread's frames as arrays.
+
+:func:`classify_native` (the earlier fast path, kept for comparison) reads
+columns instead: the walk is
 :meth:`unwinder.NativeWalker.walk_arrays` (columns, no per-frame objects) and
 the classification reads those columns:
 
@@ -19,12 +29,15 @@ Python walker, which may have guessed by frame pointers) is redone by the
 reference path, so the answer never depends on the fast path's limits.
 """
 import bisect
+import ctypes
+from array import array
 
 from unwinder.modules import read_proc_maps
 
 from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
 
-__all__ = ["VersionIndex", "scan_bounds", "classify_native"]
+__all__ = ["VersionIndex", "scan_bounds", "classify_native", "plan_native", "ThreadHijacks",
+           "ScanPlan"]
 
 
 class VersionIndex:
@@ -126,3 +139,181 @@ def classify_native(walker, regs, *, caller_frame, index, replaced, is_old, thre
     elif arrays.end_reason not in NORMAL_ENDS:
         out.incomplete = arrays.end_reason
     return out
+
+
+class WatchTables:
+    """What :func:`plan_native` looks for, built once per scan: the versions
+    being replaced or old (*watched*), their sites and their code.
+
+    ``keys``: every return address of a watched version's frame maps
+    (sorted, absolute) with ``meta[k] = (frame map, version)`` and
+    ``hijack[k]`` (1: the version is being replaced, its frames there are to
+    be hijacked; 0: an old version, frames there are only counted);
+    ``ranges``: the watched versions' ``.text`` ``[start, end)`` pairs, sorted,
+    with ``range_versions[r]``. The ctypes arrays live as long as this object.
+    """
+
+    def __init__(self, versions, replaced, is_old):
+        keys, watched = [], []
+        for v in versions:
+            is_replaced = v.name in replaced
+            if is_replaced or is_old(v):
+                watched.append(v)
+                flag = 1 if is_replaced else 0
+                keys.extend((fm.return_address, flag, fm, v) for fm in v.frame_maps)
+        keys.sort(key=lambda e: e[0])
+        watched.sort(key=lambda v: v.code_range[0])
+        self.keys = [e[0] for e in keys]
+        self.hijack = [e[1] for e in keys]
+        self.meta = [(e[2], e[3]) for e in keys]
+        self.range_versions = watched
+        nk, nr = len(keys), len(watched)
+        self.key_array = (ctypes.c_uint64 * max(nk, 1))(*self.keys)
+        self.hijack_array = (ctypes.c_uint64 * max(nk, 1))(*self.hijack)
+        flat = [a for v in watched for a in v.code_range]
+        self.range_array = (ctypes.c_uint64 * max(2 * nr, 2))(*flat)
+
+    def __bool__(self):
+        return bool(self.range_versions)
+
+
+class ThreadHijacks:
+    """One stopped thread's frames of watched versions, as arrays.
+
+    ``tables``: the scan's :class:`WatchTables`; ``counts``: per key
+    ``[hijack, not hijackable, already hijacked]``; ``range_counts``: per
+    watched version, frames running it outside any site; ``m``: frames to
+    hijack, in ``slots[:m]`` / ``ras[:m]`` / ``kinds[:m]`` (slot addresses
+    rising, absolute; kinds index the keys); ``t``: frames already hijacked,
+    at ``slots[cap - t:]`` etc. (their slot: where the stub sits). Lifetime:
+    one stop-the-world; the arrays are ctypes arrays the native code wrote.
+    """
+
+    __slots__ = ("thread", "tables", "meta", "counts", "range_counts", "m", "t", "cap",
+                 "slots", "ras", "kinds")
+
+    def __init__(self, hijacker, raw, n, first, tables, thread):
+        self.thread = thread
+        self.tables = tables
+        self.meta = tables.meta
+        nk, nr = len(tables.keys), len(tables.range_versions)
+        self.cap = cap = max(n, 1)
+        self.slots = (ctypes.c_uint64 * cap)()
+        self.ras = (ctypes.c_uint64 * cap)()
+        self.kinds = (ctypes.c_uint64 * cap)()
+        counts = (ctypes.c_uint64 * max(3 * nk, 1))()
+        range_counts = (ctypes.c_uint64 * max(nr, 1))()
+        self.m = hijacker.plan(raw, n, first, tables.key_array, tables.hijack_array, nk,
+                               counts, self.slots, self.ras, self.kinds, cap,
+                               tables.range_array, nr, range_counts)
+        self.counts = counts[:]                # lists from here on
+        self.range_counts = range_counts[:]
+        self.t = self._translated()
+
+    def _translated(self):
+        counts, hijack = self.counts, self.tables.hijack
+        return sum(counts[3 * k + 2] for k in range(len(hijack)) if hijack[k])
+
+    def executing(self):
+        """Watched versions with a frame that runs them (not hijackable)."""
+        out = {self.tables.range_versions[r] for r, c in enumerate(self.range_counts) if c}
+        counts = self.counts
+        out.update(v for k, (_fm, v) in enumerate(self.meta) if counts[3 * k + 1])
+        return out
+
+    def versions(self):
+        """Versions being replaced with pending frames here (new or already hijacked)."""
+        counts, hijack = self.counts, self.tables.hijack
+        return {v for k, (_fm, v) in enumerate(self.meta)
+                if hijack[k] and (counts[3 * k] or counts[3 * k + 2])}
+
+    def hijacked_per_kind(self):
+        """``{kind: frames to hijack}`` for the kinds with any."""
+        counts = self.counts
+        return {k: counts[3 * k] for k in range(len(self.meta)) if counts[3 * k]}
+
+    def frames(self):
+        """``[(version, frame map, slot, pc, thread)]`` (slot None: already
+        hijacked), in the reference scan's form (tests)."""
+        out = []
+        for i in range(self.m):
+            fm, v = self.meta[self.kinds[i]]
+            out.append((v, fm, self.slots[i], self.ras[i], self.thread))
+        for i in range(self.cap - self.t, self.cap):
+            fm, v = self.meta[self.kinds[i]]
+            out.append((v, fm, None, self.ras[i], self.thread))
+        return out
+
+    def hijack_arrays(self):
+        """``(slots, ras, kinds)`` of the frames to hijack as ``array('Q')``."""
+        size = 8 * self.m
+        out = []
+        for a in (self.slots, self.ras, self.kinds):
+            col = array("Q")
+            col.frombytes(ctypes.string_at(a, size))
+            out.append(col)
+        return tuple(out)
+
+
+class ScanPlan:
+    """What a stop-the-world scan found on every thread: pending frames as
+    reference tuples ``(version, frame map, slot, pc, thread)`` in
+    :attr:`tuples` (reference walker, fallbacks) and as arrays in
+    :attr:`threads` (:class:`ThreadHijacks`, the native scan)."""
+
+    def __init__(self):
+        self.tuples = []
+        self.threads = []
+
+    def __len__(self):
+        return len(self.tuples) + sum(h.m + h.t for h in self.threads)
+
+    def versions(self):
+        """The versions with pending frames (to check against their new versions)."""
+        out = {entry[0] for entry in self.tuples}
+        for h in self.threads:
+            out |= h.versions()
+        return out
+
+    def frames(self):
+        """Every pending frame as a reference tuple (tests)."""
+        out = list(self.tuples)
+        for h in self.threads:
+            out.extend(h.frames())
+        return out
+
+
+def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced, is_old,
+                thread, translation, bounds, reference):
+    """``(ScanResult, ThreadHijacks or None)`` of one stopped thread.
+
+    Arguments as :func:`classify_native`, plus ``hijacker``: a
+    :class:`deopt.native_hijack.NativeHijacker`, and ``tables``: the scan's
+    :class:`WatchTables`. The ScanResult holds the executing versions and
+    ``incomplete``; its ``pending`` (reference tuples) is filled only when
+    the walk needed Python (then the reference path classified it).
+    """
+    walked = walker.walk_raw(regs, innermost_is_caller=caller_frame,
+                             stack_bounds=bounds(regs[7], thread), translation=translation)
+    if walked is None:
+        out = classify_frames(reference(), index.at, replaced, is_old, thread)
+        out.pending = [(p.version, p.frame_map, p.slot, p.pc, p.thread) for p in out.pending]
+        return out, None
+    raw, end = walked
+    out = ScanResult()
+    n = len(raw) // 32
+    first = 0
+    if n and not caller_frame:
+        first = 1
+        v = index.at(int.from_bytes(raw[:8], "little"))   # an interrupted pc: never at a site
+        if v is not None and (v.name in replaced or is_old(v)):
+            out.executing.add(v)
+    found = None
+    if tables and n > first:
+        found = ThreadHijacks(hijacker, raw, n, first, tables, thread)
+        out.executing |= found.executing()
+    if not n:
+        out.incomplete = "no frames"
+    elif end not in NORMAL_ENDS:
+        out.incomplete = end
+    return out, found

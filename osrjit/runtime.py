@@ -43,6 +43,9 @@ import unwinder
 from deopt.transfer import ResumeTarget, TransferError
 
 from deopt import framemaps as _fm
+from deopt import native_hijack
+from deopt import native_transfer as ntx
+from deopt.hijack import HijackBatch, HijackError
 from deopt.errors import FrameMapError
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
@@ -58,6 +61,9 @@ __all__ = ["Runtime", "Version", "JitFunction", "emit_object", "target_machine"]
 assert abi.STATEPOINT_HEADER_LOCATIONS == _fm.STATEPOINT_HEADER_LOCATIONS
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+#: Tracker id of the native hijack code (:mod:`deopt.native_hijack`).
+HIJACK_LIBRARY_ID = -2
 
 _HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
 _SAFEPOINT_SLOW_TYPE = ctypes.CFUNCTYPE(None)
@@ -627,6 +633,7 @@ class Runtime:
         #: (:class:`unwinder.NativeWalker` via :mod:`osrjit.fastscan`).
         self.walker = walker
         self._walker_instance = None
+        self._hijacker = None
         self.opt_level = opt_level
         #: Where versions are optimised and emitted: ``"inprocess"``, or
         #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
@@ -888,6 +895,10 @@ class Runtime:
             registration = _register(obj, load_addresses, f"{ir.name}.v{vid}")
             if registration is not None:
                 self._native.adopt(vid, tracker, registration)
+                if self.walker == "native":
+                    # Its unwind table now, not in the pause of the first
+                    # stop-the-world that meets its frames.
+                    self._native_walker().prepare([registration[1]])
         except BaseException:
             if vid in self._call_sites:
                 self._call_sites.remove(vid)
@@ -979,9 +990,22 @@ class Runtime:
                 self._function(name)          # UnknownFunction before compiling anything
             irs = self._replacement_irs(names, source, polls)
             new_versions = self._link_batch(irs)
+            try:
+                # Before the pause: the native transfer code, the direct-call
+                # patches (planned from one read of /proc/self/maps; nothing
+                # maps or unmaps the runtime's code while its lock is held)
+                # and the hijack records the native transfer took meanwhile.
+                self._prepare_native(names)
+                patches = self._plan_direct_calls(
+                    irs, {n: v.entry for n, v in new_versions.items()})
+                targets = self._plan_native_targets(names, new_versions)
+                self._native_drain()
+            except BaseException:
+                for v in new_versions.values():
+                    self._discard(v)
+                raise
             t0 = time.perf_counter()
             try:
-                self._prepare_native(names)      # native transfer code, before the pause
                 others = self._world.stop(timeout=timeout)
             except BaseException:
                 for v in new_versions.values():
@@ -992,13 +1016,13 @@ class Runtime:
                 try:
                     self._native_drain()
                     stack = self._collect_frames(set(names), others)
-                    for old in {entry[0] for entry in stack}:
+                    for old in stack.versions():
                         self.check_compatible(old, self._new_for(old, new_versions))
                 except BaseException:
                     for v in new_versions.values():
                         self._discard(v)
                     raise
-                self._publish(irs, new_versions)
+                self._publish(irs, new_versions, patches, targets)
                 self._hijack(stack)
             finally:
                 try:
@@ -1014,6 +1038,7 @@ class Runtime:
             #: ``threads`` and ``frames_hijacked``.
             self.last_pause = {"time_to_safepoint": t1 - t0, "pause": t2 - t0,
                                "threads": len(others) + 1, "frames_hijacked": len(stack)}
+            self._deopt.table.flush_mirror()      # the pause hijacked them; now their mirror
             self._reclaim_all()
             return [new_versions[name] for name in names]
 
@@ -1034,21 +1059,43 @@ class Runtime:
             raise
         return linked
 
-    def _publish(self, irs, versions):
+    def _publish(self, irs, versions, patches, targets):
+        """Make ``versions`` current; ``patches``: from :meth:`_plan_direct_calls`;
+        ``targets``: from :meth:`_plan_native_targets`."""
         for ir in irs:
             fn = self._functions[ir.name]
             v = versions[ir.name]
             fn.versions.append(v)
             fn.current = v
             fn.slot.value = v.entry
-            self._retarget_native(fn)
-        self._retarget_direct_calls(irs)
+        if self._deopt.native is not None:
+            self._deopt.native.apply_retarget(targets)
+        patching.apply_patches(*patches)
+
+    def _plan_native_targets(self, names, new_versions):
+        """Native transfer targets pointing the loaded versions of ``names`` at
+        their new versions, made before the pause (stored by :meth:`_publish`)."""
+        ntx_path = self._deopt.native
+        if ntx_path is None:
+            return []
+        plan = []
+        for name in names:
+            plan += ntx_path.plan_retarget(self._functions[name].versions, new_versions[name])
+        return plan
 
     def _retarget_direct_calls(self, irs):
         """Point every direct call to a function of ``irs`` — in every loaded
         version, old ones included — and every call ``irs`` make directly at
         the callee's current entry (fills link-time placeholders, bypasses
         the linker's stubs). All patches are planned before any is written."""
+        patching.apply_patches(*self._plan_direct_calls(irs, {}))
+
+    def _plan_direct_calls(self, irs, entries):
+        """``(patches, memory map)`` for :meth:`_retarget_direct_calls`, to be
+        applied with :func:`osrjit.patching.apply_patches` before any mapping
+        of the runtime's code changes (the runtime lock held throughout).
+        ``entries``: name -> entry address for functions whose new version is
+        not published yet (else the current version's entry)."""
         names = {ir.name for ir in irs}
         for ir in irs:
             names |= set(ir.direct_callees)
@@ -1056,10 +1103,13 @@ class Runtime:
         memory = None            # one read of /proc/self/maps for all of it
         for name in sorted(names):
             fn = self._functions.get(name)
-            if fn is not None and fn.current is not None:
+            entry = entries.get(name)
+            if entry is None and fn is not None and fn.current is not None:
+                entry = fn.current.entry
+            if entry is not None:
                 memory = memory or patching.MemoryMap.current()
-                plans.extend(self._call_sites.plan_retarget(name, fn.current.entry, memory))
-        patching.apply_patches(plans, memory)
+                plans.extend(self._call_sites.plan_retarget(name, entry, memory))
+        return plans, memory
 
     def _discard(self, version):
         """Unmap a version that was never published."""
@@ -1074,11 +1124,13 @@ class Runtime:
     def _new_for(old, new_versions):
         return new_versions[old.name]
 
-    def _collect_frames(self, names, others=()):
+    def _collect_frames(self, names, others=()) -> fastscan.ScanPlan:
         """Frames of versions of ``names`` on every stopped thread's stack.
 
-        Returns ``[(version, frame map, slot, pc, thread ident)]``; ``slot`` is
-        None for a frame that is already hijacked (its slot holds the stub).
+        Returns a :class:`osrjit.fastscan.ScanPlan`: the pending frames, as
+        tuples ``(version, frame map, slot, pc, thread ident)`` (``slot`` None
+        for a frame already hijacked: its slot holds the stub) or, from the
+        native scan, as per-thread arrays. Nothing is written.
         Recomputes :attr:`Version.executing` for every old version: a frame of
         it that is not suspended at a site (an innermost frame interrupted by
         the runtime's signal, or a call that is not a site), or an entry
@@ -1086,7 +1138,8 @@ class Runtime:
         ``others``: ``(ident, ThreadState, name)`` of the stopped other threads.
         """
         executing = set()
-        found = []
+        plan = fastscan.ScanPlan()
+        found = plan.tuples
         # Every stack read here is stopped (other threads parked, ours below
         # the capture point), so 4 KiB pages can be cached for this scan.
         memory = unwinder.ProcessMemory(page_cache=True)
@@ -1103,16 +1156,21 @@ class Runtime:
             bounds = fastscan.scan_bounds(
                 lambda ident: own if ident == me else self._registry.stack_bounds(ident))
             native_walker = self._native_walker()
+            hijacker = self._native_hijacker()
+            tables = fastscan.WatchTables((v for fn in self._functions.values()
+                                           for v in fn.versions), names, is_old)
 
         def classify(regs, ident, caller_frame):
             def reference():
                 return unwinder.walk(regs, memory, self._space, caller_frame=caller_frame)
             if self.walker == "native":
-                result = fastscan.classify_native(
-                    native_walker, regs, caller_frame=caller_frame, index=index,
-                    replaced=names, is_old=is_old, thread=ident, translation=translation,
+                result, arrays = fastscan.plan_native(
+                    hijacker, native_walker, regs, caller_frame=caller_frame, index=index,
+                    tables=tables, replaced=names, is_old=is_old, thread=ident, translation=translation,
                     bounds=bounds, reference=reference)
                 found.extend(result.pending)
+                if arrays is not None:
+                    plan.threads.append(arrays)
             else:
                 result = stackscan.classify_frames(reference(), self.version_at, names,
                                                    is_old, ident)
@@ -1146,7 +1204,7 @@ class Runtime:
         for fn in self._functions.values():
             for v in fn.versions:
                 v.executing = v in executing
-        return found
+        return plan
 
     def _native_walker(self):
         """This runtime's :class:`unwinder.NativeWalker` (made on first use)."""
@@ -1161,20 +1219,70 @@ class Runtime:
         if table.mirror is None:
             table.mirror = unwinder.ReturnAddressTable(
                 self._deopt.stub_address, {r.slot: r.original_ra for r in table.records()})
+        table.flush_mirror()
         return table.mirror
 
-    def _hijack(self, stack):
+    def _native_hijacker(self):
+        """This runtime's :class:`deopt.native_hijack.NativeHijacker` (compiled on first use)."""
+        if self._hijacker is None:
+            tm = self._native.tm
+            mod = llvm.parse_assembly(native_hijack.hijack_module_ir(tm.triple, ntx.PENDING))
+            mod.verify()
+            obj = tm.emit_object(mod)
+            symbols = (native_hijack.PLAN_SYMBOL, native_hijack.APPLY_SYMBOL,
+                       native_hijack.LIFO_SYMBOL)
+            builder = llvm.JITLibraryBuilder().add_object_img(obj)
+            for sym in symbols:
+                builder.export_symbol(sym)
+            tracker = builder.link(self._native.lljit, f"osrjit.hijack.{id(self):x}")
+            self._native.adopt(HIJACK_LIBRARY_ID, tracker, None)
+            self._hijacker = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols))
+        return self._hijacker
+
+    def _hijack(self, plan):
+        """Write the stub into every slot of ``plan`` (world stopped) and
+        record the pending returns (hijack table, counts, native LIFOs)."""
         memory = self._deopt.memory
-        ntx = self._deopt.native
-        states = {} if ntx is None else {i: st for i, st, _ in self._registry.snapshot()}
-        for version, fm, slot, pc, ident in stack:
+        ntx_path = self._deopt.native
+        states = {} if ntx_path is None else {i: st for i, st, _ in self._registry.snapshot()}
+        for version, fm, slot, pc, ident in plan.tuples:
             if slot is None:
                 continue                      # already hijacked: retargeted at transfer time
             record = self._deopt.table.hijack(slot, pc, fm, version, memory, thread=ident)
             with self._count_lock:
                 version.pending_returns += 1
-            if ntx is not None:
-                ntx.push(record, states.get(ident))
+            if ntx_path is not None:
+                ntx_path.push(record, states.get(ident))
+        batches = [h for h in plan.threads if h.m]
+        if not batches:
+            return
+        hijacker = self._native_hijacker()
+        stub = self._deopt.stub_address
+        # Check every thread's slots before writing any: a failure leaves every stack as it was.
+        for h in batches:
+            bad = hijacker.apply(h.slots, h.ras, h.m, stub, 0)
+            if bad:
+                raise HijackError(f"slot {h.slots[bad - 1]:#x} of thread {h.thread} no longer "
+                                  f"holds the return address {h.ras[bad - 1]:#x}, or the "
+                                  f"slots do not rise")
+        for h in batches:
+            hijacker.apply(h.slots, h.ras, h.m, stub, 1)
+        table = self._deopt.table
+        for h in batches:
+            slots, ras, kinds = h.hijack_arrays()
+            per_kind = h.hijacked_per_kind()
+            table.add_batch(HijackBatch(slots, ras, kinds, h.meta, h.thread, per_kind))
+            with self._count_lock:
+                for k, c in per_kind.items():
+                    h.meta[k][1].pending_returns += c
+            if ntx_path is not None:
+                descriptors = ntx_path.descriptors(h.meta)
+                buf = ctypes.create_string_buffer(ctypes.sizeof(ntx.LifoEntry) * h.m)
+                written = hijacker.lifo(buf, h.slots, h.ras, h.kinds, h.m,
+                                        descriptors.buffer_info()[0])
+                ntx_path.push_entries(states.get(h.thread),
+                                      buf.raw[:ctypes.sizeof(ntx.LifoEntry) * written],
+                                      h.m - written)
 
     # -- the native transfer's bookkeeping (runtime lock held) ----------------
 
@@ -1202,16 +1310,16 @@ class Runtime:
             self._account_native(self._deopt.native.commit())
 
     def _account_native(self, taken):
-        """What :meth:`_after_transfer` does for Python transfers, for ``taken`` records."""
+        """What :meth:`_after_transfer` does for Python transfers, for the
+        ``taken`` slots (transferred natively)."""
         if not taken:
             return
-        table = self._deopt.table
-        for record in taken:
-            table.take(record.slot)
-            with self._count_lock:
-                record.owner.pending_returns -= 1
+        owners = self._deopt.table.take_many(taken)
+        with self._count_lock:
+            for owner, n in owners.items():
+                owner.pending_returns -= n
         self._deopt.native.transfers += len(taken)
-        self._reclaim_later.extend({id(r.owner): r.owner for r in taken}.values())
+        self._reclaim_later.extend(owners)
 
     def collect(self, *, timeout: float | None = None) -> int:
         """Stop the world, re-scan every stack, free old versions nothing runs.

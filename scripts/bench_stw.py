@@ -12,7 +12,14 @@ releases. Reported (medians over the R replacements):
   thread, at the same depth, times its own ``backtrace()`` (median of 15)
   and the figure is the sum over the threads (a stop-the-world walks them all).
 
-    python scripts/bench_stw.py [--threads 1,2,4] [--depth 1000] [--rounds 15] [--json PATH]
+    python scripts/bench_stw.py [--threads 1,2,4] [--depth 1000] [--rounds 15]
+                                [--mode fresh|rescan] [--walker W] [--transfer T] [--json PATH]
+
+By default (``--mode fresh``) every replacement hijacks 1,000 new frames per
+thread: between replacements each thread returns out of its frames (they
+transfer into the new version) and recurses again. ``--mode rescan`` keeps
+the frames hijacked from the first replacement on, so later pauses only walk
+through them.
 """
 import argparse
 import ctypes
@@ -69,42 +76,67 @@ def glibc_walk_seconds(rt, depth, n_threads):
     return sum(per_thread)
 
 
-def measure(n_threads, depth, rounds, walker="python"):
+def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="fresh",
+            spin=1 << 21):
+    """Medians over ``rounds`` replacements of ``deep`` with ``n_threads``
+    threads each ``depth`` frames deep in it.
+
+    ``mode="fresh"``: each thread spins ``spin`` loop iterations at the bottom
+    (a few ms), returns all the way out (its hijacked frames transfer into
+    the new version) and recurses again, and the main thread waits for that
+    between replacements, so every replacement hijacks ``depth`` new frames
+    per thread. ``mode="rescan"``: the threads never return, so only the
+    first replacement writes slots and the others find every frame already
+    hijacked (they walk through the stub and retarget nothing).
+    """
     import osrjit
-    with osrjit.Runtime(walker=walker) as rt:
+    with osrjit.Runtime(walker=walker, transfer=transfer) as rt:
         rt.compile(SPIN + DEEP.format(step=1))
         rt.on_hook(lambda x: 0)
         glibc = glibc_walk_seconds(rt, depth, n_threads)
         deep = rt.function("deep")
         stop = threading.Event()
+        laps = [0] * n_threads
+        k = spin if mode == "fresh" else 1 << 40
 
-        def worker():
+        def worker(j):
             while not stop.is_set():
-                deep(depth, 1 << 40)
+                deep(depth, k)
+                laps[j] += 1
 
         threading.stack_size(64 << 20)
-        ts = [threading.Thread(target=worker) for _ in range(n_threads)]
+        ts = [threading.Thread(target=worker, args=(j,)) for j in range(n_threads)]
         for t in ts:
             t.start()
         time.sleep(0.2)
-        ttsp, pause, hijacked = [], [], []
+        ttsp, pause, hijacked, fresh = [], [], [], []
         for i in range(rounds):
+            if mode == "fresh":
+                # Every thread has returned out of (and re-entered) the
+                # previous round's frames at least once.
+                seen = list(laps)
+                while any(a <= b for a, b in zip(laps, seen)):
+                    time.sleep(0.001)
+            before = rt.stats()["hijacks"]
             rt.replace("deep", DEEP.format(step=2 if i % 2 == 0 else 1))
             p = rt.last_pause
             ttsp.append(p["time_to_safepoint"])
             pause.append(p["pause"])
             hijacked.append(p["frames_hijacked"])
+            fresh.append(rt.stats()["hijacks"] - before)
             time.sleep(0.02)
         stop.set()
         rt.safepoint_flag = 0
-        # End the spinners' loops: a version of spin whose loop exits at once
-        # (same sites, so their frames move into it at their next poll).
-        rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
+        if mode == "rescan":
+            # End the spinners' loops: a version of spin whose loop exits at
+            # once (same sites, so their frames move into it at their next poll).
+            rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
         for t in ts:
             t.join()
         return {"time_to_safepoint_s": statistics.median(ttsp), "pause_s": statistics.median(pause),
                 "glibc_walk_s": glibc, "frames_hijacked": statistics.median(hijacked),
-                "stats": rt.stats()}
+                "frames_newly_hijacked": statistics.median(fresh), "mode": mode,
+                "walker": walker, "transfer": transfer, "stats": rt.stats()}
 
 
 def main(argv=None):
@@ -114,15 +146,21 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--walker", choices=("python", "native"), default="native",
                     help="how replace() walks the stopped stacks (default native)")
+    ap.add_argument("--transfer", choices=("python", "native"), default="native",
+                    help="how hijacked frames transfer (default native)")
+    ap.add_argument("--mode", choices=("fresh", "rescan"), default="fresh",
+                    help="fresh: every replacement hijacks new frames (default); rescan: "
+                         "the frames stay hijacked from the first replacement on")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     out = {}
+    print(f"mode {args.mode}, walker {args.walker}, transfer {args.transfer}")
     print(f"{'threads':>7} {'frames/thread':>13} {'hijacked':>8} {'time-to-safepoint':>18} "
           f"{'pause':>10} {'glibc walk':>11} {'pause/glibc':>11}")
     for n in (int(x) for x in args.threads.split(",")):
-        r = measure(n, args.depth, args.rounds, args.walker)
+        r = measure(n, args.depth, args.rounds, args.walker, args.transfer, args.mode)
         out[str(n)] = r
-        print(f"{n:>7} {args.depth:>13} {r['frames_hijacked']:>8.0f} "
+        print(f"{n:>7} {args.depth:>13} {r['frames_newly_hijacked']:>8.0f} "
               f"{r['time_to_safepoint_s'] * 1e3:>15.2f} ms {r['pause_s'] * 1e3:>7.2f} ms "
               f"{r['glibc_walk_s'] * 1e3:>8.3f} ms {r['pause_s'] / r['glibc_walk_s']:>10.0f}x",
               flush=True)

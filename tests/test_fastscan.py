@@ -55,7 +55,7 @@ def both_scans_scenario():
             answers = {}
             for walker in ("python", "native"):
                 rt.walker = walker
-                found = rt._collect_frames({"work", "outer"}, others)
+                found = rt._collect_frames({"work", "outer"}, others).frames()
                 executing = sorted(v.id for fn in rt._functions.values() for v in fn.versions
                                    if v.executing)
                 answers[walker] = (sorted((v.id, fm.site_id, slot, pc, ident)

@@ -258,7 +258,7 @@ def dispatcher_scenario():
     # commit() sorts by slot (highest first); reorder imposes this order instead.
     for r, d in zip(records, (d0, d0, d1, d0)):
         lifo.push(r, d)
-    order = [records[1], records[0], records[2], records[3]]      # top: records[3]
+    order = [records[1].slot, records[0].slot, records[2].slot, records[3].slot]  # top: [3]
     lifo.commit(lambda entries: sorted(entries, key=lambda e: order.index(e[0])))
     out = {"top0": lifo.block.top}
 
@@ -273,7 +273,8 @@ def dispatcher_scenario():
     out["again"] = call(3)                         # already taken: a miss
     out["handed"] = call(2)                        # no target: to Python, slot untouched
     out["last"] = call(1)
-    out["drain"] = [[r.original_ra for r in part] for part in lifo.drain()]
+    ra_of = {r.slot: r.original_ra for r in records}
+    out["drain"] = [[ra_of[slot] for slot in part] for part in lifo.drain()]
     out["block_plan"] = ctypes.addressof(lifo.block.plan)
     out["plan_status"] = lifo.block.plan.status_ptr
     out["status_address"] = ctypes.addressof(status)
@@ -335,7 +336,7 @@ def native_sum_scenario(depth, reorder=None):
             if "during" not in out:
                 rt.replace("sum", tr.SUM_V2)
                 lifo = ntx_path.lifo_of(rt._registry.current())
-                slots = [r.slot for r, _ in lifo.records]
+                slots = [slot for slot, _ra, _desc in lifo.entries()]
                 out["lifo"] = (lifo.block.top, len(slots),
                                slots == sorted(slots, reverse=True))
                 out["during"] = rt.stats()

@@ -76,7 +76,9 @@ def _capture_function():
             page.write(_CAPTURE_CODE)
             address = ctypes.addressof(ctypes.c_char.from_buffer(page))
             _code_page = page
-            _capture_fn = ctypes.CFUNCTYPE(None, ctypes.POINTER(RegisterFile), _CALLBACK)(address)
+            # PYFUNCTYPE: the GIL stays with this thread into the callback
+            # (a CFUNCTYPE call would give it away and take it back twice).
+            _capture_fn = ctypes.PYFUNCTYPE(None, ctypes.POINTER(RegisterFile), _CALLBACK)(address)
         return _capture_fn
 
 

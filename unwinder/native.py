@@ -1171,6 +1171,13 @@ def walker_ir():
 NATIVE_WALK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                     ctypes.c_uint64, ctypes.c_uint64)
+#: The same, keeping the GIL (what :class:`NativeWalker` calls): a walk never
+#: blocks, and giving the GIL away for microseconds lets another thread take
+#: it for up to the interpreter's switch interval (5 ms) — in the middle of a
+#: stop-the-world, whose pause that would be.
+_WALK_CALL_TYPE = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                    ctypes.c_uint64, ctypes.c_uint64)
 
 
 class _NativeCode:
@@ -1208,7 +1215,7 @@ class _NativeCode:
         self.tracker = (llvm.JITLibraryBuilder().add_object_img(self.obj)
                         .export_symbol(WALK_SYMBOL).link(self.lljit, "unwinder.native-walk"))
         self.address = self.tracker[WALK_SYMBOL]
-        self.function = NATIVE_WALK_TYPE(self.address)
+        self.function = _WALK_CALL_TYPE(self.address)
         elf = ELFFile(io.BytesIO(self.obj))
         sym = elf.get_section_by_name(".symtab").get_symbol_by_name(WALK_SYMBOL)[0]
         text = self.address - sym["st_value"]
@@ -1292,6 +1299,21 @@ class ReturnAddressTable:
                                     f"got {slot!r}, {original!r}")
         with self._lock:
             self._map[slot] = original
+            self._arrays = None
+
+    def update(self, slots, originals):
+        """:meth:`set` for each pair of the sequences ``slots`` / ``originals``
+        (``array('Q')`` or lists of ints; absolute addresses)."""
+        if len(slots) != len(originals):
+            raise NativeWalkerError("update() needs as many return addresses as slots")
+        if not len(slots):
+            return
+        for seq in (slots, originals):
+            if getattr(seq, "typecode", None) != "Q" and not all(
+                    isinstance(v, int) and 0 <= v <= _MASK64 for v in seq):
+                raise NativeWalkerError("slots and return addresses must be 64-bit addresses")
+        with self._lock:
+            self._map.update(zip(slots, originals))
             self._arrays = None
 
     def discard(self, slot):
@@ -1723,6 +1745,25 @@ class NativeWalker:
             end = END_STEP_LIMIT
         return FrameArrays(tuple(pcs), tuple(cfas), tuple(slots), frozenset(translated),
                            tuple(python), end)
+
+    def walk_raw(self, regs, *, max_frames=DEFAULT_MAX_FRAMES, innermost_is_caller=False,
+                 stack_bounds=None, translation=None):
+        """The walk of :meth:`walk` as ``(raw, end_reason)`` when native code
+        did every frame, else None (some frame needed the Python walker: use
+        :meth:`walk` or :meth:`walk_arrays`, which give the whole answer).
+        ``raw``: ``bytes`` of :class:`OutFrame` (32 bytes a frame, innermost
+        first, absolute addresses); ``end_reason`` as in :class:`FrameArrays`."""
+        segments, limited = self._segments(regs, max_frames, innermost_is_caller,
+                                           stack_bounds, translation)
+        if any(isinstance(seg, NativeFrame) for seg in segments):
+            return None
+        raw = b"".join(seg[0] for seg in segments)
+        end = None
+        if raw:
+            end = _TERMINAL.get((int.from_bytes(raw[-8:], "little") >> 8) & 0xFF)
+        if limited and end is None:
+            end = END_STEP_LIMIT
+        return raw, end
 
     def _segments(self, regs, max_frames, innermost_is_caller, stack_bounds, translation):
         """The core loop. Returns ``(segments, limited)``: each segment is

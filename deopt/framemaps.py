@@ -35,8 +35,9 @@ from typing import Any, Protocol
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
+
+from unwinder.elf import open_elf
 
 from . import stackmaps
 from .errors import FrameMapError, IncompatibleVersion
@@ -332,7 +333,7 @@ class ObjectImage:
         self.load_addresses = dict(load_addresses)
         self.name = name
         try:
-            self._elf = ELFFile(io.BytesIO(self.data))
+            self._elf = open_elf(io.BytesIO(self.data))
             self._sections = list(self._elf.iter_sections())
             symtab = self._elf.get_section_by_name(".symtab")
             self._symbols = list(symtab.iter_symbols()) if symtab is not None else []

@@ -93,8 +93,9 @@ from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
+
+from unwinder.elf import open_elf
 
 from .abi import FunctionIR, direct_call_symbol
 from .errors import (CallTargetOutOfRange, NotACallSite, PatchError, UnpatchableReference)
@@ -205,7 +206,7 @@ def call_sites(obj: bytes, load_addresses: Mapping[str, int],
     """
     wanted = None if symbols is None else set(symbols)
     try:
-        elf = ELFFile(io.BytesIO(bytes(obj)))
+        elf = open_elf(io.BytesIO(bytes(obj)))
         sections = list(elf.iter_sections())
     except (ELFError, ValueError) as e:
         raise PatchError(f"cannot read object: {e}") from e

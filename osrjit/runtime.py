@@ -46,7 +46,7 @@ from deopt import framemaps as _fm
 from deopt import native_hijack
 from deopt import native_transfer as ntx
 from deopt.hijack import HijackBatch, HijackError
-from deopt.errors import FrameMapError
+from deopt.errors import FrameMapError, IncompatibleVersion
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
 from . import abi, fastscan, patching, stackscan, threads
@@ -1000,6 +1000,11 @@ class Runtime:
                     irs, {n: v.entry for n, v in new_versions.items()})
                 targets = self._plan_native_targets(names, new_versions)
                 self._native_drain()
+                # Which loaded versions could not resume in their new version
+                # (raised in the pause only if one of them has frames), and
+                # what the scan looks for.
+                incompatible = self._incompatible_versions(names, new_versions)
+                context = self._scan_context(set(names))
             except BaseException:
                 for v in new_versions.values():
                     self._discard(v)
@@ -1015,15 +1020,16 @@ class Runtime:
             try:
                 try:
                     self._native_drain()
-                    stack = self._collect_frames(set(names), others)
+                    stack = self._collect_frames(set(names), others, context)
                     for old in stack.versions():
-                        self.check_compatible(old, self._new_for(old, new_versions))
+                        if old in incompatible:
+                            raise incompatible[old]
                 except BaseException:
                     for v in new_versions.values():
                         self._discard(v)
                     raise
                 self._publish(irs, new_versions, patches, targets)
-                self._hijack(stack)
+                self._hijack(stack, context)
             finally:
                 try:
                     self._native_commit()
@@ -1124,9 +1130,43 @@ class Runtime:
     def _new_for(old, new_versions):
         return new_versions[old.name]
 
-    def _collect_frames(self, names, others=()) -> fastscan.ScanPlan:
+    def _incompatible_versions(self, names, new_versions):
+        """``{loaded version of names: IncompatibleVersion}`` for those whose
+        frames could not resume in their new version."""
+        out = {}
+        for name in names:
+            for old in self._functions[name].versions:
+                try:
+                    self.check_compatible(old, self._new_for(old, new_versions))
+                except IncompatibleVersion as e:
+                    out[old] = e
+        return out
+
+    def _scan_context(self, names):
+        """What a native scan for ``names`` needs that does not depend on the
+        stopped stacks (built before the world stops; valid while the runtime
+        lock is held and no version is published or freed), or None for the
+        reference walker."""
+        if self.walker != "native":
+            return None
+
+        def is_old(v):
+            return self._functions[v.name].current is not v
+
+        versions = [v for fn in self._functions.values() for v in fn.versions]
+        translation = self._translation_mirror()
+        translation.snapshot()            # built now; again in the pause only if it changed
+        tables = fastscan.WatchTables(versions, names, is_old)
+        ntx_path = self._deopt.native
+        return {"index": fastscan.VersionIndex(versions), "tables": tables,
+                "translation": translation, "walker": self._native_walker(),
+                "hijacker": self._native_hijacker(),
+                "descriptors": None if ntx_path is None else ntx_path.descriptors(tables.meta)}
+
+    def _collect_frames(self, names, others=(), context=None) -> fastscan.ScanPlan:
         """Frames of versions of ``names`` on every stopped thread's stack.
 
+        ``context``: from :meth:`_scan_context` (made here if None).
         Returns a :class:`osrjit.fastscan.ScanPlan`: the pending frames, as
         tuples ``(version, frame map, slot, pc, thread ident)`` (``slot`` None
         for a frame already hijacked: its slot holds the stub) or, from the
@@ -1148,17 +1188,15 @@ class Runtime:
             return self._functions[v.name].current is not v
 
         if self.walker == "native":
-            index = fastscan.VersionIndex(v for fn in self._functions.values()
-                                          for v in fn.versions)
-            translation = self._translation_mirror()
+            if context is None:
+                context = self._scan_context(names)
+            index, tables = context["index"], context["tables"]
+            translation = context["translation"]
+            native_walker, hijacker = context["walker"], context["hijacker"]
             me = threading.get_ident()
             own = threads.current_stack_bounds()
             bounds = fastscan.scan_bounds(
                 lambda ident: own if ident == me else self._registry.stack_bounds(ident))
-            native_walker = self._native_walker()
-            hijacker = self._native_hijacker()
-            tables = fastscan.WatchTables((v for fn in self._functions.values()
-                                           for v in fn.versions), names, is_old)
 
         def classify(regs, ident, caller_frame):
             def reference():
@@ -1239,9 +1277,10 @@ class Runtime:
             self._hijacker = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols))
         return self._hijacker
 
-    def _hijack(self, plan):
+    def _hijack(self, plan, context=None):
         """Write the stub into every slot of ``plan`` (world stopped) and
-        record the pending returns (hijack table, counts, native LIFOs)."""
+        record the pending returns (hijack table, counts, native LIFOs);
+        ``context``: the scan's (:meth:`_scan_context`), if any."""
         memory = self._deopt.memory
         ntx_path = self._deopt.native
         states = {} if ntx_path is None else {i: st for i, st, _ in self._registry.snapshot()}
@@ -1258,6 +1297,9 @@ class Runtime:
             return
         hijacker = self._native_hijacker()
         stub = self._deopt.stub_address
+        descriptors_of = {}               # id(meta) -> descriptor per kind
+        if context is not None and context.get("descriptors") is not None:
+            descriptors_of[id(context["tables"].meta)] = context["descriptors"]
         # Check every thread's slots before writing any: a failure leaves every stack as it was.
         for h in batches:
             bad = hijacker.apply(h.slots, h.ras, h.m, stub, 0)
@@ -1276,7 +1318,9 @@ class Runtime:
                 for k, c in per_kind.items():
                     h.meta[k][1].pending_returns += c
             if ntx_path is not None:
-                descriptors = ntx_path.descriptors(h.meta)
+                descriptors = descriptors_of.get(id(h.meta))
+                if descriptors is None:
+                    descriptors = descriptors_of[id(h.meta)] = ntx_path.descriptors(h.meta)
                 buf = ctypes.create_string_buffer(ctypes.sizeof(ntx.LifoEntry) * h.m)
                 written = hijacker.lifo(buf, h.slots, h.ras, h.kinds, h.m,
                                         descriptors.buffer_info()[0])

@@ -25,9 +25,9 @@ import threading
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
 
 from .cfi import EhFrame, EhFrameHdr
+from .elf import open_elf
 from .errors import ModuleError, UnwindError
 
 # ELF relocation types (x86-64 psABI) that can sit on an encoded pointer of
@@ -137,7 +137,7 @@ class ElfModule(Module):
                 else:
                     stream = open(self.path, "rb")
                     data = memoryview(mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ))
-                self._elf = ELFFile(stream)
+                self._elf = open_elf(stream)
                 self._data = data
             except (OSError, ELFError, ValueError) as e:
                 raise ModuleError(f"cannot read ELF module {self.name}: {e}") from e
@@ -192,7 +192,7 @@ class CodeObject(Module):
         self.load_addresses = dict(load_addresses)
         self._bytes = bytes(elf_bytes)
         try:
-            self._elf = ELFFile(io.BytesIO(self._bytes))
+            self._elf = open_elf(io.BytesIO(self._bytes))
             if self._elf["e_type"] != "ET_REL":
                 raise ModuleError(f"{self.name}: not a relocatable object ({self._elf['e_type']})")
             self._sections = list(self._elf.iter_sections())

@@ -1194,7 +1194,7 @@ class _NativeCode:
 
     def __init__(self):
         import llvmlite.binding as llvm
-        from elftools.elf.elffile import ELFFile
+        from .elf import open_elf
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
         tm = llvm.Target.from_default_triple().create_target_machine(
@@ -1216,7 +1216,7 @@ class _NativeCode:
                         .export_symbol(WALK_SYMBOL).link(self.lljit, "unwinder.native-walk"))
         self.address = self.tracker[WALK_SYMBOL]
         self.function = _WALK_CALL_TYPE(self.address)
-        elf = ELFFile(io.BytesIO(self.obj))
+        elf = open_elf(io.BytesIO(self.obj))
         sym = elf.get_section_by_name(".symtab").get_symbol_by_name(WALK_SYMBOL)[0]
         text = self.address - sym["st_value"]
         self.handle = AddressSpace.current_process().add_code_object(

@@ -50,8 +50,9 @@ from dataclasses import dataclass, field
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.constants import SH_FLAGS
-from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
+
+from unwinder.elf import open_elf
 
 from osrjit.errors import OsrJitError
 
@@ -191,7 +192,7 @@ class LoadedObject:
 
 def _read_elf(data: bytes, name: str):
     try:
-        elf = ELFFile(io.BytesIO(data))
+        elf = open_elf(io.BytesIO(data))
         if elf["e_type"] != "ET_REL" or elf["e_machine"] != "EM_X86_64":
             raise EmulationError(f"{name}: not an x86-64 relocatable object "
                                  f"({elf['e_type']}, {elf['e_machine']})")

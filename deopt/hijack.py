@@ -120,7 +120,11 @@ class HijackTable:
         self._records = {}
         self._batches = []            # HijackBatch with live entries
         self._unmirrored = []         # batches not yet given to the mirror
-        self._lock = threading.Lock()
+        #: Held by every method. A caller that has written the stub into
+        #: slots it records only later (:meth:`add_batch`) holds it from before
+        #: the first of those slots can be returned through, so a transfer's
+        #: :meth:`take` waits for the record instead of missing it. Reentrant.
+        self.lock = self._lock = threading.RLock()
         #: Count of records ever created (hijacks) and taken (returns into the stub).
         self.hijacks = 0
         self.taken = 0
@@ -178,8 +182,8 @@ class HijackTable:
         return value
 
     def add_batch(self, batch):
-        """Record a :class:`HijackBatch` whose slots the caller has just
-        written the stub into (world stopped; none of them is in the table).
+        """Record a :class:`HijackBatch` whose slots the caller has written
+        the stub into (none of them is in the table; see :attr:`lock`).
         The mirror learns them at the next :meth:`flush_mirror`."""
         with self._lock:
             if batch.live:

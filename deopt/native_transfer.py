@@ -695,7 +695,7 @@ class ThreadLifo:
             block.entries = ctypes.addressof(self._array)
             block.capacity = len(self._array)
         if n:
-            ctypes.memmove(self._array, data, len(data))
+            _memmove(self._array, data, len(data))
         block.top = n
         self.size = n
         self._seen = bytearray(n)
@@ -708,6 +708,10 @@ class ThreadLifo:
 
 
 _ENTRY_SIZE = ctypes.sizeof(LifoEntry)
+#: memmove keeping the GIL (``ctypes.memmove`` gives it away, and a commit
+#: runs while the world is stopped: it must not wait for another thread).
+_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_size_t)(ctypes._memmove_addr)
 #: bytes.translate table: status low byte -> 1 unless PENDING.
 _MOVED = bytes(0 if b == PENDING else 1 for b in range(256))
 

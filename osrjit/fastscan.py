@@ -37,7 +37,7 @@ from unwinder.modules import read_proc_maps
 from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
 
 __all__ = ["VersionIndex", "scan_bounds", "classify_native", "plan_native", "ThreadHijacks",
-           "ScanPlan"]
+           "ScanPlan", "ScanBuffers", "WatchTables"]
 
 
 class VersionIndex:
@@ -172,9 +172,43 @@ class WatchTables:
         self.hijack_array = (ctypes.c_uint64 * max(nk, 1))(*self.hijack)
         flat = [a for v in watched for a in v.code_range]
         self.range_array = (ctypes.c_uint64 * max(2 * nr, 2))(*flat)
+        # Output counters, reused by each thread's plan (zeroed before it).
+        self.counts_array = (ctypes.c_uint64 * max(3 * nk, 1))()
+        self.range_counts_array = (ctypes.c_uint64 * max(nr, 1))()
+        self.zero_counts = [0] * len(self.counts_array)
+        self.zero_range_counts = [0] * len(self.range_counts_array)
 
     def __bool__(self):
         return bool(self.range_versions)
+
+
+class ScanBuffers:
+    """Output arrays for :class:`ThreadHijacks` (slots, return addresses,
+    kinds), kept by the runtime from one scan to the next: a scan should not
+    allocate them (nor make a ctypes array type per stack depth) while the
+    world is stopped. :meth:`take` hands out a set of at least ``n`` entries
+    (capacities are powers of two); :meth:`reset` makes every set available
+    again — call it only when no :class:`ThreadHijacks` of the last scan is
+    used any more."""
+
+    def __init__(self):
+        self._sets = []
+        self._used = 0
+
+    def take(self, n):
+        sets, i = self._sets, self._used
+        while i < len(sets) and len(sets[i][0]) < n:
+            i += 1
+        if i == len(sets):
+            cap = 1 << max(10, (max(n, 1) - 1).bit_length())
+            sets.append(tuple((ctypes.c_uint64 * cap)() for _ in range(3)))
+        # Keep the used ones at the front.
+        sets[self._used], sets[i] = sets[i], sets[self._used]
+        self._used += 1
+        return sets[self._used - 1]
+
+    def reset(self):
+        self._used = 0
 
 
 class ThreadHijacks:
@@ -192,22 +226,22 @@ class ThreadHijacks:
     __slots__ = ("thread", "tables", "meta", "counts", "range_counts", "m", "t", "cap",
                  "slots", "ras", "kinds")
 
-    def __init__(self, hijacker, raw, n, first, tables, thread):
+    def __init__(self, hijacker, raw, n, first, tables, thread, buffers=None):
         self.thread = thread
         self.tables = tables
         self.meta = tables.meta
         nk, nr = len(tables.keys), len(tables.range_versions)
-        self.cap = cap = max(n, 1)
-        self.slots = (ctypes.c_uint64 * cap)()
-        self.ras = (ctypes.c_uint64 * cap)()
-        self.kinds = (ctypes.c_uint64 * cap)()
-        counts = (ctypes.c_uint64 * max(3 * nk, 1))()
-        range_counts = (ctypes.c_uint64 * max(nr, 1))()
+        buffers = buffers or ScanBuffers()
+        self.slots, self.ras, self.kinds = buffers.take(n)
+        self.cap = cap = len(self.slots)
+        counts, range_counts = tables.counts_array, tables.range_counts_array
+        counts[:] = tables.zero_counts                # (ctypes.memset would give the GIL away)
+        range_counts[:] = tables.zero_range_counts
         self.m = hijacker.plan(raw, n, first, tables.key_array, tables.hijack_array, nk,
                                counts, self.slots, self.ras, self.kinds, cap,
                                tables.range_array, nr, range_counts)
-        self.counts = counts[:]                # lists from here on
-        self.range_counts = range_counts[:]
+        self.counts = counts[:3 * nk]          # lists from here on
+        self.range_counts = range_counts[:nr]
         self.t = self._translated()
 
     def _translated(self):
@@ -284,12 +318,13 @@ class ScanPlan:
 
 
 def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced, is_old,
-                thread, translation, bounds, reference):
+                thread, translation, bounds, reference, buffers=None):
     """``(ScanResult, ThreadHijacks or None)`` of one stopped thread.
 
     Arguments as :func:`classify_native`, plus ``hijacker``: a
-    :class:`deopt.native_hijack.NativeHijacker`, and ``tables``: the scan's
-    :class:`WatchTables`. The ScanResult holds the executing versions and
+    :class:`deopt.native_hijack.NativeHijacker`, ``tables``: the scan's
+    :class:`WatchTables`, and ``buffers``: :class:`ScanBuffers` to take the
+    output arrays from (default: new ones). The ScanResult holds the executing versions and
     ``incomplete``; its ``pending`` (reference tuples) is filled only when
     the walk needed Python (then the reference path classified it).
     """
@@ -310,7 +345,7 @@ def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced
             out.executing.add(v)
     found = None
     if tables and n > first:
-        found = ThreadHijacks(hijacker, raw, n, first, tables, thread)
+        found = ThreadHijacks(hijacker, raw, n, first, tables, thread, buffers)
         out.executing |= found.executing()
     if not n:
         out.incomplete = "no frames"

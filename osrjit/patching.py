@@ -469,7 +469,9 @@ def pointer_patch(address: int, new_value: int, memory: MemoryMap | None = None)
     return Patch(address, 8, old, new_value, new_value)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# PyDLL: the GIL stays held across mprotect (it never blocks), so a patch made
+# while the world is stopped never waits for another Python thread.
+_libc = ctypes.PyDLL(None, use_errno=True)
 _mprotect = _libc.mprotect
 _mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _mprotect.restype = ctypes.c_int

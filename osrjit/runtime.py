@@ -634,6 +634,7 @@ class Runtime:
         self.walker = walker
         self._walker_instance = None
         self._hijacker = None
+        self._scan_buffers = fastscan.ScanBuffers()
         self.opt_level = opt_level
         #: Where versions are optimised and emitted: ``"inprocess"``, or
         #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
@@ -996,8 +997,15 @@ class Runtime:
                 # maps or unmaps the runtime's code while its lock is held)
                 # and the hijack records the native transfer took meanwhile.
                 self._prepare_native(names)
-                patches = self._plan_direct_calls(
+                patches, memory = self._plan_direct_calls(
                     irs, {n: v.entry for n, v in new_versions.items()})
+                # Calls in the new versions' own code can be patched now: no
+                # thread can reach it before it is published.
+                unpublished = [v.code_range for v in new_versions.values()]
+                early = [p for p in patches if p.site is not None
+                         and any(lo <= p.address < hi for lo, hi in unpublished)]
+                patching.apply_patches(early, memory)
+                patches = ([p for p in patches if all(p is not e for e in early)], memory)
                 targets = self._plan_native_targets(names, new_versions)
                 self._native_drain()
                 # Which loaded versions could not resume in their new version
@@ -1017,6 +1025,7 @@ class Runtime:
                     self._discard(v)
                 raise
             t1 = time.perf_counter()
+            batches = []
             try:
                 try:
                     self._native_drain()
@@ -1029,13 +1038,15 @@ class Runtime:
                         self._discard(v)
                     raise
                 self._publish(irs, new_versions, patches, targets)
-                self._hijack(stack, context)
+                batches = self._hijack(stack, context)
             finally:
                 try:
                     self._native_commit()
                 finally:
                     t2 = time.perf_counter()
                     self._world.release()
+                    if batches:
+                        self._record_batches(batches)
             #: Seconds of the last replace(): ``time_to_safepoint`` (request ->
             #: all other threads stopped) and ``pause`` (request -> walked,
             #: hijacked, release issued: the flag cleared and parked threads
@@ -1158,6 +1169,7 @@ class Runtime:
         translation.snapshot()            # built now; again in the pause only if it changed
         tables = fastscan.WatchTables(versions, names, is_old)
         ntx_path = self._deopt.native
+        self._scan_buffers.reset()        # the previous scan's arrays are no longer used
         return {"index": fastscan.VersionIndex(versions), "tables": tables,
                 "translation": translation, "walker": self._native_walker(),
                 "hijacker": self._native_hijacker(),
@@ -1204,8 +1216,9 @@ class Runtime:
             if self.walker == "native":
                 result, arrays = fastscan.plan_native(
                     hijacker, native_walker, regs, caller_frame=caller_frame, index=index,
-                    tables=tables, replaced=names, is_old=is_old, thread=ident, translation=translation,
-                    bounds=bounds, reference=reference)
+                    tables=tables, replaced=names, is_old=is_old, thread=ident,
+                    translation=translation, bounds=bounds, reference=reference,
+                    buffers=self._scan_buffers)
                 found.extend(result.pending)
                 if arrays is not None:
                     plan.threads.append(arrays)
@@ -1222,8 +1235,18 @@ class Runtime:
                     executing.update(v for v in fn.versions if v is not fn.current)
 
         def scan(regs):
-            # Our own stack: walked from inside the capture, so it stays put.
-            classify(regs, threading.get_ident(), True)
+            if regs is not None:
+                # Our own stack: walked from inside the capture, so it stays put.
+                classify(regs, threading.get_ident(), True)
+            else:
+                # Our own JIT frames lie below our last transition out of JIT
+                # code (a hook's anchor), frozen while we run above it — the
+                # rule the other threads' scans follow too. No anchor: no
+                # JIT call of ours is active on this thread.
+                mine = self._registry.attached()
+                aregs = None if mine is None else threads.anchor_registers(mine)
+                if aregs is not None:
+                    classify(aregs, threading.get_ident(), True)
             for ident, state, _ in others:
                 status = state.status
                 if status == threads.PARKED_SIGNAL and state.ucontext:
@@ -1238,7 +1261,10 @@ class Runtime:
                     if aregs is not None:
                         classify(aregs, ident, True)
 
-        unwinder.with_captured_registers(scan)
+        if self.walker == "native":
+            scan(None)
+        else:
+            unwinder.with_captured_registers(scan)
         for fn in self._functions.values():
             for v in fn.versions:
                 v.executing = v in executing
@@ -1280,7 +1306,9 @@ class Runtime:
     def _hijack(self, plan, context=None):
         """Write the stub into every slot of ``plan`` (world stopped) and
         record the pending returns (hijack table, counts, native LIFOs);
-        ``context``: the scan's (:meth:`_scan_context`), if any."""
+        ``context``: the scan's (:meth:`_scan_context`), if any. Returns the
+        natively hijacked batches, whose records :meth:`_record_batches` makes
+        (it must be called, also on error: the table's lock is held until then)."""
         memory = self._deopt.memory
         ntx_path = self._deopt.native
         states = {} if ntx_path is None else {i: st for i, st, _ in self._registry.snapshot()}
@@ -1294,7 +1322,7 @@ class Runtime:
                 ntx_path.push(record, states.get(ident))
         batches = [h for h in plan.threads if h.m]
         if not batches:
-            return
+            return []
         hijacker = self._native_hijacker()
         stub = self._deopt.stub_address
         descriptors_of = {}               # id(meta) -> descriptor per kind
@@ -1307,26 +1335,42 @@ class Runtime:
                 raise HijackError(f"slot {h.slots[bad - 1]:#x} of thread {h.thread} no longer "
                                   f"holds the return address {h.ras[bad - 1]:#x}, or the "
                                   f"slots do not rise")
-        for h in batches:
-            hijacker.apply(h.slots, h.ras, h.m, stub, 1)
+        # From the first stub written until the records exist (after the world
+        # is released: see _record_batches) a transfer's take() must wait.
+        self._deopt.table.lock.acquire()
+        try:
+            for h in batches:
+                hijacker.apply(h.slots, h.ras, h.m, stub, 1)
+                if ntx_path is not None:
+                    descriptors = descriptors_of.get(id(h.meta))
+                    if descriptors is None:
+                        descriptors = descriptors_of[id(h.meta)] = ntx_path.descriptors(h.meta)
+                    size = ctypes.sizeof(ntx.LifoEntry)
+                    buf = ctypes.create_string_buffer(size * h.m)
+                    written = hijacker.lifo(buf, h.slots, h.ras, h.kinds, h.m,
+                                            descriptors.buffer_info()[0])
+                    ntx_path.push_entries(states.get(h.thread), buf.raw[:size * written],
+                                          h.m - written)
+        except BaseException:
+            self._record_batches(batches)     # the stubs are written: record them now
+            raise
+        return batches
+
+    def _record_batches(self, batches):
+        """The hijack records and counts of what :meth:`_hijack` wrote natively
+        (after the world is released, the table's lock still held from
+        :meth:`_hijack`; released here)."""
         table = self._deopt.table
-        for h in batches:
-            slots, ras, kinds = h.hijack_arrays()
-            per_kind = h.hijacked_per_kind()
-            table.add_batch(HijackBatch(slots, ras, kinds, h.meta, h.thread, per_kind))
-            with self._count_lock:
-                for k, c in per_kind.items():
-                    h.meta[k][1].pending_returns += c
-            if ntx_path is not None:
-                descriptors = descriptors_of.get(id(h.meta))
-                if descriptors is None:
-                    descriptors = descriptors_of[id(h.meta)] = ntx_path.descriptors(h.meta)
-                buf = ctypes.create_string_buffer(ctypes.sizeof(ntx.LifoEntry) * h.m)
-                written = hijacker.lifo(buf, h.slots, h.ras, h.kinds, h.m,
-                                        descriptors.buffer_info()[0])
-                ntx_path.push_entries(states.get(h.thread),
-                                      buf.raw[:ctypes.sizeof(ntx.LifoEntry) * written],
-                                      h.m - written)
+        try:
+            for h in batches:
+                slots, ras, kinds = h.hijack_arrays()
+                per_kind = h.hijacked_per_kind()
+                table.add_batch(HijackBatch(slots, ras, kinds, h.meta, h.thread, per_kind))
+                with self._count_lock:
+                    for k, c in per_kind.items():
+                        h.meta[k][1].pending_returns += c
+        finally:
+            table.lock.release()
 
     # -- the native transfer's bookkeeping (runtime lock held) ----------------
 

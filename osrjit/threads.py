@@ -387,7 +387,9 @@ def _module_with_asm(ir_text, asm, triple):
     return "\n".join(lines) + "\n" + ir_text
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# PyDLL: none of these blocks, and the stop-the-world calls some of them
+# (pthread_kill, pthread_getattr_np) while it must keep the GIL.
+_libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.pthread_key_create.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
 _libc.pthread_setspecific.argtypes = [ctypes.c_uint, ctypes.c_void_p]
 _libc.pthread_kill.argtypes = [ctypes.c_ulong, ctypes.c_int]
@@ -540,6 +542,11 @@ class ThreadRegistry:
         :func:`current_stack_bounds`), or None."""
         with self._lock:
             return self._bounds.get(ident)
+
+    def attached(self):
+        """This thread's :class:`ThreadState` if it is attached, else None (never attaches)."""
+        holder = getattr(self._local, "holder", None)
+        return None if holder is None else holder.state
 
     def snapshot(self):
         """``[(ident, ThreadState, name)]`` of every attached thread."""

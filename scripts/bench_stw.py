@@ -162,7 +162,7 @@ def main(argv=None):
         out[str(n)] = r
         print(f"{n:>7} {args.depth:>13} {r['frames_newly_hijacked']:>8.0f} "
               f"{r['time_to_safepoint_s'] * 1e3:>15.2f} ms {r['pause_s'] * 1e3:>7.2f} ms "
-              f"{r['glibc_walk_s'] * 1e3:>8.3f} ms {r["pause_s"] / r["glibc_walk_s"]:>10.1f}x",
+              f"{r['glibc_walk_s'] * 1e3:>8.3f} ms {r['pause_s'] / r['glibc_walk_s']:>10.1f}x",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -319,11 +319,11 @@ def _all_native(stats):
     assert stats["lifo_misses"] == stats["native_handed"] == 0, stats
 
 
-def native_sum_scenario(depth, reorder=None):
+def native_sum_scenario(depth, reorder=None, walker="python"):
     """sum(depth) replaced at its deepest frame; LIFO facts seen from the hook."""
     import osrjit
     out = {}
-    with osrjit.Runtime(transfer="native") as rt:
+    with osrjit.Runtime(transfer="native", walker=walker) as rt:
         rt.compile(tr.SUM_V1)
         v1 = rt.current("sum")
         ntx_path = rt._deopt.native
@@ -352,8 +352,11 @@ def native_sum_scenario(depth, reorder=None):
     return out
 
 
-def test_sum_at_depth_1000_returns_through_1001_native_transfers():
-    out = run_child(native_sum_scenario, 1000)
+@pytest.mark.parametrize("walker", ["python", "native"])
+def test_sum_at_depth_1000_returns_through_1001_native_transfers(walker):
+    # walker="native": the replacing thread's own frames (below the hook's
+    # anchor) are found, hijacked and pushed by the native scan.
+    out = run_child(native_sum_scenario, 1000, None, walker)
     assert out["result"] == 1000 * 1001, out["error"]
     assert out["lifo"] == (1001, 1001, True)      # one entry per frame, innermost on top
     assert out["during"]["pending_returns"] == 1001 and out["code_during"]
@@ -374,8 +377,10 @@ def test_a_lifo_out_of_order_is_searched():
     assert not out["v1_loaded"]
 
 
-def test_frames_missing_from_the_lifo_take_the_python_transfer_counted():
-    out = run_child(native_sum_scenario, 1000, "drop-every-third")
+@pytest.mark.parametrize("walker", ["python", "native"])
+def test_frames_missing_from_the_lifo_take_the_python_transfer_counted(walker):
+    # walker="native": the Python transfer takes records made lazily from a batch.
+    out = run_child(native_sum_scenario, 1000, "drop-every-third", walker)
     assert out["result"] == 1000 * 1001, out["error"]
     after = out["after"]
     dropped = len(range(0, 1001, 3))

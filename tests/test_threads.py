@@ -92,8 +92,10 @@ def test_four_threads_recursing_while_main_replaces(replacements, transfer, walk
 
 
 @pytest.mark.slow
-def test_four_threads_thousand_replacements():
-    results, errors, stats, depths = run_child(workers_scenario, 4, 1000, 1000, 2, timeout=3000)
+@pytest.mark.parametrize("transfer,walker", PATHS)
+def test_four_threads_thousand_replacements(transfer, walker):
+    results, errors, stats, depths = run_child(workers_scenario, 4, 1000, 1000, 2, transfer,
+                                               walker, timeout=3000)
     assert not errors and results
     assert all(d <= r <= 2 * d for d, r in results)
     assert stats["pending_returns"] == 0 and stats["transfers"] == stats["hijacks"]
@@ -166,12 +168,12 @@ def tree(n):
 """
 
 
-def race_scenario(replacements, seed, n_threads, transfer="python"):
+def race_scenario(replacements, seed, n_threads, transfer="python", walker="python"):
     import osrjit
     errors = []
     outcomes = []
     done = threading.Event()
-    with osrjit.Runtime(transfer=transfer) as rt:
+    with osrjit.Runtime(transfer=transfer, walker=walker) as rt:
         rt.compile(RACE.format(k=0))
         rt.on_hook(lambda x: x)
         tree = rt.function("tree")
@@ -218,10 +220,11 @@ def race_scenario(replacements, seed, n_threads, transfer="python"):
 
 
 @pytest.mark.parametrize("replacements", [1000])
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_replacement_racing_with_threads_entering_leaving_and_hooking(replacements, transfer):
+@pytest.mark.parametrize("transfer,walker", PATHS + [("native", "python")])
+def test_replacement_racing_with_threads_entering_leaving_and_hooking(replacements, transfer,
+                                                                      walker):
     errors, outcomes, stats, final = run_child(race_scenario, replacements, 7, 3, transfer,
-                                               timeout=900)
+                                               walker, timeout=900)
     assert not errors
     assert outcomes
     assert all(r in (d, d + 1) for d, r in outcomes)      # leaf adds 0 or 1, never anything else
@@ -233,8 +236,10 @@ def test_replacement_racing_with_threads_entering_leaving_and_hooking(replacemen
 
 
 @pytest.mark.slow
-def test_replacement_race_ten_thousand_times():
-    errors, outcomes, stats, final = run_child(race_scenario, 10_000, 11, 3, timeout=3000)
+@pytest.mark.parametrize("transfer,walker", PATHS)
+def test_replacement_race_ten_thousand_times(transfer, walker):
+    errors, outcomes, stats, final = run_child(race_scenario, 10_000, 11, 3, transfer, walker,
+                                               timeout=3000)
     assert not errors and outcomes
     assert stats["pending_returns"] == 0
     assert stats["transfers"] == stats["hijacks"]

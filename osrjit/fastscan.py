@@ -298,6 +298,11 @@ class ScanPlan:
     def __init__(self):
         self.tuples = []
         self.threads = []
+        #: No thread runs code of a watched version outside a site (every
+        #: such frame is at a site, hijacked or about to be) and every walk
+        #: was complete: after the hijack, no thread can execute old code
+        #: except by a transfer that fails.
+        self.quiet = False
 
     def __len__(self):
         return len(self.tuples) + sum(h.m + h.t for h in self.threads)

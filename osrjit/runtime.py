@@ -1005,7 +1005,14 @@ class Runtime:
                 early = [p for p in patches if p.site is not None
                          and any(lo <= p.address < hi for lo, hi in unpublished)]
                 patching.apply_patches(early, memory)
-                patches = ([p for p in patches if all(p is not e for e in early)], memory)
+                patches = [p for p in patches if all(p is not e for e in early)]
+                # Calls in code that is old once the new versions are published
+                # may be patched after the release if no thread runs old code
+                # (see the end of this method); the others in the pause.
+                old_code = [v.code_range for fn in self._functions.values() for v in fn.versions
+                            if fn.name in names or v is not fn.current]
+                deferrable = [p for p in patches if p.site is not None
+                              and any(lo <= p.address < hi for lo, hi in old_code)]
                 targets = self._plan_native_targets(names, new_versions)
                 self._native_drain()
                 # Which loaded versions could not resume in their new version
@@ -1025,7 +1032,7 @@ class Runtime:
                     self._discard(v)
                 raise
             t1 = time.perf_counter()
-            batches = []
+            batches = deferred = []
             try:
                 try:
                     self._native_drain()
@@ -1037,16 +1044,34 @@ class Runtime:
                     for v in new_versions.values():
                         self._discard(v)
                     raise
-                self._publish(irs, new_versions, patches, targets)
+                deferred = deferrable if stack.quiet else []
+                now = [p for p in patches if all(p is not d for d in deferred)]
+                self._publish(irs, new_versions, (now, memory), targets)
                 batches = self._hijack(stack, context)
             finally:
                 try:
                     self._native_commit()
                 finally:
                     t2 = time.perf_counter()
+                    # Deferred patches are written with the table's lock held:
+                    # the only way back into old code — a transfer that fails
+                    # and returns into its frame's old code — takes that lock
+                    # first (the Python transfer's take()), so no thread runs
+                    # code whose page is writable for a moment.
+                    table = self._deopt.table
+                    if deferred:
+                        table.lock.acquire()
                     self._world.release()
-                    if batches:
-                        self._record_batches(batches)
+                    try:
+                        if deferred:
+                            patching.apply_patches(deferred, memory)
+                    finally:
+                        try:
+                            if batches:
+                                self._record_batches(batches)
+                        finally:
+                            if deferred:
+                                table.lock.release()
             #: Seconds of the last replace(): ``time_to_safepoint`` (request ->
             #: all other threads stopped) and ``pause`` (request -> walked,
             #: hijacked, release issued: the flag cleared and parked threads
@@ -1192,6 +1217,7 @@ class Runtime:
         executing = set()
         plan = fastscan.ScanPlan()
         found = plan.tuples
+        incomplete = []
         # Every stack read here is stopped (other threads parked, ours below
         # the capture point), so 4 KiB pages can be cached for this scan.
         memory = unwinder.ProcessMemory(page_cache=True)
@@ -1231,6 +1257,7 @@ class Runtime:
             if result.incomplete is not None:
                 # Frames of old versions may hide below: free none of them this time.
                 self.last_incomplete_walk = result.incomplete
+                incomplete.append(result.incomplete)
                 for fn in self._functions.values():
                     executing.update(v for v in fn.versions if v is not fn.current)
 
@@ -1268,6 +1295,7 @@ class Runtime:
         for fn in self._functions.values():
             for v in fn.versions:
                 v.executing = v in executing
+        plan.quiet = not executing and not incomplete
         return plan
 
     def _native_walker(self):

@@ -518,3 +518,85 @@ def test_call_site_geometry():
     assert s.displacement_to(s.return_address + 10) == 10
     assert patching.fits_rel32(2 ** 31 - 1) and not patching.fits_rel32(2 ** 31)
     assert re.search(r"call osrjit\.fn\.g at 0x103b", repr(s))
+
+
+# --------------------------------------------------------------------------
+# replace(): direct calls in old code patched after the release when no
+# thread runs old code, in the pause otherwise
+# --------------------------------------------------------------------------
+
+REC = """
+def rec(n, k):
+    if n == 0:
+        return spin(k) + hook(0)
+    return rec(n - 1, k) + {step}
+"""
+SPIN_LOOP = """
+def spin(k):
+    x = 1
+    i = 0
+    while i < k:
+        x = (x * 1103515245 + 12345) % 2147483648
+        i = i + 1
+    return hook(x)
+"""
+
+
+def deferred_patch_scenario(walker, poll_free):
+    """A thread 200 frames deep in rec; rec is replaced twice. Every direct
+    call to rec, in every loaded version, must lead to the current version
+    once replace() returns — whether the patches were written in the pause
+    (a thread runs old code outside a site: the poll-free spin of an old
+    version is interrupted by the signal) or after the release."""
+    import threading
+    import time
+
+    import osrjit
+    from osrjit import patching
+    out = {"ok": [], "quiet": []}
+    with osrjit.Runtime(calls="direct", walker=walker, transfer="native") as rt:
+        rt.compile(SPIN_LOOP, polls=not poll_free)
+        rt.compile(REC.format(step=1))
+        rt.on_hook(lambda x: 0)
+        rec = rt.function("rec")
+        orig = rt._collect_frames
+
+        def collect(*a, **k):
+            plan = orig(*a, **k)
+            out["quiet"].append(plan.quiet)
+            return plan
+        rt._collect_frames = collect
+        threading.stack_size(16 << 20)
+        # With polls the spin runs until a version that ends it; poll-free
+        # it cannot be replaced while it runs, so it ends by itself (seconds).
+        k = 400_000_000 if poll_free else 1 << 40
+        t = threading.Thread(target=lambda: out.setdefault("result", rec(200, k)))
+        t.start()
+        time.sleep(0.3)
+        for step in (2, 3):
+            if poll_free:
+                # The old spin runs outside any site: its version stays executing.
+                rt.replace("spin", SPIN_LOOP.replace("i = i + 1", "i = i + 1 + 0"),
+                           polls=False)
+            rt.replace("rec", REC.format(step=step))
+            current = rt.current("rec").entry
+            targets = [patching.resolve(s.site).final_target for s in rt._call_sites.sites("rec")]
+            out["ok"].append(bool(targets) and all(x == current for x in targets))
+        # End the spin: a version whose loop exits at once.
+        rt.replace("spin", SPIN_LOOP.replace("i = i + 1", "i = k"), polls=not poll_free)
+        t.join(timeout=120)
+        out["alive"] = t.is_alive()
+        out["stats"] = rt.stats()
+    return out
+
+
+@pytest.mark.parametrize("walker", ["python", "native"])
+@pytest.mark.parametrize("poll_free", [False, True])
+def test_direct_calls_reach_the_current_version_after_replace(walker, poll_free):
+    out = run_child(deferred_patch_scenario, walker, poll_free, timeout=300)
+    assert out["ok"] == [True, True]
+    assert not out["alive"] and out["result"] == 200 * 3
+    # quiet: patched after the release; not quiet (old spin executing): in the pause.
+    rec_scans = out["quiet"][1::2] if poll_free else out["quiet"][:2]
+    assert rec_scans == ([False, False] if poll_free else [True, True])
+    assert out["stats"]["pending_returns"] == 0

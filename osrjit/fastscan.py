@@ -2,31 +2,25 @@
 
 Same answer as walking each stopped thread with :func:`unwinder.walk` and
 classifying with :func:`osrjit.stackscan.classify_frames` — the reference,
-which a test compares against.
+which a test compares against — with no per-frame Python:
 
-:func:`plan_native` (what ``Runtime(walker="native")`` runs) takes the walk
-as raw native output (:meth:`unwinder.NativeWalker.walk_raw`), classifies
-its distinct return addresses in Python and leaves every per-frame step —
-finding the frames to hijack, checking their slots, writing the stub,
-building LIFO entries — to :mod:`deopt.native_hijack`: a
-:class:`ThreadHijacks` holds one thread's frames as arrays.
+* :class:`WatchTables` (built before the world stops): every return address
+  of a site of a *watched* version (being replaced, or old) and their code
+  ranges, as sorted native arrays; versions are found by bisection in one
+  sorted array of ``.text`` ranges (:class:`VersionIndex`);
+* :func:`plan_native` walks one stopped thread with
+  :meth:`unwinder.NativeWalker.walk_raw` (hijacked slots seen through a
+  :class:`unwinder.ReturnAddressTable` mirror of the hijack table, stack
+  bounds known per thread or from ``/proc/self/maps``) and hands the raw
+  frames to :mod:`deopt.native_hijack`, which finds the frames to hijack,
+  checks their slots and counts what runs old code; a :class:`ThreadHijacks`
+  holds one thread's answer as arrays, a :class:`ScanPlan` every thread's.
 
-:func:`classify_native` (the earlier fast path, kept for comparison) reads
-columns instead: the walk is
-:meth:`unwinder.NativeWalker.walk_arrays` (columns, no per-frame objects) and
-the classification reads those columns:
-
-* versions are found by bisection in one sorted array of ``.text`` ranges
-  built per scan (:class:`VersionIndex`);
-* a frame's lookup pc is ``pc − 1`` except for the innermost frame of a walk
-  started from exact registers (a signal context);
-* hijacked slots are seen through a :class:`unwinder.ReturnAddressTable`
-  mirror of the hijack table built per scan;
-* stack bounds come from one read of ``/proc/self/maps`` per scan.
-
-A walk the native code could not do entirely by itself (a frame left to the
-Python walker, which may have guessed by frame pointers) is redone by the
-reference path, so the answer never depends on the fast path's limits.
+A frame's lookup pc is ``pc − 1`` except for the innermost frame of a walk
+started from exact registers (a signal context). A walk the native code
+could not do entirely by itself (a frame left to the Python walker, which
+may have guessed by frame pointers) is redone by the reference path, so the
+answer never depends on the fast path's limits.
 """
 import bisect
 import ctypes
@@ -36,8 +30,8 @@ from unwinder.modules import read_proc_maps
 
 from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
 
-__all__ = ["VersionIndex", "scan_bounds", "classify_native", "plan_native", "ThreadHijacks",
-           "ScanPlan", "ScanBuffers", "WatchTables"]
+__all__ = ["VersionIndex", "scan_bounds", "plan_native", "ThreadHijacks", "ScanPlan",
+           "ScanBuffers", "WatchTables"]
 
 
 class VersionIndex:
@@ -81,64 +75,6 @@ def scan_bounds(known=None):
             return maps[i]
         return rsp, rsp
     return bounds
-
-
-def classify_native(walker, regs, *, caller_frame, index, replaced, is_old, thread,
-                    translation, bounds, reference):
-    """:class:`~osrjit.stackscan.ScanResult` of one stopped thread, with its
-    pending frames as plain tuples ``(version, frame map, slot, pc, thread)``
-    (the fields of :class:`~osrjit.stackscan.PendingFrame`; no object per frame).
-
-    ``walker``: a :class:`unwinder.NativeWalker`; ``regs``: the thread's
-    registers (DWARF numbers); ``caller_frame``: the first frame is a caller
-    frame (an anchor or a capture), not an interrupted pc; ``index``:
-    :class:`VersionIndex`; ``replaced`` / ``is_old`` / ``thread``: as
-    :func:`~osrjit.stackscan.classify_frames`; ``translation``: the
-    :class:`unwinder.ReturnAddressTable` of hijacked slots; ``bounds``: from
-    :func:`scan_bounds`; ``reference()``: the reference frames (a
-    :func:`unwinder.walk` iterator), used when the native walk needed Python.
-    """
-    arrays = walker.walk_arrays(regs, innermost_is_caller=caller_frame,
-                                stack_bounds=bounds(regs[7], thread), translation=translation)
-    if arrays.python:
-        out = classify_frames(reference(), index.at, replaced, is_old, thread)
-        out.pending = [(p.version, p.frame_map, p.slot, p.pc, p.thread) for p in out.pending]
-        return out
-    out = ScanResult()
-    pcs, slots, translated = arrays.pcs, arrays.ra_slots, arrays.translated
-    at = index.at
-    executing, pending = out.executing, out.pending
-    first = 0
-    if pcs and not caller_frame:
-        first = 1
-        v = at(pcs[0])                   # an interrupted pc: never at a site
-        if v is not None and (v.name in replaced or is_old(v)):
-            executing.add(v)
-    # Classify each distinct return address once (a recursion repeats a few
-    # of them thousands of times), then visit only the frames that matter.
-    info = {}
-    for pc in set(pcs[first:]):
-        v = at(pc - 1)
-        if v is not None and (v.name in replaced or is_old(v)):
-            info[pc] = (v, v.frame_map_at(pc), v.name in replaced)
-    if info:
-        for i in [i for i, pc in enumerate(pcs) if pc in info and i >= first]:
-            pc = pcs[i]
-            v, fm, is_replaced = info[pc]
-            if i in translated:          # already hijacked: seen through
-                if fm is None:
-                    executing.add(v)
-                elif is_replaced:
-                    pending.append((v, fm, None, pc, thread))
-            elif fm is not None and is_replaced and i > 0 and slots[i - 1]:
-                pending.append((v, fm, slots[i - 1], pc, thread))
-            else:
-                executing.add(v)
-    if not pcs:
-        out.incomplete = "no frames"
-    elif arrays.end_reason not in NORMAL_ENDS:
-        out.incomplete = arrays.end_reason
-    return out
 
 
 class WatchTables:
@@ -326,10 +262,17 @@ def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced
                 thread, translation, bounds, reference, buffers=None):
     """``(ScanResult, ThreadHijacks or None)`` of one stopped thread.
 
-    Arguments as :func:`classify_native`, plus ``hijacker``: a
-    :class:`deopt.native_hijack.NativeHijacker`, ``tables``: the scan's
-    :class:`WatchTables`, and ``buffers``: :class:`ScanBuffers` to take the
-    output arrays from (default: new ones). The ScanResult holds the executing versions and
+    ``hijacker``: a :class:`deopt.native_hijack.NativeHijacker`;
+    ``walker``: a :class:`unwinder.NativeWalker`; ``regs``: the thread's
+    registers (DWARF numbers); ``caller_frame``: the first frame is a caller
+    frame (an anchor), not an interrupted pc; ``index``: :class:`VersionIndex`;
+    ``tables``: the scan's :class:`WatchTables`; ``replaced`` / ``is_old`` /
+    ``thread``: as :func:`~osrjit.stackscan.classify_frames`;
+    ``translation``: the :class:`unwinder.ReturnAddressTable` of hijacked
+    slots; ``bounds``: from :func:`scan_bounds`; ``reference()``: the
+    reference frames (a :func:`unwinder.walk` iterator), used when the native
+    walk needed Python; ``buffers``: :class:`ScanBuffers` to take the output
+    arrays from (default: new ones). The ScanResult holds the executing versions and
     ``incomplete``; its ``pending`` (reference tuples) is filled only when
     the walk needed Python (then the reference path classified it).
     """

@@ -130,7 +130,12 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
         if mode == "rescan":
             # End the spinners' loops: a version of spin whose loop exits at
             # once (same sites, so their frames move into it at their next poll).
-            rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
+            # (Again until they are done: a spinner the signal stopped moves
+            # at a later stop.)
+            while any(t.is_alive() for t in ts):
+                rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
+                for t in ts:
+                    t.join(timeout=0.5)
         for t in ts:
             t.join()
         return {"time_to_safepoint_s": statistics.median(ttsp), "pause_s": statistics.median(pause),

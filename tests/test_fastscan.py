@@ -64,8 +64,15 @@ def both_scans_scenario():
             rt._world.release()
         out["answers"] = answers
         out["signals"] = rt.stats()["signals_sent"]
-        # End the threads: spin returns at once in a new version; busy ends by itself.
-        rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
+        # End the threads: spin returns at once in a new version; busy ends by
+        # itself. A spinner the signal stopped (no poll reached within the
+        # grace, e.g. on a loaded machine) runs its old spin on and moves at
+        # a later stop: replace again until every thread is done.
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in ts) and time.monotonic() < deadline:
+            rt.replace("spin", SPIN.replace("i = i + 1", "i = k"))
+            for t in ts:
+                t.join(timeout=0.5)
         for t in ts:
             t.join(timeout=30)
         out["alive"] = sum(t.is_alive() for t in ts)

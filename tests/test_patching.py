@@ -533,7 +533,7 @@ def rec(n, k):
 """
 SPIN_LOOP = """
 def spin(k):
-    x = 1
+    x = hook(-1)
     i = 0
     while i < k:
         x = (x * 1103515245 + 12345) % 2147483648
@@ -557,7 +557,17 @@ def deferred_patch_scenario(walker, poll_free):
     with osrjit.Runtime(calls="direct", walker=walker, transfer="native") as rt:
         rt.compile(SPIN_LOOP, polls=not poll_free)
         rt.compile(REC.format(step=1))
-        rt.on_hook(lambda x: 0)
+        in_spin = threading.Event()
+
+        def on_hook(x):
+            if x == -1:
+                in_spin.set()
+                return 1
+            return 0
+        rt.on_hook(on_hook)
+        if not poll_free:
+            # Polls are reached however loaded the machine: never stopped by the signal.
+            rt._world.grace = 5.0
         rec = rt.function("rec")
         orig = rt._collect_frames
 
@@ -572,7 +582,15 @@ def deferred_patch_scenario(walker, poll_free):
         k = 400_000_000 if poll_free else 1 << 40
         t = threading.Thread(target=lambda: out.setdefault("result", rec(200, k)))
         t.start()
-        time.sleep(0.3)
+        assert in_spin.wait(60)
+        # ... and back from the hook, in the loop (IN_JIT).
+        import ctypes
+        from osrjit import threads as th
+        state = next(st for ident, st, _ in rt._registry.snapshot() if ident == t.ident)
+        deadline = time.monotonic() + 60
+        while (rt._world.support.load_status(ctypes.addressof(state)) != th.IN_JIT
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
         for step in (2, 3):
             if poll_free:
                 # The old spin runs outside any site: its version stays executing.
@@ -582,8 +600,12 @@ def deferred_patch_scenario(walker, poll_free):
             current = rt.current("rec").entry
             targets = [patching.resolve(s.site).final_target for s in rt._call_sites.sites("rec")]
             out["ok"].append(bool(targets) and all(x == current for x in targets))
-        # End the spin: a version whose loop exits at once.
-        rt.replace("spin", SPIN_LOOP.replace("i = i + 1", "i = k"), polls=not poll_free)
+        # End the spin: a version whose loop exits at once (again until the
+        # thread is done: a spinner stopped by the signal moves at a later stop).
+        deadline = time.monotonic() + 60
+        while t.is_alive() and time.monotonic() < deadline:
+            rt.replace("spin", SPIN_LOOP.replace("i = i + 1", "i = k"), polls=not poll_free)
+            t.join(timeout=0.5)
         t.join(timeout=120)
         out["alive"] = t.is_alive()
         out["stats"] = rt.stats()
@@ -597,6 +619,6 @@ def test_direct_calls_reach_the_current_version_after_replace(walker, poll_free)
     assert out["ok"] == [True, True]
     assert not out["alive"] and out["result"] == 200 * 3
     # quiet: patched after the release; not quiet (old spin executing): in the pause.
-    rec_scans = out["quiet"][1::2] if poll_free else out["quiet"][:2]
+    rec_scans = out["quiet"][1:4:2] if poll_free else out["quiet"][:2]
     assert rec_scans == ([False, False] if poll_free else [True, True])
     assert out["stats"]["pending_returns"] == 0

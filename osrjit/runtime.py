@@ -1020,6 +1020,7 @@ class Runtime:
                 # what the scan looks for.
                 incompatible = self._incompatible_versions(names, new_versions)
                 context = self._scan_context(set(names))
+                self._warm_scan(context, set(names))
             except BaseException:
                 for v in new_versions.values():
                     self._discard(v)
@@ -1200,6 +1201,30 @@ class Runtime:
                 "hijacker": self._native_hijacker(),
                 "descriptors": None if ntx_path is None else ntx_path.descriptors(tables.meta)}
 
+    def _warm_scan(self, context, names):
+        """Run the native scan's code once on this thread's own stack, writing
+        nothing, just before the world stops: the pause then starts with that
+        code and its tables in the caches instead of after the compile."""
+        if context is None:
+            return
+        index, tables = context["index"], context["tables"]
+        buffers = fastscan.ScanBuffers()
+
+        def is_old(v):
+            return self._functions[v.name].current is not v
+
+        def scan(regs):
+            fastscan.plan_native(
+                context["hijacker"], context["walker"], regs, caller_frame=True, index=index,
+                tables=tables, replaced=names, is_old=is_old, thread=threading.get_ident(),
+                translation=context["translation"],
+                bounds=lambda rsp, thread: threads.current_stack_bounds(),
+                reference=lambda: iter(()), buffers=buffers)
+        try:
+            unwinder.with_captured_registers(scan)
+        except Exception:  # noqa: BLE001 - a warm-up only: the scan proper reports problems
+            pass
+
     def _collect_frames(self, names, others=(), context=None) -> fastscan.ScanPlan:
         """Frames of versions of ``names`` on every stopped thread's stack.
 
@@ -1377,8 +1402,8 @@ class Runtime:
                     buf = ctypes.create_string_buffer(size * h.m)
                     written = hijacker.lifo(buf, h.slots, h.ras, h.kinds, h.m,
                                             descriptors.buffer_info()[0])
-                    ntx_path.push_entries(states.get(h.thread), buf.raw[:size * written],
-                                          h.m - written)
+                    ntx_path.push_entries(states.get(h.thread),
+                                          ctypes.string_at(buf, size * written), h.m - written)
         except BaseException:
             self._record_batches(batches)     # the stubs are written: record them now
             raise

@@ -9,8 +9,9 @@ releases. Reported (medians over the R replacements):
 * time-to-safepoint — request → every thread parked;
 * pause — request → parked → walked and hijacked → released;
 * glibc — the time glibc ``backtrace()`` takes to walk the same stacks: each
-  thread, at the same depth, times its own ``backtrace()`` (median of 15)
-  and the figure is the sum over the threads (a stop-the-world walks them all).
+  thread, at the same depth, times its own ``backtrace()`` (median of 15,
+  one thread at a time) and the figure is the sum over the threads (a
+  stop-the-world walks them all).
 
     python scripts/bench_stw.py [--threads 1,2,4] [--depth 1000] [--rounds 15]
                                 [--mode fresh|rescan] [--walker W] [--transfer T] [--json PATH]
@@ -57,11 +58,13 @@ def glibc_walk_seconds(rt, depth, n_threads):
     def on_hook(_):
         buf = (ctypes.c_void_p * (depth + 4096))()
         times = []
-        for _ in range(15):
-            t = time.perf_counter()
-            libc.backtrace(buf, len(buf))
-            times.append(time.perf_counter() - t)
+        # One thread at a time: walks running side by side on fewer cores than
+        # threads would each be slowed by the others and the sum overstated.
         with lock:
+            for _ in range(15):
+                t = time.perf_counter()
+                libc.backtrace(buf, len(buf))
+                times.append(time.perf_counter() - t)
             per_thread.append(statistics.median(times))
         return 0
 

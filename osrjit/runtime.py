@@ -955,15 +955,22 @@ class Runtime:
         ``names``: a function name or a list of them. ``source``:
         reference-language source defining exactly those functions (it may call
         any compiled function), or :class:`~osrjit.abi.FunctionIR` object(s)
-        for IR authors. Steps, in order (nothing is modified before step 4):
+        for IR authors. Steps, in order (nothing that can run is modified
+        before step 4):
 
-        1. compile and link the new versions (not yet callable);
-        2. walk the calling thread's stack (seeing through hijacked slots) and
+        1. compile and link the new versions (not yet callable); plan
+           everything that does not depend on the stacks (direct-call
+           patches — those in the new code are written now —, native
+           transfer targets, which old versions are compatible, the scan's
+           tables);
+        2. walk every thread's stack (seeing through hijacked slots) and
            find every frame of an old version of a replaced function;
         3. check that every old version with frames can resume in its new
            version (:class:`deopt.IncompatibleVersion` otherwise; the new
            versions are discarded and the stack is left untouched);
-        4. publish the new versions (new calls run them);
+        4. publish the new versions (new calls run them; direct calls in
+           current code are patched; those in old code too, or, if no thread
+           runs old code outside a site, right after step 5's release);
         5. hijack: the return-address slot of every such frame now points at
            the deopt stub; when its callee returns, the frame is rebuilt in the
            *current* version of its function and continues there. Frames

@@ -237,22 +237,7 @@ class HijackTable:
         through a slot nobody hijacked, which is a bug in the caller.
         """
         with self._lock:
-            record = self._records.pop(slot, None)
-            if record is None and self._batches:
-                found = self._find(slot)
-                if found is not None:
-                    b, i = found
-                    record = b.record(i)
-                    b.remove(i)
-                    if not b.live:
-                        self._batches.remove(b)
-            if record is None:
-                raise HijackError(f"the deopt stub was entered through slot {slot:#x}, "
-                                  "which has no hijack record")
-            if self.mirror is not None:
-                self.mirror.discard(slot)
-            self.taken += 1
-            return record
+            return self._pop(slot, True)
 
     def take_many(self, slots):
         """:meth:`take` for every slot of ``slots`` (returned through the stub),
@@ -261,22 +246,30 @@ class HijackTable:
         no record."""
         out = {}
         with self._lock:
-            mirror = self.mirror
             for slot in slots:
-                record = self._records.pop(slot, None)
-                if record is not None:
-                    owner = record.owner
-                else:
-                    found = self._find(slot) if self._batches else None
-                    if found is None:
-                        raise HijackError(f"the deopt stub was entered through slot "
-                                          f"{slot:#x}, which has no hijack record")
-                    b, i = found
-                    owner = b.remove(i)
-                    if not b.live:
-                        self._batches.remove(b)
+                owner = self._pop(slot, False)
                 out[owner] = out.get(owner, 0) + 1
-                if mirror is not None:
-                    mirror.discard(slot)
-                self.taken += 1
+        return out
+
+    def _pop(self, slot, want_record):
+        """Remove the pending return of ``slot`` (lock held); its
+        :class:`HijackRecord` if ``want_record``, else only its owner."""
+        record = self._records.pop(slot, None)
+        if record is not None:
+            out = record if want_record else record.owner
+        else:
+            found = self._find(slot) if self._batches else None
+            if found is None:
+                raise HijackError(f"the deopt stub was entered through slot {slot:#x}, "
+                                  "which has no hijack record")
+            b, i = found
+            out = b.record(i) if want_record else None
+            owner = b.remove(i)
+            if not want_record:
+                out = owner
+            if not b.live:
+                self._batches.remove(b)
+        if self.mirror is not None:
+            self.mirror.discard(slot)
+        self.taken += 1
         return out

@@ -411,24 +411,26 @@ class NativeTransferPath:
         thread whose stack holds the slot, or None. Returns False (counted in
         :attr:`unsupported`) when the frame will take the Python transfer.
         """
-        vt = self._versions.get(record.owner.id)
-        k = None if vt is None else vt.index_by_ra.get(record.original_ra)
-        if k is None or thread_state is None:
+        descriptor = self._descriptor(record.owner, record.original_ra)
+        if not descriptor or thread_state is None:
             self.unsupported += 1
             return False
-        self._lifo(thread_state).push(record, vt.descriptor_address(k))
+        self._lifo(thread_state).push(record, descriptor)
         return True
 
     def descriptors(self, meta):
         """Per kind of ``meta`` (``[(frame map, owner version)]``) the address
         of its :class:`~deopt.native_transfer.Descriptor`, or 0 when frames of
         that kind take the Python transfer (``array('Q')``)."""
-        out = array.array("Q")
-        for fm, owner in meta:
-            vt = self._versions.get(owner.id)
-            k = None if vt is None else vt.index_by_ra.get(fm.return_address)
-            out.append(0 if k is None else vt.descriptor_address(k))
-        return out
+        return array.array("Q", (self._descriptor(owner, fm.return_address)
+                                 for fm, owner in meta))
+
+    def _descriptor(self, version, return_address):
+        """Address of the Descriptor of ``version``'s frame map at absolute
+        ``return_address``, or 0 (no transfer code or no native case there)."""
+        vt = self._versions.get(version.id)
+        k = None if vt is None else vt.index_by_ra.get(return_address)
+        return 0 if k is None else vt.descriptor_address(k)
 
     def push_entries(self, thread_state, raw, unsupported):
         """Queue ready-made LIFO entries (``bytes``, see

@@ -363,6 +363,17 @@ def _unregister(registration):
 # Versions and functions
 # --------------------------------------------------------------------------
 
+def _calls_in(patches, ranges):
+    """``(inside, others)``: the call-site patches of ``patches`` whose
+    address lies in one of ``ranges`` (``[start, end)``, absolute), and the
+    rest (GOT entries included) in their order."""
+    inside, others = [], []
+    for p in patches:
+        hit = p.site is not None and any(lo <= p.address < hi for lo, hi in ranges)
+        (inside if hit else others).append(p)
+    return inside, others
+
+
 def replacement_irs(names, source, *, polls: bool, calls: str,
                     known: Mapping[str, int]) -> list[FunctionIR]:
     """The FunctionIRs a ``replace(names, source)`` call links, for every backend.
@@ -1008,18 +1019,15 @@ class Runtime:
                     irs, {n: v.entry for n, v in new_versions.items()})
                 # Calls in the new versions' own code can be patched now: no
                 # thread can reach it before it is published.
-                unpublished = [v.code_range for v in new_versions.values()]
-                early = [p for p in patches if p.site is not None
-                         and any(lo <= p.address < hi for lo, hi in unpublished)]
+                early, patches = _calls_in(
+                    patches, [v.code_range for v in new_versions.values()])
                 patching.apply_patches(early, memory)
-                patches = [p for p in patches if all(p is not e for e in early)]
                 # Calls in code that is old once the new versions are published
                 # may be patched after the release if no thread runs old code
                 # (see the end of this method); the others in the pause.
-                old_code = [v.code_range for fn in self._functions.values() for v in fn.versions
-                            if fn.name in names or v is not fn.current]
-                deferrable = [p for p in patches if p.site is not None
-                              and any(lo <= p.address < hi for lo, hi in old_code)]
+                deferrable, current = _calls_in(
+                    patches, [v.code_range for fn in self._functions.values()
+                              for v in fn.versions if fn.name in names or v is not fn.current])
                 targets = self._plan_native_targets(names, new_versions)
                 self._native_drain()
                 # Which loaded versions could not resume in their new version
@@ -1053,7 +1061,7 @@ class Runtime:
                         self._discard(v)
                     raise
                 deferred = deferrable if stack.quiet else []
-                now = [p for p in patches if all(p is not d for d in deferred)]
+                now = current if stack.quiet else patches
                 self._publish(irs, new_versions, (now, memory), targets)
                 batches = self._hijack(stack, context)
             finally:
@@ -1193,14 +1201,10 @@ class Runtime:
         reference walker."""
         if self.walker != "native":
             return None
-
-        def is_old(v):
-            return self._functions[v.name].current is not v
-
         versions = [v for fn in self._functions.values() for v in fn.versions]
         translation = self._translation_mirror()
         translation.snapshot()            # built now; again in the pause only if it changed
-        tables = fastscan.WatchTables(versions, names, is_old)
+        tables = fastscan.WatchTables(versions, names, self._is_old)
         ntx_path = self._deopt.native
         self._scan_buffers.reset()        # the previous scan's arrays are no longer used
         return {"index": fastscan.VersionIndex(versions), "tables": tables,
@@ -1208,29 +1212,31 @@ class Runtime:
                 "hijacker": self._native_hijacker(),
                 "descriptors": None if ntx_path is None else ntx_path.descriptors(tables.meta)}
 
+    def _is_old(self, v):
+        """Whether version ``v`` is no longer its function's current one."""
+        return self._functions[v.name].current is not v
+
     def _warm_scan(self, context, names):
         """Run the native scan's code once on this thread's own stack, writing
         nothing, just before the world stops: the pause then starts with that
         code and its tables in the caches instead of after the compile."""
         if context is None:
             return
-        index, tables = context["index"], context["tables"]
-        buffers = fastscan.ScanBuffers()
-
-        def is_old(v):
-            return self._functions[v.name].current is not v
 
         def scan(regs):
             fastscan.plan_native(
-                context["hijacker"], context["walker"], regs, caller_frame=True, index=index,
-                tables=tables, replaced=names, is_old=is_old, thread=threading.get_ident(),
+                context["hijacker"], context["walker"], regs, caller_frame=True,
+                index=context["index"], tables=context["tables"], replaced=names,
+                is_old=self._is_old, thread=threading.get_ident(),
                 translation=context["translation"],
                 bounds=lambda rsp, thread: threads.current_stack_bounds(),
-                reference=lambda: iter(()), buffers=buffers)
+                reference=lambda: iter(()), buffers=self._scan_buffers)
         try:
             unwinder.with_captured_registers(scan)
         except Exception:  # noqa: BLE001 - a warm-up only: the scan proper reports problems
             pass
+        finally:
+            self._scan_buffers.reset()    # its arrays serve the scan proper
 
     def _collect_frames(self, names, others=(), context=None) -> fastscan.ScanPlan:
         """Frames of versions of ``names`` on every stopped thread's stack.
@@ -1253,9 +1259,7 @@ class Runtime:
         # Every stack read here is stopped (other threads parked, ours below
         # the capture point), so 4 KiB pages can be cached for this scan.
         memory = unwinder.ProcessMemory(page_cache=True)
-
-        def is_old(v):
-            return self._functions[v.name].current is not v
+        is_old = self._is_old
 
         if self.walker == "native":
             if context is None:

@@ -612,6 +612,53 @@ class ThreadLifo:
     def _raw(self):
         return ctypes.string_at(ctypes.addressof(self._array), self.size * _ENTRY_SIZE)
 
+    def append(self, fill, n, highest_slot):
+        """Write up to ``n`` new entries straight into the native array, world stopped.
+
+        ``fill(address) -> written`` writes that many :class:`LifoEntry`
+        records (PENDING, highest slot first, every slot at most
+        ``highest_slot``, absolute) at ``address``. They go on top of the
+        entries written before when every entry drain() has not yet seen
+        leave PENDING lies above ``highest_slot`` (the new frames are
+        deeper), or at the bottom when there is none; nothing needs sorting
+        then, nor a copy. Returns ``written``, or None when that does not
+        hold or pushes are queued: then use :meth:`push_entries` and
+        :meth:`commit`. Entries written here need no :meth:`commit`.
+        """
+        if self._new or self._raw_new:
+            return None
+        seen = self._seen
+        live = seen.rfind(0) if self.size else -1
+        if live >= 0:
+            top_slot = int.from_bytes(ctypes.string_at(
+                ctypes.addressof(self._array) + live * _ENTRY_SIZE, 8), "little")
+            if top_slot <= highest_slot:
+                return None
+            base = self.size          # after every entry drain() has not reported yet
+        else:
+            base = 0                  # drain() reported every entry: start afresh
+        self._reserve(base + n)
+        written = fill(ctypes.addressof(self._array) + base * _ENTRY_SIZE)
+        size = base + written
+        self.block.top = size
+        self.size = size
+        if base:
+            seen.extend(bytes(written))
+        else:
+            self._seen = bytearray(written)
+        return written
+
+    def _reserve(self, n):
+        """Make the array hold at least ``n`` entries, keeping the first :attr:`size`."""
+        if self._array is not None and len(self._array) >= n:
+            return
+        array_ = (LifoEntry * max(16, 2 * n))()
+        if self.size:
+            _memmove(array_, self._array, self.size * _ENTRY_SIZE)
+        self._array = array_
+        self.block.entries = ctypes.addressof(array_)
+        self.block.capacity = len(array_)
+
     def drain(self):
         """``(taken, handed)``: slots whose entries left PENDING since the last drain.
 
@@ -644,7 +691,7 @@ class ThreadLifo:
         return [(words[4 * i], words[4 * i + 1], words[4 * i + 2])
                 for i in range(self.size) if not self._seen[i]]
 
-    def commit(self, reorder=None):
+    def commit(self, reorder=None, drain=True):
         """Rewrite the native LIFO: pending entries plus new pushes, innermost on top.
 
         World stopped only (no thread may be in a transfer). Drains first and
@@ -654,9 +701,16 @@ class ThreadLifo:
         ``reorder(list) -> list`` (tests) may permute or drop entries of the
         sorted list ``[(slot, original_ra, descriptor)]``; a dropped entry is
         no longer native: its transfer falls back to Python.
+        ``drain=False``: the caller drained while the world was already
+        stopped (no entry can have moved since): with nothing queued the
+        statuses are not read again and ``([], [])`` is returned (an array
+        that is rewritten is always drained first).
         """
+        queued = self._new or self._raw_new or reorder is not None
+        if not queued and not drain:
+            return [], []
         drained = self.drain()
-        if not self._new and not self._raw_new and reorder is None:
+        if not queued:
             return drained
         pieces = []
         if self.size and self._seen.count(0):
@@ -691,9 +745,8 @@ class ThreadLifo:
         n = len(data) // _ENTRY_SIZE
         block = self.block
         if self._array is None or len(self._array) < n:
-            self._array = (LifoEntry * max(16, 2 * n))()
-            block.entries = ctypes.addressof(self._array)
-            block.capacity = len(self._array)
+            self.size = 0             # the old entries are all in data
+            self._reserve(n)
         if n:
             _memmove(self._array, data, len(data))
         block.top = n

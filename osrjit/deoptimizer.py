@@ -234,9 +234,9 @@ class NativeTransferPath:
     * :meth:`prepare` before stopping the world (compiles the transfer code
       of versions that may get hijacked frames, so the pause does not);
     * :meth:`retarget` when it publishes a new current version;
-    * :meth:`push` for every slot it hijacks (or :meth:`push_entries` for a
-      thread's natively built entries), then :meth:`commit` before it
-      releases the world;
+    * :meth:`push` for every slot it hijacks (or :meth:`push_hijacked` /
+      :meth:`push_entries` for a thread's natively built entries), then
+      :meth:`commit` before it releases the world;
     * :meth:`drain` (any time) and :meth:`commit` (world stopped) return the
       slots of the hijack records the native transfer took, which the
       runtime drops from its hijack table (``pending_returns``, reclamation,
@@ -270,6 +270,7 @@ class NativeTransferPath:
         self._tm = None
         self._versions = {}          # version id -> _VersionTransfer
         self._lifos = {}             # addressof(ThreadState) -> ThreadLifo (token: ThreadState)
+        self._scratch = None         # push_hijacked()'s buffer when entries must be merged
         #: Records the native transfer took (counted when drained).
         self.transfers = 0
         #: Hijacked frames pushed to no LIFO (their frame map has no native
@@ -445,6 +446,29 @@ class NativeTransferPath:
         if raw:
             self._lifo(thread_state).push_entries(raw)
 
+    def push_hijacked(self, thread_state, build, m, highest_slot):
+        """LIFO entries of ``m`` frames just hijacked natively on the thread of
+        ``thread_state`` (None: the thread has no block; they take the Python
+        transfer), world stopped. ``build(address) -> written`` writes their
+        :class:`~deopt.native_transfer.LifoEntry` records, highest slot first,
+        every slot at most ``highest_slot`` (absolute): straight into the
+        thread's LIFO when they go on top of it (no copy, no sort), else into a
+        scratch buffer kept for the next time, queued for :meth:`commit`. The
+        hijacked frames that got no entry are counted in :attr:`unsupported`.
+        """
+        if thread_state is None:
+            self.unsupported += m
+            return
+        lifo = self._lifo(thread_state)
+        written = lifo.append(build, m, highest_slot)
+        if written is None:
+            size = ctypes.sizeof(ntx.LifoEntry)
+            if self._scratch is None or len(self._scratch) < size * m:
+                self._scratch = ctypes.create_string_buffer(size * max(m, 1024))
+            written = build(ctypes.addressof(self._scratch))
+            lifo.push_entries(ctypes.string_at(self._scratch, size * written))
+        self.unsupported += m - written
+
     def _lifo(self, thread_state):
         key = ctypes.addressof(thread_state)
         lifo = self._lifos.get(key)
@@ -461,14 +485,16 @@ class NativeTransferPath:
             out.extend(lifo.drain()[0])
         return out
 
-    def commit(self):
+    def commit(self, drain=True):
         """Write every thread's LIFO (world stopped); returns the slots drained meanwhile.
 
-        LIFOs of threads that detached with nothing pending are freed.
+        ``drain=False``: :meth:`drain` was called after the world stopped
+        (nothing can have moved since; nothing is returned). LIFOs of threads
+        that detached with nothing pending are freed.
         """
         out = []
         for key, lifo in list(self._lifos.items()):
-            out.extend(lifo.commit(self.reorder)[0])
+            out.extend(lifo.commit(self.reorder, drain)[0])
             ts = lifo.token
             if not lifo.pending and self._detached(ts):
                 ts.transfer_block = 0

@@ -9,7 +9,8 @@ which a test compares against — with no per-frame Python:
   ranges, as sorted native arrays; versions are found by bisection in one
   sorted array of ``.text`` ranges (:class:`VersionIndex`);
 * :func:`plan_native` walks one stopped thread with
-  :meth:`unwinder.NativeWalker.walk_raw` (hijacked slots seen through a
+  :meth:`unwinder.NativeWalker.walk_out` (or ``walk_raw`` when one native
+  call cannot do the walk alone; hijacked slots seen through a
   :class:`unwinder.ReturnAddressTable` mirror of the hijack table, stack
   bounds known per thread or from ``/proc/self/maps``) and hands the raw
   frames to :mod:`deopt.native_hijack`, which finds the frames to hijack,
@@ -150,7 +151,9 @@ class ScanBuffers:
 class ThreadHijacks:
     """One stopped thread's frames of watched versions, as arrays.
 
-    ``tables``: the scan's :class:`WatchTables`; ``counts``: per key
+    Made from ``n`` walker frames ``raw`` (:class:`unwinder.native.OutFrame`
+    records as ``bytes``, or their absolute address; read only here) from
+    index ``first`` on. ``tables``: the scan's :class:`WatchTables`; ``counts``: per key
     ``[hijack, not hijackable, already hijacked]``; ``range_counts``: per
     watched version, frames running it outside any site; ``m``: frames to
     hijack, in ``slots[:m]`` / ``ras[:m]`` / ``kinds[:m]`` (slot addresses
@@ -276,19 +279,30 @@ def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced
     ``incomplete``; its ``pending`` (reference tuples) is filled only when
     the walk needed Python (then the reference path classified it).
     """
-    walked = walker.walk_raw(regs, innermost_is_caller=caller_frame,
-                             stack_bounds=bounds(regs[7], thread), translation=translation)
-    if walked is None:
-        out = classify_frames(reference(), index.at, replaced, is_old, thread)
-        out.pending = [(p.version, p.frame_map, p.slot, p.pc, p.thread) for p in out.pending]
-        return out, None
-    raw, end = walked
+    stack = bounds(regs[7], thread)
+    # One native call without a copy (the common case), else the whole
+    # walk_raw protocol (tables to grow, frames for the Python walker).
+    walked = walker.walk_out(regs, innermost_is_caller=caller_frame, stack_bounds=stack,
+                             translation=translation)
+    if walked is not None:
+        raw, n, end = walked
+    else:
+        walked = walker.walk_raw(regs, innermost_is_caller=caller_frame, stack_bounds=stack,
+                                 translation=translation)
+        if walked is None:
+            out = classify_frames(reference(), index.at, replaced, is_old, thread)
+            out.pending = [(p.version, p.frame_map, p.slot, p.pc, p.thread)
+                           for p in out.pending]
+            return out, None
+        raw, end = walked
+        n = len(raw) // 32
     out = ScanResult()
-    n = len(raw) // 32
     first = 0
     if n and not caller_frame:
         first = 1
-        v = index.at(int.from_bytes(raw[:8], "little"))   # an interrupted pc: never at a site
+        pc = (ctypes.c_uint64.from_address(raw).value if isinstance(raw, int)
+              else int.from_bytes(raw[:8], "little"))
+        v = index.at(pc)                  # an interrupted pc: never at a site
         if v is not None and (v.name in replaced or is_old(v)):
             out.executing.add(v)
     found = None

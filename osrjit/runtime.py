@@ -1056,6 +1056,7 @@ class Runtime:
                     for old in stack.versions():
                         if old in incompatible:
                             raise incompatible[old]
+                    t_scan = time.perf_counter()
                 except BaseException:
                     for v in new_versions.values():
                         self._discard(v)
@@ -1089,12 +1090,15 @@ class Runtime:
                             if deferred:
                                 table.lock.release()
             #: Seconds of the last replace(): ``time_to_safepoint`` (request ->
-            #: all other threads stopped) and ``pause`` (request -> walked,
-            #: hijacked, release issued: the flag cleared and parked threads
-            #: woken right after t2 — how soon this thread runs again once
-            #: they compete for the CPUs is not part of the pause), plus
-            #: ``threads`` and ``frames_hijacked``.
-            self.last_pause = {"time_to_safepoint": t1 - t0, "pause": t2 - t0,
+            #: all other threads stopped), ``scan`` (stopped -> every stack
+            #: walked and the versions checked), ``hijack`` (-> published,
+            #: slots written, LIFOs committed) and ``pause`` (request ->
+            #: release issued: the flag cleared and parked threads woken right
+            #: after — how soon this thread runs again once they compete for
+            #: the CPUs is not part of the pause), plus ``threads`` and
+            #: ``frames_hijacked``.
+            self.last_pause = {"time_to_safepoint": t1 - t0, "scan": t_scan - t1,
+                               "hijack": t2 - t_scan, "pause": t2 - t0,
                                "threads": len(others) + 1, "frames_hijacked": len(stack)}
             self._deopt.table.flush_mirror()      # the pause hijacked them; now their mirror
             self._reclaim_all()
@@ -1409,12 +1413,12 @@ class Runtime:
                     descriptors = descriptors_of.get(id(h.meta))
                     if descriptors is None:
                         descriptors = descriptors_of[id(h.meta)] = ntx_path.descriptors(h.meta)
-                    size = ctypes.sizeof(ntx.LifoEntry)
-                    buf = ctypes.create_string_buffer(size * h.m)
-                    written = hijacker.lifo(buf, h.slots, h.ras, h.kinds, h.m,
-                                            descriptors.buffer_info()[0])
-                    ntx_path.push_entries(states.get(h.thread),
-                                          ctypes.string_at(buf, size * written), h.m - written)
+                    d = descriptors.buffer_info()[0]
+                    ntx_path.push_hijacked(
+                        states.get(h.thread),
+                        lambda address, h=h, d=d: hijacker.lifo(address, h.slots, h.ras,
+                                                                h.kinds, h.m, d),
+                        h.m, h.slots[h.m - 1])
         except BaseException:
             self._record_batches(batches)     # the stubs are written: record them now
             raise
@@ -1457,9 +1461,10 @@ class Runtime:
             self._account_native(self._deopt.native.drain())
 
     def _native_commit(self):
-        """Write the threads' LIFOs before the world is released."""
+        """Write the threads' LIFOs before the world is released (its callers
+        drained right after the world stopped)."""
         if self._deopt.native is not None:
-            self._account_native(self._deopt.native.commit())
+            self._account_native(self._deopt.native.commit(drain=False))
 
     def _account_native(self, taken):
         """What :meth:`_after_transfer` does for Python transfers, for the

@@ -187,6 +187,8 @@ class WalkState(ctypes.Structure):
                 ("end_reason", ctypes.c_uint64), ("end_module", ctypes.c_int64)]
 
 
+assert WalkState.known.offset == 136 and WalkState.prev_cfa.offset == 160 - 8
+
 class OutFrame(ctypes.Structure):
     """One frame the walker produced, 32 bytes: ``pc`` (absolute), ``cfa``,
     ``ra_slot`` (0 when RA is not saved on the stack) and ``info``: bits 0–7
@@ -1765,6 +1767,30 @@ class NativeWalker:
             end = END_STEP_LIMIT
         return raw, end
 
+    def walk_out(self, regs, *, innermost_is_caller=False, stack_bounds, translation=None):
+        """The walk of :meth:`walk_raw` without a copy, when one native call
+        does it whole: ``(address, n, end_reason)`` with the ``n`` frames as
+        :class:`OutFrame` at ``address`` (absolute) in this thread's output
+        buffer of this walker — valid until this thread's next walk with it —,
+        else None (a table to grow, a frame for the Python walker, more frames
+        than the buffer holds: use :meth:`walk_raw`). ``stack_bounds``
+        ``(lo, hi)`` is required. For the stop-the-world scan, where every
+        microsecond of Python counts.
+        """
+        if RA not in regs or RSP not in regs:
+            raise UnwindError("walk needs RIP (16) and RSP (7) in the initial registers")
+        lo, hi = _check_bounds(stack_bounds)
+        self._check_generation()
+        buffers = self._buffers
+        state, out = buffers.state, buffers.out
+        _load_state(state, regs, 0 if innermost_is_caller else STATE_EXACT, 0)
+        arrays = translation.snapshot() if translation is not None else None
+        n, _index = self._call(state, out, len(out), lo, hi, arrays)
+        if state.end_reason not in _TERMINAL or not n:
+            return None
+        return (ctypes.addressof(out), n,
+                _TERMINAL.get((out[n - 1].info >> 8) & 0xFF))
+
     def _segments(self, regs, max_frames, innermost_is_caller, stack_bounds, translation):
         """The core loop. Returns ``(segments, limited)``: each segment is
         ``(raw OutFrame bytes, index of its first frame, modules by entry, stub
@@ -1881,10 +1907,28 @@ def _check_bounds(bounds):
 
 def _load_state(state, regs, flags, prev_cfa):
     """Fill ``state`` from ``regs`` (DWARF number -> value; keys outside 0..16 ignored)."""
-    state.regs[:] = [regs.get(r, 0) & _MASK64 for r in range(17)]
-    state.known = sum(1 << r for r in regs if isinstance(r, int) and 0 <= r <= 16)
-    state.flags = flags
-    state.prev_cfa = prev_cfa & _MASK64
+    keys = tuple(regs)
+    known = _KNOWN_BITS.get(keys)
+    if known is None:
+        known = sum(1 << r for r in keys if isinstance(r, int) and 0 <= r <= 16)
+        if len(_KNOWN_BITS) < 64:
+            _KNOWN_BITS[keys] = known
+    # One pack into the structure's buffer (a walk starts in a stopped world:
+    # ctypes field assignments cost several times as much).
+    values = list(map(regs.get, _DWARF_0_16, _ZEROS_17))
+    try:
+        _STATE_HEAD.pack_into(state, 0, *values, known, flags, prev_cfa)
+    except struct.error:        # a value outside 0 .. 2**64 - 1: keep its low 64 bits
+        _STATE_HEAD.pack_into(state, 0, *[v & _MASK64 for v in values], known, flags,
+                              prev_cfa & _MASK64)
+
+
+#: ``tuple(regs)`` -> bit mask of the DWARF numbers 0..16 in it (key sets repeat).
+_KNOWN_BITS = {}
+#: WalkState.regs, known, flags, prev_cfa.
+_STATE_HEAD = struct.Struct("<20Q")
+_DWARF_0_16 = range(17)
+_ZEROS_17 = (0,) * 17
 
 
 def state_from_regs(regs, *, innermost_is_caller=False):

@@ -1,4 +1,4 @@
-"""Hijacking a whole stack at C speed: plan, check, write, and build LIFO entries.
+"""Hijacking a whole stack at C speed: plan, check, write, build LIFO entries, and scan.
 
 The stop-the-world scan of ``Runtime(walker="native")`` walks a stopped
 thread with :class:`unwinder.NativeWalker` into an array of
@@ -39,17 +39,33 @@ ranges, nranges, range_counts) -> m``
     (``descriptors[kind] != 0``), *highest slot first* (the LIFO order);
     returns how many were written.
 
+``osrjit_hj_scan(args) -> status``
+    One stopped thread from its anchor, in one call: the walk state from the
+    anchor (a caller frame; RBX, RBP, RSP, R12–R15, RIP known), the walker
+    (its address, tables and translation in ``args``), then the counters
+    zeroed and ``osrjit_hj_plan`` from frame 0. ``args`` is a
+    :class:`ScanArgs`; its ``n``, ``end_reason`` and ``m`` are written.
+    Status 0: planned; :data:`SCAN_NO_ANCHOR` (the anchor's RSP is 0: no JIT
+    frame), :data:`SCAN_OUT_OF_BOUNDS` (RSP outside ``[lo, hi)``),
+    :data:`SCAN_INCOMPLETE` (the walk stopped for a reason other than the
+    three terminal ones, e.g. a table to grow or a frame for the Python
+    walker, or produced no frame) and :data:`SCAN_NO_ROOM` (``cap < n``):
+    nothing was planned; the caller takes the general path.
+
 Frames are read from the walker's output only; a slot is read (plan, check)
 or written (apply) only at an address the walker itself read a return
 address from, inside the thread's stack bounds.
 """
 import ctypes
 
-__all__ = ["PLAN_SYMBOL", "APPLY_SYMBOL", "LIFO_SYMBOL", "hijack_module_ir", "NativeHijacker"]
+__all__ = ["PLAN_SYMBOL", "APPLY_SYMBOL", "LIFO_SYMBOL", "SCAN_SYMBOL", "hijack_module_ir",
+           "NativeHijacker", "ScanArgs", "ANCHOR_KNOWN", "SCAN_NO_ANCHOR", "SCAN_OUT_OF_BOUNDS",
+           "SCAN_INCOMPLETE", "SCAN_NO_ROOM"]
 
 PLAN_SYMBOL = "osrjit_hj_plan"
 APPLY_SYMBOL = "osrjit_hj_apply"
 LIFO_SYMBOL = "osrjit_hj_lifo"
+SCAN_SYMBOL = "osrjit_hj_scan"
 
 #: Bit of :attr:`unwinder.native.OutFrame.info`: the pc came through the
 #: translation table (the slot held the stub).
@@ -289,12 +305,141 @@ exit:
 """
 
 
+_SCAN_IR = r"""
+declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
+declare void @llvm.memset.p0.i64(ptr, i8, i64, i1)
+
+define i64 @{scan}(ptr %a) nounwind {{
+entry:
+  %anchor.p = getelementptr i64, ptr %a, i64 8
+  %anchor = load ptr, ptr %anchor.p
+  %rsp.p = getelementptr i64, ptr %anchor, i64 7
+  %rsp = load i64, ptr %rsp.p
+  %none = icmp eq i64 %rsp, 0
+  br i1 %none, label %noanchor, label %bounds
+bounds:
+  %lo.p = getelementptr i64, ptr %a, i64 6
+  %lo = load i64, ptr %lo.p
+  %hi.p = getelementptr i64, ptr %a, i64 7
+  %hi = load i64, ptr %hi.p
+  %below = icmp ult i64 %rsp, %lo
+  %above = icmp uge i64 %rsp, %hi
+  %outside = or i1 %below, %above
+  br i1 %outside, label %oob, label %walk
+walk:
+  %state.p = getelementptr i64, ptr %a, i64 3
+  %state = load ptr, ptr %state.p
+  call void @llvm.memcpy.p0.p0.i64(ptr %state, ptr %anchor, i64 136, i1 false)
+  %known.p = getelementptr i64, ptr %state, i64 17
+  store i64 {known}, ptr %known.p
+  %flags.p = getelementptr i64, ptr %state, i64 18
+  store i64 0, ptr %flags.p
+  %prev.p = getelementptr i64, ptr %state, i64 19
+  store i64 0, ptr %prev.p
+  %fn = load ptr, ptr %a
+  %tables.p = getelementptr i64, ptr %a, i64 1
+  %tables = load ptr, ptr %tables.p
+  %tr.p = getelementptr i64, ptr %a, i64 2
+  %tr = load ptr, ptr %tr.p
+  %out.p = getelementptr i64, ptr %a, i64 4
+  %out = load ptr, ptr %out.p
+  %ocap.p = getelementptr i64, ptr %a, i64 5
+  %ocap = load i64, ptr %ocap.p
+  %n = call i64 %fn(ptr %tables, ptr %tr, ptr %state, ptr %out, i64 %ocap, i64 %lo, i64 %hi)
+  %n.p = getelementptr i64, ptr %a, i64 20
+  store i64 %n, ptr %n.p
+  %er.p = getelementptr i64, ptr %state, i64 20
+  %er = load i64, ptr %er.p
+  %ero.p = getelementptr i64, ptr %a, i64 21
+  store i64 %er, ptr %ero.p
+  ; end reasons 1, 2, 3 (RA undefined, RA zero, CFA not increasing) end a walk
+  %erm1 = add i64 %er, -1
+  %terminal = icmp ult i64 %erm1, 3
+  %some = icmp ne i64 %n, 0
+  %whole = and i1 %terminal, %some
+  br i1 %whole, label %room, label %incomplete
+room:
+  %cap.p = getelementptr i64, ptr %a, i64 16
+  %cap = load i64, ptr %cap.p
+  %fits = icmp uge i64 %cap, %n
+  br i1 %fits, label %plan, label %noroom
+plan:
+  %keys.p = getelementptr i64, ptr %a, i64 9
+  %keys = load ptr, ptr %keys.p
+  %hk.p = getelementptr i64, ptr %a, i64 10
+  %hk = load ptr, ptr %hk.p
+  %nk.p = getelementptr i64, ptr %a, i64 11
+  %nk = load i64, ptr %nk.p
+  %counts.p = getelementptr i64, ptr %a, i64 12
+  %counts = load ptr, ptr %counts.p
+  %cbytes = mul i64 %nk, 24
+  call void @llvm.memset.p0.i64(ptr %counts, i8 0, i64 %cbytes, i1 false)
+  %os.p = getelementptr i64, ptr %a, i64 13
+  %os = load ptr, ptr %os.p
+  %or.p = getelementptr i64, ptr %a, i64 14
+  %or = load ptr, ptr %or.p
+  %ok.p = getelementptr i64, ptr %a, i64 15
+  %ok = load ptr, ptr %ok.p
+  %ranges.p = getelementptr i64, ptr %a, i64 17
+  %ranges = load ptr, ptr %ranges.p
+  %nr.p = getelementptr i64, ptr %a, i64 18
+  %nr = load i64, ptr %nr.p
+  %rc.p = getelementptr i64, ptr %a, i64 19
+  %rc = load ptr, ptr %rc.p
+  %rbytes = mul i64 %nr, 8
+  call void @llvm.memset.p0.i64(ptr %rc, i8 0, i64 %rbytes, i1 false)
+  %m = call i64 @{plan}(ptr %out, i64 %n, i64 0, ptr %keys, ptr %hk, i64 %nk, ptr %counts,
+                        ptr %os, ptr %or, ptr %ok, i64 %cap, ptr %ranges, i64 %nr, ptr %rc)
+  %m.p = getelementptr i64, ptr %a, i64 22
+  store i64 %m, ptr %m.p
+  ret i64 0
+noanchor:
+  ret i64 {no_anchor}
+oob:
+  ret i64 {out_of_bounds}
+incomplete:
+  ret i64 {incomplete}
+noroom:
+  ret i64 {no_room}
+}}
+"""
+
+#: :func:`osrjit_hj_scan` statuses other than 0 (planned).
+SCAN_NO_ANCHOR, SCAN_OUT_OF_BOUNDS, SCAN_INCOMPLETE, SCAN_NO_ROOM = 1, 2, 3, 4
+#: Walk-state ``known`` bits of an anchor: RBX 3, RBP 6, RSP 7, R12–R15, RIP 16.
+ANCHOR_KNOWN = sum(1 << r for r in (3, 6, 7, 12, 13, 14, 15, 16))
+
+
+class ScanArgs(ctypes.Structure):
+    """Arguments and results of ``osrjit_hj_scan`` (23 × 8 bytes; every
+    address absolute). In: ``walk_fn`` (``osrjit_native_walk``), ``tables``
+    (the walker's tables header), ``translation`` (its translation header, or
+    0), ``state`` (a :class:`unwinder.native.WalkState`), ``out`` /
+    ``out_cap`` (:class:`unwinder.native.OutFrame` array and its length),
+    ``lo`` / ``hi`` (the thread's stack bounds, bytes), ``anchor`` (17 u64 by
+    DWARF number: a :class:`osrjit.threads.ThreadState`'s anchor), then the
+    plan's arrays as in ``osrjit_hj_plan`` (``cap`` entries each for
+    ``slots`` / ``ras`` / ``kinds``). Out: ``n`` frames, the walk's
+    ``end_reason`` (:class:`unwinder.native.EndReason` value), ``m`` frames
+    to hijack. The arrays must outlive the call; nothing is kept after it."""
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "walk_fn", "tables", "translation", "state", "out", "out_cap", "lo", "hi", "anchor",
+        "keys", "hijack", "nkeys", "counts", "slots", "ras", "kinds", "cap", "ranges",
+        "nranges", "range_counts", "n", "end_reason", "m")]
+
+
+assert ctypes.sizeof(ScanArgs) == 23 * 8 and ScanArgs.anchor.offset == 64
+assert ScanArgs.cap.offset == 128 and ScanArgs.m.offset == 176
+
+
 def hijack_module_ir(triple, pending=0):
     """Textual LLVM IR of the module holding the three functions above.
     ``pending``: the value of :data:`deopt.native_transfer.PENDING`."""
     return f'target triple = "{triple}"\n' + _IR.format(
         plan=PLAN_SYMBOL, apply=APPLY_SYMBOL, lifo=LIFO_SYMBOL,
-        translated=_FRAME_TRANSLATED, pending=pending)
+        translated=_FRAME_TRANSLATED, pending=pending) + _SCAN_IR.format(
+        scan=SCAN_SYMBOL, plan=PLAN_SYMBOL, known=ANCHOR_KNOWN, no_anchor=SCAN_NO_ANCHOR,
+        out_of_bounds=SCAN_OUT_OF_BOUNDS, incomplete=SCAN_INCOMPLETE, no_room=SCAN_NO_ROOM)
 
 
 _U64 = ctypes.c_uint64
@@ -306,12 +451,17 @@ _LIFO = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_
                          ctypes.c_void_p, _U64, ctypes.c_void_p)
 
 
-class NativeHijacker:
-    """Callable wrappers of the three functions, given their absolute addresses
-    (the caller owns the code and keeps it mapped while this object is used).
-    The calls keep the GIL (they never block; see :mod:`unwinder.native`)."""
+_SCAN = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p)
 
-    def __init__(self, plan_address, apply_address, lifo_address):
+
+class NativeHijacker:
+    """Callable wrappers of the four functions, given their absolute addresses
+    (the caller owns the code and keeps it mapped while this object is used).
+    The calls keep the GIL (they never block; see :mod:`unwinder.native`).
+    ``scan`` is None when no address is given for it."""
+
+    def __init__(self, plan_address, apply_address, lifo_address, scan_address=None):
         self.plan = _PLAN(plan_address)
         self.apply = _APPLY(apply_address)
         self.lifo = _LIFO(lifo_address)
+        self.scan = None if scan_address is None else _SCAN(scan_address)

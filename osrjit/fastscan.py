@@ -29,10 +29,17 @@ from array import array
 
 from unwinder.modules import read_proc_maps
 
+from unwinder.native import EndReason
+from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
+
 from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
 
+#: osrjit_hj_scan's terminal end reasons, worded as unwinder.walk words them.
+_TERMINAL_ENDS = {EndReason.RA_UNDEFINED: END_RA_UNDEFINED, EndReason.RA_ZERO: END_RA_ZERO,
+                  EndReason.CFA_NOT_INCREASING: END_CFA_NOT_INCREASING}
+
 __all__ = ["VersionIndex", "scan_bounds", "plan_native", "ThreadHijacks", "ScanPlan",
-           "ScanBuffers", "WatchTables"]
+           "ScanBuffers", "WatchTables", "AnchorScan"]
 
 
 class VersionIndex:
@@ -147,6 +154,10 @@ class ScanBuffers:
     def reset(self):
         self._used = 0
 
+    def give_back(self):
+        """Make the set the last :meth:`take` handed out available again."""
+        self._used -= 1
+
 
 class ThreadHijacks:
     """One stopped thread's frames of watched versions, as arrays.
@@ -166,21 +177,35 @@ class ThreadHijacks:
                  "slots", "ras", "kinds")
 
     def __init__(self, hijacker, raw, n, first, tables, thread, buffers=None):
-        self.thread = thread
-        self.tables = tables
-        self.meta = tables.meta
-        nk, nr = len(tables.keys), len(tables.range_versions)
         buffers = buffers or ScanBuffers()
-        self.slots, self.ras, self.kinds = buffers.take(n)
-        self.cap = cap = len(self.slots)
+        slots, ras, kinds = buffers.take(n)
+        nk, nr = len(tables.keys), len(tables.range_versions)
         counts, range_counts = tables.counts_array, tables.range_counts_array
         counts[:] = tables.zero_counts                # (ctypes.memset would give the GIL away)
         range_counts[:] = tables.zero_range_counts
-        self.m = hijacker.plan(raw, n, first, tables.key_array, tables.hijack_array, nk,
-                               counts, self.slots, self.ras, self.kinds, cap,
-                               tables.range_array, nr, range_counts)
-        self.counts = counts[:3 * nk]          # lists from here on
-        self.range_counts = range_counts[:nr]
+        m = hijacker.plan(raw, n, first, tables.key_array, tables.hijack_array, nk,
+                          counts, slots, ras, kinds, len(slots),
+                          tables.range_array, nr, range_counts)
+        self._finish(tables, thread, slots, ras, kinds, m)
+
+    @classmethod
+    def planned(cls, tables, thread, slots, ras, kinds, m):
+        """The answer of a plan already made into ``slots`` / ``ras`` /
+        ``kinds`` and ``tables``' counters (``osrjit_hj_scan``)."""
+        self = cls.__new__(cls)
+        self._finish(tables, thread, slots, ras, kinds, m)
+        return self
+
+    def _finish(self, tables, thread, slots, ras, kinds, m):
+        self.thread = thread
+        self.tables = tables
+        self.meta = tables.meta
+        self.slots, self.ras, self.kinds = slots, ras, kinds
+        self.cap = len(slots)
+        self.m = m
+        nk, nr = len(tables.keys), len(tables.range_versions)
+        self.counts = tables.counts_array[:3 * nk]          # lists from here on
+        self.range_counts = tables.range_counts_array[:nr]
         self.t = self._translated()
 
     def _translated(self):
@@ -259,6 +284,89 @@ class ScanPlan:
         for h in self.threads:
             out.extend(h.frames())
         return out
+
+
+class AnchorScan:
+    """Scans of stopped threads from their anchors with one native call each
+    (``osrjit_hj_scan``: walk and plan, no Python per frame, no copy).
+
+    Owns the call's :class:`~deopt.native_hijack.ScanArgs`, a walk state and
+    an output array of :attr:`FRAMES` frames, kept from one stop-the-world to
+    the next. :meth:`prepare` points them at one scan's walker and tables,
+    :meth:`translate` at the hijacked slots' translation; :meth:`thread`
+    scans one thread. A thread it cannot do alone
+    (no room, a table to grow, a frame for the Python walker, RSP outside the
+    known bounds) gives None: the caller uses :func:`plan_native`.
+    """
+
+    #: Frames one call walks at most (a deeper stack takes the general path).
+    FRAMES = 2048
+
+    def __init__(self):
+        from unwinder.native import OutFrame, WalkState
+        from deopt.native_hijack import ScanArgs
+        self.args = ScanArgs()
+        self._state = WalkState()
+        self._out = (OutFrame * self.FRAMES)()
+        self.args.state = ctypes.addressof(self._state)
+        self.args.out = ctypes.addressof(self._out)
+        self.args.out_cap = self.FRAMES
+
+    def prepare(self, hijacker, walker, tables, buffers):
+        """Point the call at ``walker`` (a :class:`unwinder.NativeWalker`;
+        each scan pins it and takes its current tables), :class:`WatchTables`
+        ``tables`` and :class:`ScanBuffers` ``buffers`` (kept alive by the
+        caller while this object is used with them); before the world stops."""
+        a = self.args
+        a.walk_fn = walker.entry_address
+        a.translation = 0
+        self._translation = None
+        a.keys = ctypes.addressof(tables.key_array)
+        a.hijack = ctypes.addressof(tables.hijack_array)
+        a.nkeys = len(tables.keys)
+        a.counts = ctypes.addressof(tables.counts_array)
+        a.ranges = ctypes.addressof(tables.range_array)
+        a.nranges = len(tables.range_versions)
+        a.range_counts = ctypes.addressof(tables.range_counts_array)
+        self._hijacker, self._walker, self._tables = hijacker, walker, tables
+        self._buffers = buffers
+
+    def translate(self, translation):
+        """Walk through the :class:`unwinder.TranslationArrays`
+        ``translation`` (or None), kept alive here until the next call."""
+        if translation is not self._translation:
+            self.args.translation = translation.address if translation is not None else 0
+            self._translation = translation
+
+    def thread(self, state, thread, bounds):
+        """``(ScanResult, ThreadHijacks or None)`` of the thread whose
+        :class:`osrjit.threads.ThreadState` is ``state`` (stopped, scanned from
+        its anchor), or None to take the general path; ``bounds``: its stack's
+        ``(lo, hi)`` (absolute) or None."""
+        if bounds is None or not self._tables:
+            return None
+        a = self.args
+        slots, ras, kinds = self._buffers.take(self.FRAMES)
+        a.slots, a.ras, a.kinds = (ctypes.addressof(slots), ctypes.addressof(ras),
+                                   ctypes.addressof(kinds))
+        a.cap = len(slots)
+        a.lo, a.hi = bounds
+        a.anchor = ctypes.addressof(state.anchor)
+        # The walker's current tables (a walk of the general path may have
+        # grown them since), alive while its pin is held.
+        with self._walker.pin():
+            a.tables = self._walker.tables_address
+            status = self._hijacker.scan(ctypes.addressof(a))
+        if status:
+            self._buffers.give_back()
+            return None
+        out = ScanResult()
+        found = ThreadHijacks.planned(self._tables, thread, slots, ras, kinds, a.m)
+        out.executing = found.executing()
+        end = _TERMINAL_ENDS[a.end_reason]
+        if end not in NORMAL_ENDS:
+            out.incomplete = end
+        return out, found
 
 
 def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced, is_old,

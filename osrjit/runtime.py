@@ -646,6 +646,7 @@ class Runtime:
         self._walker_instance = None
         self._hijacker = None
         self._scan_buffers = fastscan.ScanBuffers()
+        self._anchor_scan = fastscan.AnchorScan() if walker == "native" else None
         self.opt_level = opt_level
         #: Where versions are optimised and emitted: ``"inprocess"``, or
         #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
@@ -1211,9 +1212,13 @@ class Runtime:
         tables = fastscan.WatchTables(versions, names, self._is_old)
         ntx_path = self._deopt.native
         self._scan_buffers.reset()        # the previous scan's arrays are no longer used
+        walker, hijacker = self._native_walker(), self._native_hijacker()
+        if self._anchor_scan is not None:
+            self._anchor_scan.prepare(hijacker, walker, tables, self._scan_buffers)
+            self._anchor_scan.translate(translation.snapshot())
         return {"index": fastscan.VersionIndex(versions), "tables": tables,
-                "translation": translation, "walker": self._native_walker(),
-                "hijacker": self._native_hijacker(),
+                "translation": translation, "walker": walker, "hijacker": hijacker,
+                "anchor_scan": self._anchor_scan,
                 "descriptors": None if ntx_path is None else ntx_path.descriptors(tables.meta)}
 
     def _is_old(self, v):
@@ -1273,8 +1278,35 @@ class Runtime:
             native_walker, hijacker = context["walker"], context["hijacker"]
             me = threading.get_ident()
             own = threads.current_stack_bounds()
-            bounds = fastscan.scan_bounds(
-                lambda ident: own if ident == me else self._registry.stack_bounds(ident))
+
+            def known_bounds(ident):
+                return own if ident == me else self._registry.stack_bounds(ident)
+            bounds = fastscan.scan_bounds(known_bounds)
+            anchor_scan = context["anchor_scan"]
+            if anchor_scan is not None:
+                anchor_scan.translate(translation.snapshot())
+
+        def from_anchor(state, ident):
+            # One native call for the whole thread when it can.
+            if self.walker == "native" and anchor_scan is not None:
+                done = anchor_scan.thread(state, ident, known_bounds(ident))
+                if done is not None:
+                    result, arrays = done
+                    plan.threads.append(arrays)
+                    executing.update(result.executing)
+                    if result.incomplete is not None:
+                        incomplete_walk(result.incomplete)
+                    return
+            aregs = threads.anchor_registers(state)
+            if aregs is not None:
+                classify(aregs, ident, True)
+
+        def incomplete_walk(reason):
+            # Frames of old versions may hide below: free none of them this time.
+            self.last_incomplete_walk = reason
+            incomplete.append(reason)
+            for fn in self._functions.values():
+                executing.update(v for v in fn.versions if v is not fn.current)
 
         def classify(regs, ident, caller_frame):
             def reference():
@@ -1295,11 +1327,7 @@ class Runtime:
                              for p in result.pending)
             executing.update(result.executing)
             if result.incomplete is not None:
-                # Frames of old versions may hide below: free none of them this time.
-                self.last_incomplete_walk = result.incomplete
-                incomplete.append(result.incomplete)
-                for fn in self._functions.values():
-                    executing.update(v for v in fn.versions if v is not fn.current)
+                incomplete_walk(result.incomplete)
 
         def scan(regs):
             if regs is not None:
@@ -1311,9 +1339,8 @@ class Runtime:
                 # rule the other threads' scans follow too. No anchor: no
                 # JIT call of ours is active on this thread.
                 mine = self._registry.attached()
-                aregs = None if mine is None else threads.anchor_registers(mine)
-                if aregs is not None:
-                    classify(aregs, threading.get_ident(), True)
+                if mine is not None:
+                    from_anchor(mine, threading.get_ident())
             for ident, state, _ in others:
                 status = state.status
                 if status == threads.PARKED_SIGNAL and state.ucontext:
@@ -1324,9 +1351,7 @@ class Runtime:
                             executing.add(v)
                     classify(uregs, ident, False)
                 elif status in (threads.PARKED, threads.OUTSIDE):
-                    aregs = threads.anchor_registers(state)
-                    if aregs is not None:
-                        classify(aregs, ident, True)
+                    from_anchor(state, ident)
 
         if self.walker == "native":
             scan(None)
@@ -1362,7 +1387,7 @@ class Runtime:
             mod.verify()
             obj = tm.emit_object(mod)
             symbols = (native_hijack.PLAN_SYMBOL, native_hijack.APPLY_SYMBOL,
-                       native_hijack.LIFO_SYMBOL)
+                       native_hijack.LIFO_SYMBOL, native_hijack.SCAN_SYMBOL)
             builder = llvm.JITLibraryBuilder().add_object_img(obj)
             for sym in symbols:
                 builder.export_symbol(sym)

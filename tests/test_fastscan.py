@@ -42,14 +42,25 @@ def both_scans_scenario():
         work = rt.function("work")
         outer = rt.function("outer")
         threading.stack_size(64 << 20)
+        # 700 frames: one native call (osrjit_hj_scan); 2,500: deeper than
+        # its buffer, the general path.
         ts = [threading.Thread(target=work, args=(700, 1 << 40)),
-              threading.Thread(target=work, args=(1300, 1 << 40)),
+              threading.Thread(target=work, args=(2500, 1 << 40)),
               threading.Thread(target=outer, args=(5, 300_000_000))]   # a few seconds
         for t in ts:
             t.start()
         time.sleep(0.3)
         rt.replace("work", WORK.replace("+ 1", "+ 2"))      # hijacks the first two
         rt.replace("outer", "def outer(n, m):\n    return work(n, 0) + busy(m) + 1\n")
+        anchor_scan = rt._anchor_scan
+        one_call = []
+        scan_thread = anchor_scan.thread
+
+        def counted(state, ident, bounds):
+            done = scan_thread(state, ident, bounds)
+            one_call.append(done is not None)
+            return done
+        anchor_scan.thread = counted
         others = rt._world.stop(timeout=5)
         try:
             answers = {}
@@ -63,6 +74,8 @@ def both_scans_scenario():
         finally:
             rt._world.release()
         out["answers"] = answers
+        out["one_call"] = sorted(one_call)
+        del anchor_scan.thread
         out["signals"] = rt.stats()["signals_sent"]
         # End the threads: spin returns at once in a new version; busy ends by
         # itself. A spinner the signal stopped (no poll reached within the
@@ -84,6 +97,9 @@ def test_native_and_reference_scans_agree_on_the_same_stopped_stacks():
     python, native = out["answers"]["python"], out["answers"]["native"]
     assert native == python
     found, executing = native
-    assert len(found) > 2000                  # both deep threads, every frame
-    assert sum(1 for f in found if f[2] is None) > 2000   # already hijacked: seen through
+    assert len(found) > 3200                  # both deep threads, every frame
+    assert sum(1 for f in found if f[2] is None) > 3200   # already hijacked: seen through
+    # Parked threads: the 700-deep one in one native call, the 2,500-deep one
+    # on the general path (and the thread in a poll-free loop by its signal context).
+    assert out["one_call"] == [False, True]
     assert out["signals"] >= 1 and out["alive"] == 0

@@ -213,3 +213,58 @@ def test_lifo_commit_keeps_one_descending_order_across_pushes():
     assert [e[0] for e in lifo.entries()] == [0x90, 0x80, 0x75, 0x70, 0x60, 0x40]
     with pytest.raises(ntx.NativeTransferError):
         lifo.push_entries(b"\0" * 31)
+
+
+def _filler(*triples):
+    """``fill(address) -> written`` writing these LIFO entries there."""
+    data = _entries(*triples)
+
+    def fill(address):
+        ctypes.memmove(address, data, len(data))
+        return len(triples)
+    return fill
+
+
+def test_lifo_append_writes_on_top_in_place_or_declines():
+    lifo = ntx.ThreadLifo()
+    # Empty: written at the bottom, no commit needed.
+    assert lifo.append(_filler((0x90, 1, 7), (0x80, 2, 7)), 2, 0x90) == 2
+    assert [e[0] for e in lifo.entries()] == [0x90, 0x80] and lifo.block.top == 2
+    # Deeper frames go on top, in place.
+    address = lifo.block.entries
+    assert lifo.append(_filler((0x70, 3, 7)), 1, 0x70) == 1
+    assert [e[0] for e in lifo.entries()] == [0x90, 0x80, 0x70] and lifo.block.top == 3
+    assert lifo.block.entries == address
+    # Not deeper than every pending entry: declined, nothing changes.
+    assert lifo.append(_filler((0x75, 4, 7)), 1, 0x75) is None
+    assert [e[0] for e in lifo.entries()] == [0x90, 0x80, 0x70]
+    # A moved entry not yet drained stays (drain reports it later), the new
+    # entries go above it; once every entry is drained, the next starts afresh.
+    ctypes.c_int64.from_address(lifo.block.entries + 32 * 2 + 24).value = ntx.TAKEN
+    assert lifo.append(_filler((0x60, 5, 7)), 1, 0x60) == 1
+    assert lifo.size == 4 and lifo.drain() == ([0x70], [])
+    for i in range(4):
+        ctypes.c_int64.from_address(lifo.block.entries + 32 * i + 24).value = ntx.TAKEN
+    assert sorted(lifo.drain()[0]) == [0x60, 0x80, 0x90]
+    many = [(0x1000 - 8 * i, i, 7) for i in range(40)]          # beyond the capacity of 16
+    assert lifo.append(_filler(*many), 40, 0x1000) == 40
+    assert lifo.size == 40 and lifo.block.capacity >= 40
+    assert [e[0] for e in lifo.entries()] == [t[0] for t in many]
+    # Queued pushes: declined (a commit merges them).
+    lifo.push_entries(_entries((0x10, 1, 7)))
+    assert lifo.append(_filler((0x8, 2, 7)), 1, 0x8) is None
+
+
+def test_lifo_commit_without_drain_never_rewrites_undrained_entries():
+    lifo = ntx.ThreadLifo()
+    lifo.push_entries(_entries((0x90, 1, 7), (0x80, 2, 7)))
+    lifo.commit()
+    ctypes.c_int64.from_address(lifo.block.entries + 24).value = ntx.TAKEN
+    # Nothing queued: the statuses are not read, the array is left as it is.
+    assert lifo.commit(drain=False) == ([], [])
+    assert lifo.size == 2
+    # Something queued: the array is rewritten, so it is drained first — the
+    # moved entry is reported and not written back as PENDING.
+    lifo.push_entries(_entries((0x70, 3, 7)))
+    assert lifo.commit(drain=False) == ([0x90], [])
+    assert [e[0] for e in lifo.entries()] == [0x80, 0x70]

@@ -78,6 +78,12 @@ def real_stack_scenario(depths):
                  "all_native": all(f.native for f in native),
                  "arrays": (list(arrays.pcs), list(arrays.cfas), list(arrays.ra_slots),
                             arrays.end_reason, arrays.python)}
+            # walk_out: the same frames as walk_raw, in the walker's buffer.
+            bounds = stack_bounds_of(regs[RSP])
+            wo = walker.walk_out(regs, innermost_is_caller=True, stack_bounds=bounds)
+            raw, end = walker.walk_raw(regs, innermost_is_caller=True, stack_bounds=bounds)
+            r["walk_out"] = (wo is not None and ctypes.string_at(wo[0], 32 * wo[1]) == raw,
+                             wo and wo[2] == end, wo and wo[1])
             # The raw entry point alone, tables now compiled: one call does it all.
             state = state_from_regs(regs, innermost_is_caller=True)
             out = (OutFrame * (len(py) + 8))()
@@ -103,6 +109,11 @@ def real_stack_scenario(depths):
             finally:
                 mem.write_u64(victim.ra_slot, original)
                 space.remove_return_address_filter(table.translate)
+                wo = walker.walk_out(regs, innermost_is_caller=True, stack_bounds=bounds,
+                                     translation=table)
+                raw_h, _ = walker.walk_raw(regs, innermost_is_caller=True,
+                                           stack_bounds=bounds, translation=table)
+                r["walk_out_hijacked"] = ctypes.string_at(wo[0], 32 * wo[1]) == raw_h
             r["hijacked"] = {"python": [frame_key(f) for f in py_h],
                              "native": [frame_key(f) for f in native_h],
                              "victim_index": py.index(victim), "stub": stub, "original": original,
@@ -169,6 +180,14 @@ def test_raw_entry_point_walks_the_whole_stack_in_one_call(real_stacks, depth):
     n, reason, frames = r["raw"]
     assert reason == "RA_UNDEFINED"
     assert frames == [(f[0], f[1], f[2] or 0) for f in r["python"]]
+
+
+@pytest.mark.parametrize("depth", [100, 1000])
+def test_walk_out_gives_walk_raw_frames_without_a_copy(real_stacks, depth):
+    r = real_stacks[depth]
+    same, same_end, n = r["walk_out"]
+    assert same and same_end and n == len(r["python"])
+    assert r["walk_out_hijacked"]                 # through the translation table too
 
 
 @pytest.mark.parametrize("depth", [100, 1000])
@@ -503,6 +522,10 @@ def synthetic_scenario():
 
     out = {"S": S, "main": both(regs)}
     out["fallback_reasons"] = dict(walker.fallback_reasons)
+    # Frames for the Python walker: walk_out declines (walk_raw does too).
+    out["walk_out_declines"] = (
+        walker.walk_out(regs, stack_bounds=bounds, translation=table) is None,
+        walker.walk_raw(regs, stack_bounds=bounds, translation=table) is None)
     # Tight bounds: reads above them go to the Python walker, same frames.
     before = walker.fallbacks
     tight = walker.walk(regs, stack_bounds=(S, S + 64), translation=table)
@@ -596,6 +619,10 @@ def test_synthetic_stack_matches_python_walker_with_fallbacks(synthetic):
     assert native[5][7] == STUB                                  # translated: stored_pc = stub
     assert native[5][6] and native[6][3] == CODE                 # signal frame: exact caller lookup
     assert native[-1][4] == END_RA_ZERO
+
+
+def test_walk_out_declines_walks_that_need_python(synthetic):
+    assert synthetic["walk_out_declines"] == (True, True)
 
 
 def test_reads_outside_the_bounds_go_to_python(synthetic):

@@ -52,6 +52,19 @@ ranges, nranges, range_counts) -> m``
     walker, or produced no frame) and :data:`SCAN_NO_ROOM` (``cap < n``):
     nothing was planned; the caller takes the general path.
 
+``osrjit_hj_park_scan(handshake)``
+    The park path's self-scan (the ``osrjit_park_scan`` cell of
+    :mod:`osrjit.threads`): if the :class:`Handshake`'s ``state`` goes from
+    :data:`HS_REQUESTED` to :data:`HS_SCANNING` (compare-and-swap), runs
+    ``osrjit_hj_scan`` on its ``args``, stores the status and then
+    :data:`HS_SCANNED`; else does nothing.
+
+``osrjit_hj_cancel(handshake)``
+    Back to :data:`HS_IDLE`: a compare-and-swap from :data:`HS_REQUESTED`,
+    else, once no scan runs (it spins while the state is
+    :data:`HS_SCANNING`), a store. After it no thread uses the handshake's
+    ``args`` until the next request.
+
 Frames are read from the walker's output only; a slot is read (plan, check)
 or written (apply) only at an address the walker itself read a return
 address from, inside the thread's stack bounds.
@@ -60,12 +73,15 @@ import ctypes
 
 __all__ = ["PLAN_SYMBOL", "APPLY_SYMBOL", "LIFO_SYMBOL", "SCAN_SYMBOL", "hijack_module_ir",
            "NativeHijacker", "ScanArgs", "ANCHOR_KNOWN", "SCAN_NO_ANCHOR", "SCAN_OUT_OF_BOUNDS",
-           "SCAN_INCOMPLETE", "SCAN_NO_ROOM"]
+           "SCAN_INCOMPLETE", "SCAN_NO_ROOM", "PARK_SCAN_SYMBOL", "Handshake", "HS_IDLE",
+           "HS_REQUESTED", "HS_SCANNING", "HS_SCANNED", "CANCEL_SYMBOL"]
 
 PLAN_SYMBOL = "osrjit_hj_plan"
 APPLY_SYMBOL = "osrjit_hj_apply"
 LIFO_SYMBOL = "osrjit_hj_lifo"
 SCAN_SYMBOL = "osrjit_hj_scan"
+PARK_SCAN_SYMBOL = "osrjit_hj_park_scan"
+CANCEL_SYMBOL = "osrjit_hj_cancel"
 
 #: Bit of :attr:`unwinder.native.OutFrame.info`: the pc came through the
 #: translation table (the slot held the stub).
@@ -402,6 +418,40 @@ incomplete:
 noroom:
   ret i64 {no_room}
 }}
+
+define void @{cancel}(ptr %hs) nounwind {{
+entry:
+  br label %loop
+loop:
+  %cx = cmpxchg ptr %hs, i64 {requested}, i64 {idle} seq_cst seq_cst
+  %won = extractvalue {{ i64, i1 }} %cx, 1
+  br i1 %won, label %done, label %check
+check:
+  %old = extractvalue {{ i64, i1 }} %cx, 0
+  %busy = icmp eq i64 %old, {scanning}
+  br i1 %busy, label %loop, label %idle
+idle:
+  store atomic i64 {idle}, ptr %hs seq_cst, align 8
+  br label %done
+done:
+  ret void
+}}
+
+define void @{park_scan}(ptr %hs) nounwind {{
+entry:
+  %cx = cmpxchg ptr %hs, i64 {requested}, i64 {scanning} seq_cst seq_cst
+  %won = extractvalue {{ i64, i1 }} %cx, 1
+  br i1 %won, label %scan, label %done
+scan:
+  %args = getelementptr i8, ptr %hs, i64 16
+  %r = call i64 @{scan}(ptr %args)
+  %st = getelementptr i8, ptr %hs, i64 8
+  store i64 %r, ptr %st
+  store atomic i64 {scanned}, ptr %hs release, align 8
+  br label %done
+done:
+  ret void
+}}
 """
 
 #: :func:`osrjit_hj_scan` statuses other than 0 (planned).
@@ -431,6 +481,21 @@ class ScanArgs(ctypes.Structure):
 assert ctypes.sizeof(ScanArgs) == 23 * 8 and ScanArgs.anchor.offset == 64
 assert ScanArgs.cap.offset == 128 and ScanArgs.m.offset == 176
 
+#: :attr:`Handshake.state` values. The stopper moves IDLE -> REQUESTED before
+#: it stops the world and back to IDLE before it releases it; the thread
+#: moves REQUESTED -> SCANNING -> SCANNED while it parks.
+HS_IDLE, HS_REQUESTED, HS_SCANNING, HS_SCANNED = range(4)
+
+
+class Handshake(ctypes.Structure):
+    """A thread's self-scan request (``osrjit_hj_park_scan``): ``state``
+    (``HS_*``), ``status`` (``osrjit_hj_scan``'s, once SCANNED) and the
+    :class:`ScanArgs` it runs on."""
+    _fields_ = [("state", ctypes.c_int64), ("status", ctypes.c_int64), ("args", ScanArgs)]
+
+
+assert Handshake.args.offset == 16
+
 
 def hijack_module_ir(triple, pending=0):
     """Textual LLVM IR of the module holding the three functions above.
@@ -439,7 +504,9 @@ def hijack_module_ir(triple, pending=0):
         plan=PLAN_SYMBOL, apply=APPLY_SYMBOL, lifo=LIFO_SYMBOL,
         translated=_FRAME_TRANSLATED, pending=pending) + _SCAN_IR.format(
         scan=SCAN_SYMBOL, plan=PLAN_SYMBOL, known=ANCHOR_KNOWN, no_anchor=SCAN_NO_ANCHOR,
-        out_of_bounds=SCAN_OUT_OF_BOUNDS, incomplete=SCAN_INCOMPLETE, no_room=SCAN_NO_ROOM)
+        out_of_bounds=SCAN_OUT_OF_BOUNDS, incomplete=SCAN_INCOMPLETE, no_room=SCAN_NO_ROOM,
+        park_scan=PARK_SCAN_SYMBOL, cancel=CANCEL_SYMBOL, idle=HS_IDLE, requested=HS_REQUESTED,
+        scanning=HS_SCANNING, scanned=HS_SCANNED)
 
 
 _U64 = ctypes.c_uint64
@@ -452,16 +519,19 @@ _LIFO = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_
 
 
 _SCAN = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p)
+_CANCEL = ctypes.PYFUNCTYPE(None, ctypes.c_void_p)
 
 
 class NativeHijacker:
-    """Callable wrappers of the four functions, given their absolute addresses
+    """Callable wrappers of the functions, given their absolute addresses
     (the caller owns the code and keeps it mapped while this object is used).
     The calls keep the GIL (they never block; see :mod:`unwinder.native`).
-    ``scan`` is None when no address is given for it."""
+    ``scan`` / ``cancel`` are None when no address is given for them."""
 
-    def __init__(self, plan_address, apply_address, lifo_address, scan_address=None):
+    def __init__(self, plan_address, apply_address, lifo_address, scan_address=None,
+                 cancel_address=None):
         self.plan = _PLAN(plan_address)
         self.apply = _APPLY(apply_address)
         self.lifo = _LIFO(lifo_address)
         self.scan = None if scan_address is None else _SCAN(scan_address)
+        self.cancel = None if cancel_address is None else _CANCEL(cancel_address)

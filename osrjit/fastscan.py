@@ -15,7 +15,11 @@ which a test compares against — with no per-frame Python:
   bounds known per thread or from ``/proc/self/maps``) and hands the raw
   frames to :mod:`deopt.native_hijack`, which finds the frames to hijack,
   checks their slots and counts what runs old code; a :class:`ThreadHijacks`
-  holds one thread's answer as arrays, a :class:`ScanPlan` every thread's.
+  holds one thread's answer as arrays, a :class:`ScanPlan` every thread's;
+* a thread stopped at a poll or in a hook is scanned from its anchor in one
+  native call (:class:`AnchorScan`: walk and plan, ``osrjit_hj_scan``), or,
+  for ``replace()``, has scanned itself on its own core while it parked
+  (:class:`SelfScan`: the stopper only reads the answer).
 
 A frame's lookup pc is ``pc − 1`` except for the innermost frame of a walk
 started from exact registers (a signal context). A walk the native code
@@ -39,7 +43,7 @@ _TERMINAL_ENDS = {EndReason.RA_UNDEFINED: END_RA_UNDEFINED, EndReason.RA_ZERO: E
                   EndReason.CFA_NOT_INCREASING: END_CFA_NOT_INCREASING}
 
 __all__ = ["VersionIndex", "scan_bounds", "plan_native", "ThreadHijacks", "ScanPlan",
-           "ScanBuffers", "WatchTables", "AnchorScan"]
+           "ScanBuffers", "WatchTables", "AnchorScan", "SelfScan"]
 
 
 class VersionIndex:
@@ -189,14 +193,15 @@ class ThreadHijacks:
         self._finish(tables, thread, slots, ras, kinds, m)
 
     @classmethod
-    def planned(cls, tables, thread, slots, ras, kinds, m):
+    def planned(cls, tables, thread, slots, ras, kinds, m, counts=None, range_counts=None):
         """The answer of a plan already made into ``slots`` / ``ras`` /
-        ``kinds`` and ``tables``' counters (``osrjit_hj_scan``)."""
+        ``kinds`` and ``counts`` / ``range_counts`` (default: ``tables``'
+        counters) by ``osrjit_hj_scan``."""
         self = cls.__new__(cls)
-        self._finish(tables, thread, slots, ras, kinds, m)
+        self._finish(tables, thread, slots, ras, kinds, m, counts, range_counts)
         return self
 
-    def _finish(self, tables, thread, slots, ras, kinds, m):
+    def _finish(self, tables, thread, slots, ras, kinds, m, counts=None, range_counts=None):
         self.thread = thread
         self.tables = tables
         self.meta = tables.meta
@@ -204,8 +209,10 @@ class ThreadHijacks:
         self.cap = len(slots)
         self.m = m
         nk, nr = len(tables.keys), len(tables.range_versions)
-        self.counts = tables.counts_array[:3 * nk]          # lists from here on
-        self.range_counts = tables.range_counts_array[:nr]
+        counts = tables.counts_array if counts is None else counts
+        range_counts = tables.range_counts_array if range_counts is None else range_counts
+        self.counts = counts[:3 * nk]          # lists from here on
+        self.range_counts = range_counts[:nr]
         self.t = self._translated()
 
     def _translated(self):
@@ -360,13 +367,96 @@ class AnchorScan:
         if status:
             self._buffers.give_back()
             return None
-        out = ScanResult()
         found = ThreadHijacks.planned(self._tables, thread, slots, ras, kinds, a.m)
-        out.executing = found.executing()
-        end = _TERMINAL_ENDS[a.end_reason]
-        if end not in NORMAL_ENDS:
-            out.incomplete = end
-        return out, found
+        return _scan_answer(found, a.end_reason), found
+
+
+def _scan_answer(found, end_reason):
+    """The :class:`ScanResult` of an ``osrjit_hj_scan`` that planned ``found``."""
+    out = ScanResult()
+    out.executing = found.executing()
+    end = _TERMINAL_ENDS[end_reason]
+    if end not in NORMAL_ENDS:
+        out.incomplete = end
+    return out
+
+
+class SelfScan:
+    """One thread's self-scan: it walks and plans its own stack while it parks
+    for a stop-the-world, on its own core (whose caches hold its stack), so
+    the stopper only reads the answer. HotSpot's thread-local handshakes and
+    ZGC's stack watermarks let threads process their own stacks the same way.
+
+    Owns the thread's :class:`~deopt.native_hijack.Handshake` (its address
+    goes into the thread's :class:`osrjit.threads.ThreadState`) and the
+    arrays ``osrjit_hj_scan`` writes: a walk state, :data:`FRAMES` output
+    frames, slots / return addresses / kinds and counters. Protocol, all by
+    the stopper with the runtime's lock held: :meth:`request` before it stops
+    the world (the walker pinned until the release), :meth:`answer` once the
+    thread is stopped, :meth:`cancel` before the release (every request,
+    answered or not). Lifetime: as long as the thread is attached.
+    """
+
+    FRAMES = AnchorScan.FRAMES
+
+    def __init__(self):
+        from unwinder.native import OutFrame, WalkState
+        from deopt.native_hijack import Handshake
+        self.block = Handshake()
+        self.address = ctypes.addressof(self.block)
+        self._state = WalkState()
+        self._out = (OutFrame * self.FRAMES)()
+        self.slots, self.ras, self.kinds = ((ctypes.c_uint64 * self.FRAMES)() for _ in range(3))
+        self._counts = self._range_counts = None
+        a = self.block.args
+        a.state, a.out, a.out_cap = ctypes.addressof(self._state), ctypes.addressof(self._out), \
+            self.FRAMES
+        a.slots, a.ras, a.kinds = (ctypes.addressof(x) for x in (self.slots, self.ras, self.kinds))
+        a.cap = self.FRAMES
+
+    def request(self, walker_entry, tables_address, translation, tables, bounds, thread_state):
+        """Ask the thread of ``thread_state`` to scan itself when it next
+        parks. ``walker_entry`` / ``tables_address``: the pinned walker's
+        (absolute); ``translation``: :class:`unwinder.TranslationArrays` or
+        None; ``tables``: the scan's :class:`WatchTables`; ``bounds``: the
+        thread's stack ``(lo, hi)``. The caller keeps all of them alive until
+        :meth:`cancel`. Plain stores: setting the world's STOP flag (a locked
+        instruction) publishes them before the thread can see it."""
+        from deopt.native_hijack import HS_REQUESTED
+        nk, nr = len(tables.keys), len(tables.range_versions)
+        if self._counts is None or len(self._counts) < 3 * nk:
+            self._counts = (ctypes.c_uint64 * max(3 * nk, 16))()
+        if self._range_counts is None or len(self._range_counts) < nr:
+            self._range_counts = (ctypes.c_uint64 * max(nr, 16))()
+        a = self.block.args
+        a.walk_fn, a.tables = walker_entry, tables_address
+        a.translation = translation.address if translation is not None else 0
+        a.lo, a.hi = bounds
+        a.anchor = ctypes.addressof(thread_state.anchor)
+        a.keys, a.hijack, a.nkeys = (ctypes.addressof(tables.key_array),
+                                     ctypes.addressof(tables.hijack_array), nk)
+        a.counts = ctypes.addressof(self._counts)
+        a.ranges, a.nranges = ctypes.addressof(tables.range_array), nr
+        a.range_counts = ctypes.addressof(self._range_counts)
+        self.block.status = -1
+        self.block.state = HS_REQUESTED
+
+    def answer(self, tables, thread):
+        """``(ScanResult, ThreadHijacks)`` if the thread scanned itself
+        completely, else None (it was not parked at a poll, or its walk needs
+        the general path). The world is stopped."""
+        from deopt.native_hijack import HS_SCANNED
+        b = self.block
+        if b.state != HS_SCANNED or b.status != 0:
+            return None
+        found = ThreadHijacks.planned(tables, thread, self.slots, self.ras, self.kinds, b.args.m,
+                                      self._counts, self._range_counts)
+        return _scan_answer(found, b.args.end_reason), found
+
+    def cancel(self):
+        """Withdraw the request (world stopped: the thread is not scanning)."""
+        from deopt.native_hijack import HS_IDLE
+        self.block.state = HS_IDLE
 
 
 def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced, is_old,

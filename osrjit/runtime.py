@@ -647,6 +647,7 @@ class Runtime:
         self._hijacker = None
         self._scan_buffers = fastscan.ScanBuffers()
         self._anchor_scan = fastscan.AnchorScan() if walker == "native" else None
+        self._self_scans = {}             # addressof(ThreadState) -> fastscan.SelfScan
         self.opt_level = opt_level
         #: Where versions are optimised and emitted: ``"inprocess"``, or
         #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
@@ -720,6 +721,10 @@ class Runtime:
                 if pending:
                     raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
                                        "have not returned yet (their stub and code would go)")
+                self._support.set_service("osrjit_park_scan", 0)
+                for _ident, st, _name in self._registry.snapshot():
+                    st.handshake = 0
+                self._self_scans.clear()
                 self._deopt.close()
                 if self._signal is not None:
                     self._signal.close()
@@ -1041,10 +1046,14 @@ class Runtime:
                 for v in new_versions.values():
                     self._discard(v)
                 raise
+            # The threads that park at a poll walk and plan their own stacks
+            # on the way (SelfScan); the others are scanned in the pause.
+            requests = self._request_self_scans(context)
             t0 = time.perf_counter()
             try:
                 others = self._world.stop(timeout=timeout)
             except BaseException:
+                self._end_self_scans(requests)
                 for v in new_versions.values():
                     self._discard(v)
                 raise
@@ -1081,6 +1090,7 @@ class Runtime:
                         table.lock.acquire()
                     self._world.release()
                     try:
+                        self._end_self_scans(requests)
                         if deferred:
                             patching.apply_patches(deferred, memory)
                     finally:
@@ -1221,6 +1231,51 @@ class Runtime:
                 "anchor_scan": self._anchor_scan,
                 "descriptors": None if ntx_path is None else ntx_path.descriptors(tables.meta)}
 
+    def _request_self_scans(self, context):
+        """Ask every other attached thread with known stack bounds to scan
+        itself when it parks (:class:`osrjit.fastscan.SelfScan`); before the
+        world stops. Returns what :meth:`_end_self_scans` takes."""
+        if context is None or self._hijacker is None:
+            return None
+        walker = context["walker"]
+        pin = walker.pin()
+        pin.__enter__()                   # the tables handed out stay until the end
+        try:
+            me = threading.get_ident()
+            translation = context["translation"].snapshot()
+            entry, tables_address = walker.entry_address, walker.tables_address
+            live, requested = {}, {}
+            for ident, st, _ in self._registry.snapshot():
+                key = ctypes.addressof(st)
+                scan = live[key] = self._self_scans.get(key) or fastscan.SelfScan()
+                if ident == me:
+                    continue
+                bounds = self._registry.stack_bounds(ident)
+                if bounds is None:
+                    continue
+                scan.request(entry, tables_address, translation, context["tables"], bounds, st)
+                st.handshake = scan.address
+                requested[key] = scan
+            self._self_scans = live       # threads that detached are forgotten
+        except BaseException:
+            pin.__exit__(None, None, None)
+            raise
+        context["self_scans"] = requested
+        return requested, pin, translation
+
+    def _end_self_scans(self, requests):
+        """Withdraw :meth:`_request_self_scans`' requests (answered or not) and
+        unpin the walker; no thread uses their arguments afterwards."""
+        if requests is None:
+            return
+        requested, pin, _translation = requests
+        try:
+            cancel = self._hijacker.cancel
+            for scan in requested.values():
+                cancel(scan.address)
+        finally:
+            pin.__exit__(None, None, None)
+
     def _is_old(self, v):
         """Whether version ``v`` is no longer its function's current one."""
         return self._functions[v.name].current is not v
@@ -1286,8 +1341,21 @@ class Runtime:
             if anchor_scan is not None:
                 anchor_scan.translate(translation.snapshot())
 
+        self_scans = (context or {}).get("self_scans") or {}
+
         def from_anchor(state, ident):
-            # One native call for the whole thread when it can.
+            # The thread's own scan, made while it parked; else one native
+            # call here for the whole thread when it can.
+            scan = self_scans.get(ctypes.addressof(state))
+            if scan is not None:
+                done = scan.answer(tables, ident)
+                if done is not None:
+                    result, arrays = done
+                    plan.threads.append(arrays)
+                    executing.update(result.executing)
+                    if result.incomplete is not None:
+                        incomplete_walk(result.incomplete)
+                    return
             if self.walker == "native" and anchor_scan is not None:
                 done = anchor_scan.thread(state, ident, known_bounds(ident))
                 if done is not None:
@@ -1387,13 +1455,17 @@ class Runtime:
             mod.verify()
             obj = tm.emit_object(mod)
             symbols = (native_hijack.PLAN_SYMBOL, native_hijack.APPLY_SYMBOL,
-                       native_hijack.LIFO_SYMBOL, native_hijack.SCAN_SYMBOL)
+                       native_hijack.LIFO_SYMBOL, native_hijack.SCAN_SYMBOL,
+                       native_hijack.CANCEL_SYMBOL, native_hijack.PARK_SCAN_SYMBOL)
             builder = llvm.JITLibraryBuilder().add_object_img(obj)
             for sym in symbols:
                 builder.export_symbol(sym)
             tracker = builder.link(self._native.lljit, f"osrjit.hijack.{id(self):x}")
             self._native.adopt(HIJACK_LIBRARY_ID, tracker, None)
-            self._hijacker = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols))
+            self._hijacker = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols[:5]))
+            # Threads scan themselves when they park for a replace() (SelfScan).
+            self._support.set_service("osrjit_park_scan",
+                                      tracker[native_hijack.PARK_SCAN_SYMBOL])
         return self._hijacker
 
     def _hijack(self, plan, context=None):

@@ -13,6 +13,8 @@ native frame it left JIT code from (HotSpot's "last Java frame"):
 ``PARKED`` 3       stopped at a safepoint poll; anchor = the slow path's frame
 ``TRANSFERRING`` 4 inside a deopt transfer (short; the stopper waits for it)
 ``PARKED_SIGNAL`` 5 stopped by the runtime's signal; registers in the ucontext
+``SCANNING`` 6     parking at a poll, scanning its own stack for the stopper
+                   (short; the stopper waits for it and never signals it)
 =================  ======================================================
 
 All transitions are native code from the *support library*, LLVM IR linked
@@ -25,8 +27,11 @@ that saves the anchor):
 * ``osrjit_hook`` / ``osrjit_error`` — save the anchor, go ``OUTSIDE``, call
   the Python service, enter again (blocking while the world is stopped);
 * ``osrjit_safepoint_slow`` — a poll's slow path: with the STOP bit set it
-  saves the anchor, parks on a futex (no Python, no GIL) until released;
-  with the USER bit it calls the Python safepoint service;
+  saves the anchor, scans its own stack if the stopper asked for it (its
+  ``handshake`` block and the ``osrjit_park_scan`` cell are set: the scan
+  runs on the thread's own core, whose caches hold its stack), parks on a
+  futex (no Python, no GIL) until released; with the USER bit it calls the
+  Python safepoint service;
 * ``osrjit_transfer`` — the deopt stub's transfer: ``TRANSFERRING`` around
   the native transfer (when the runtime installed one in
   ``osrjit_native_transfer``: it gets the thread's transfer block, see
@@ -52,8 +57,9 @@ import llvmlite.binding as llvm
 
 from .errors import OsrJitError
 
-DETACHED, IN_JIT, OUTSIDE, PARKED, TRANSFERRING, PARKED_SIGNAL = range(6)
-STATUS_NAMES = ("DETACHED", "IN_JIT", "OUTSIDE", "PARKED", "TRANSFERRING", "PARKED_SIGNAL")
+DETACHED, IN_JIT, OUTSIDE, PARKED, TRANSFERRING, PARKED_SIGNAL, SCANNING = range(7)
+STATUS_NAMES = ("DETACHED", "IN_JIT", "OUTSIDE", "PARKED", "TRANSFERRING", "PARKED_SIGNAL",
+                "SCANNING")
 #: Statuses in which a thread runs no JIT code and its stack can be walked.
 STOPPED = frozenset((DETACHED, OUTSIDE, PARKED, PARKED_SIGNAL))
 
@@ -90,20 +96,24 @@ class ThreadState(ctypes.Structure):
     ``status`` at 0, ``anchor`` (17 u64 by DWARF number) at 8, ``ucontext`` at
     144, ``transfer_block`` at 152: address of the thread's
     :class:`deopt.native_transfer.ThreadBlock` (its hijack LIFO), 0 if none;
-    written only while the world is stopped, read by ``osrjit_transfer``."""
+    written only while the world is stopped, read by ``osrjit_transfer``;
+    ``handshake`` at 160: address of the block the park path hands to
+    ``osrjit_park_scan`` (see :class:`osrjit.fastscan.SelfScan`), 0 if none."""
     _fields_ = [("status", ctypes.c_int64),
                 ("anchor", ctypes.c_uint64 * 17),
                 ("ucontext", ctypes.c_uint64),
-                ("transfer_block", ctypes.c_uint64)]
+                ("transfer_block", ctypes.c_uint64),
+                ("handshake", ctypes.c_uint64)]
 
 
-assert ctypes.sizeof(ThreadState) == 160
+assert ctypes.sizeof(ThreadState) == 168
 assert ThreadState.anchor.offset == 8 and ThreadState.ucontext.offset == 144
-assert ThreadState.transfer_block.offset == 152
+assert ThreadState.transfer_block.offset == 152 and ThreadState.handshake.offset == 160
 
 ANCHOR_OFFSET = 8
 UCONTEXT_OFFSET = 144
 TRANSFER_BLOCK_OFFSET = 152
+HANDSHAKE_OFFSET = 160
 
 # glibc x86-64 ucontext_t: uc_flags 8, uc_link 8, uc_stack 24, then
 # mcontext_t.gregs[23] (REG_R8 = 0 ... REG_RIP = 16).
@@ -141,6 +151,7 @@ SUPPORT_IR = r"""
 @osrjit_py_error = external global ptr
 @osrjit_py_transfer = external global ptr
 @osrjit_native_transfer = external global ptr
+@osrjit_park_scan = external global ptr
 
 declare ptr @pthread_getspecific(i32)
 declare i64 @syscall(i64, ...)
@@ -221,6 +232,19 @@ entry:
 parking:
   %anchor = getelementptr i8, ptr %ts, i64 8
   call void @osrjit_save_anchor(ptr %anchor)
+  %hsp = getelementptr i8, ptr %ts, i64 160
+  %hs = load atomic ptr, ptr %hsp acquire, align 8
+  %hashs = icmp ne ptr %hs, null
+  %ps = load ptr, ptr @osrjit_park_scan
+  %hasps = icmp ne ptr %ps, null
+  %scan = and i1 %hashs, %hasps
+  br i1 %scan, label %selfscan, label %parked
+selfscan:
+  ; SCANNING: the stopper waits for it and does not signal it (not IN_JIT).
+  store atomic i64 6, ptr %ts seq_cst, align 8
+  call void %ps(ptr %hs)
+  br label %parked
+parked:
   store atomic i64 3, ptr %ts release, align 8
   call void @osrjit_wait_released()
   call void @osrjit_enter(ptr %ts)
@@ -439,7 +463,7 @@ class SupportLibrary:
     """
 
     SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer",
-                "osrjit_native_transfer")
+                "osrjit_native_transfer", "osrjit_park_scan")
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
                "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")

@@ -31,7 +31,8 @@ def busy(m):
 def both_scans_scenario():
     """Threads deep in JIT code (one parked at a poll, one in a poll-free loop
     stopped by the signal, one hijacked already); the world is stopped once and
-    both scans classify the same stacks."""
+    the reference scan, the native scan and the threads' own scans (made as
+    they parked) classify the same stacks."""
     import osrjit
     out = {}
     with osrjit.Runtime(walker="native") as rt:
@@ -61,20 +62,30 @@ def both_scans_scenario():
             one_call.append(done is not None)
             return done
         anchor_scan.thread = counted
+        names = {"work", "outer"}
+        # The threads parked at a poll scan themselves on the way (SelfScan).
+        context = rt._scan_context(names)
+        requests = rt._request_self_scans(context)
         others = rt._world.stop(timeout=5)
         try:
             answers = {}
-            for walker in ("python", "native"):
-                rt.walker = walker
-                found = rt._collect_frames({"work", "outer"}, others).frames()
+            for walker, ctx in (("python", None), ("native", None), ("self", context)):
+                rt.walker = "python" if walker == "python" else "native"
+                found = rt._collect_frames(names, others, ctx).frames()
                 executing = sorted(v.id for fn in rt._functions.values() for v in fn.versions
                                    if v.executing)
                 answers[walker] = (sorted((v.id, fm.site_id, slot, pc, ident)
                                           for v, fm, slot, pc, ident in found), executing)
+                if walker == "native":
+                    out["one_call"] = sorted(one_call)
+            out["self_answered"] = sorted(
+                scan.answer(context["tables"], 0) is not None
+                for scan in context["self_scans"].values())
         finally:
             rt._world.release()
+            rt._end_self_scans(requests)
         out["answers"] = answers
-        out["one_call"] = sorted(one_call)
+        out["states_after"] = sorted(scan.block.state for scan in context["self_scans"].values())
         del anchor_scan.thread
         out["signals"] = rt.stats()["signals_sent"]
         # End the threads: spin returns at once in a new version; busy ends by
@@ -96,10 +107,17 @@ def test_native_and_reference_scans_agree_on_the_same_stopped_stacks():
     out = run_child(both_scans_scenario, timeout=300)
     python, native = out["answers"]["python"], out["answers"]["native"]
     assert native == python
+    assert out["answers"]["self"] == python        # the threads' own scans: the same answer
     found, executing = native
     assert len(found) > 3200                  # both deep threads, every frame
     assert sum(1 for f in found if f[2] is None) > 3200   # already hijacked: seen through
     # Parked threads: the 700-deep one in one native call, the 2,500-deep one
     # on the general path (and the thread in a poll-free loop by its signal context).
     assert out["one_call"] == [False, True]
+    # Self-scans: the 700-deep thread answered by itself; the 2,500-deep one
+    # is deeper than its buffer and the poll-free one was stopped by the
+    # signal (it never reached a poll): both scanned by the stopper. Every
+    # request is withdrawn after the release.
+    assert out["self_answered"] == [False, False, True]
+    assert out["states_after"] == [0, 0, 0]
     assert out["signals"] >= 1 and out["alive"] == 0

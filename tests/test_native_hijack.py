@@ -268,3 +268,42 @@ def test_lifo_commit_without_drain_never_rewrites_undrained_entries():
     lifo.push_entries(_entries((0x70, 3, 7)))
     assert lifo.commit(drain=False) == ([0x90], [])
     assert [e[0] for e in lifo.entries()] == [0x80, 0x70]
+
+
+def cancel_scenario():
+    """osrjit_hj_cancel from every handshake state; from SCANNING it waits."""
+    import threading
+    import time
+
+    import osrjit
+    from deopt import native_hijack as nh
+    with osrjit.Runtime(walker="native") as rt:
+        hj = rt._native_hijacker()
+        # The same code called without the GIL, so a Python thread can end the "scan".
+        cancel = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.cast(hj.cancel, ctypes.c_void_p).value)
+        hs = nh.Handshake()
+        states = []
+        for start in (nh.HS_IDLE, nh.HS_REQUESTED, nh.HS_SCANNED):
+            hs.state = start
+            cancel(ctypes.addressof(hs))
+            states.append(hs.state)
+        hs.state = nh.HS_SCANNING
+
+        def finish():
+            time.sleep(0.05)
+            hs.state = nh.HS_SCANNED
+        t = threading.Thread(target=finish)
+        t.start()
+        t0 = time.monotonic()
+        cancel(ctypes.addressof(hs))
+        waited = time.monotonic() - t0
+        t.join()
+        states.append(hs.state)
+    return states, waited
+
+
+def test_cancel_withdraws_a_request_and_waits_for_a_running_scan():
+    from deopt.native_hijack import HS_IDLE
+    states, waited = run_child(cancel_scenario)
+    assert states == [HS_IDLE] * 4
+    assert waited >= 0.04               # it returned only once the scan was over

@@ -271,6 +271,7 @@ class NativeTransferPath:
         self._versions = {}          # version id -> _VersionTransfer
         self._lifos = {}             # addressof(ThreadState) -> ThreadLifo (token: ThreadState)
         self._scratch = None         # push_hijacked()'s buffer when entries must be merged
+        self._queued = set()         # keys of the LIFOs with pushes for the next commit
         #: Records the native transfer took (counted when drained).
         self.transfers = 0
         #: Hijacked frames pushed to no LIFO (their frame map has no native
@@ -416,7 +417,7 @@ class NativeTransferPath:
         if not descriptor or thread_state is None:
             self.unsupported += 1
             return False
-        self._lifo(thread_state).push(record, descriptor)
+        self._lifo(thread_state, queue=True).push(record, descriptor)
         return True
 
     def descriptors(self, meta):
@@ -444,7 +445,7 @@ class NativeTransferPath:
             return
         self.unsupported += unsupported
         if raw:
-            self._lifo(thread_state).push_entries(raw)
+            self._lifo(thread_state, queue=True).push_entries(raw)
 
     def push_hijacked(self, thread_state, build, m, highest_slot):
         """LIFO entries of ``m`` frames just hijacked natively on the thread of
@@ -466,15 +467,20 @@ class NativeTransferPath:
             if self._scratch is None or len(self._scratch) < size * m:
                 self._scratch = ctypes.create_string_buffer(size * max(m, 1024))
             written = build(ctypes.addressof(self._scratch))
-            lifo.push_entries(ctypes.string_at(self._scratch, size * written))
+            self._lifo(thread_state, queue=True).push_entries(
+                ctypes.string_at(self._scratch, size * written))
         self.unsupported += m - written
 
-    def _lifo(self, thread_state):
+    def _lifo(self, thread_state, queue=False):
+        """The thread's LIFO (made on first use); ``queue``: pushes follow,
+        for the next :meth:`commit`."""
         key = ctypes.addressof(thread_state)
         lifo = self._lifos.get(key)
         if lifo is None:
             lifo = self._lifos[key] = ntx.ThreadLifo(thread_state)
             thread_state.transfer_block = lifo.address
+        if queue:
+            self._queued.add(key)
         return lifo
 
     def drain(self):
@@ -489,12 +495,26 @@ class NativeTransferPath:
         """Write every thread's LIFO (world stopped); returns the slots drained meanwhile.
 
         ``drain=False``: :meth:`drain` was called after the world stopped
-        (nothing can have moved since; nothing is returned). LIFOs of threads
-        that detached with nothing pending are freed.
+        (nothing can have moved since; nothing is returned), and only the
+        LIFOs with queued pushes are visited (entries :meth:`push_hijacked`
+        wrote in place need no commit). LIFOs of threads that detached with
+        nothing pending are freed (here with ``drain``, else by :meth:`prune`).
         """
         out = []
+        keys = list(self._lifos) if drain or self.reorder is not None else list(self._queued)
+        self._queued.clear()
+        for key in keys:
+            lifo = self._lifos.get(key)
+            if lifo is not None:
+                out.extend(lifo.commit(self.reorder, drain)[0])
+        if drain:
+            self.prune()
+        return out
+
+    def prune(self):
+        """Free the LIFOs of threads that detached with nothing pending (runtime
+        lock held; their dispatcher cannot run any more)."""
         for key, lifo in list(self._lifos.items()):
-            out.extend(lifo.commit(self.reorder, drain)[0])
             ts = lifo.token
             if not lifo.pending and self._detached(ts):
                 ts.transfer_block = 0
@@ -503,7 +523,7 @@ class NativeTransferPath:
                 self._dropped[1] += b.misses
                 self._dropped[2] += b.handed
                 del self._lifos[key]
-        return out
+                self._queued.discard(key)
 
     def counters(self):
         """``{"lifo_searches", "lifo_misses", "handed_to_python"}`` summed over threads."""

@@ -175,10 +175,12 @@ class ThreadHijacks:
     rising, absolute; kinds index the keys); ``t``: frames already hijacked,
     at ``slots[cap - t:]`` etc. (their slot: where the stub sits). Lifetime:
     one stop-the-world; the arrays are ctypes arrays the native code wrote.
+    ``state``: the thread's :class:`osrjit.threads.ThreadState` (set by the
+    runtime's scan; None when not known).
     """
 
     __slots__ = ("thread", "tables", "meta", "counts", "range_counts", "m", "t", "cap",
-                 "slots", "ras", "kinds")
+                 "slots", "ras", "kinds", "state")
 
     def __init__(self, hijacker, raw, n, first, tables, thread, buffers=None):
         buffers = buffers or ScanBuffers()
@@ -203,6 +205,7 @@ class ThreadHijacks:
 
     def _finish(self, tables, thread, slots, ras, kinds, m, counts=None, range_counts=None):
         self.thread = thread
+        self.state = None          # the thread's ThreadState, when the scan knows it
         self.tables = tables
         self.meta = tables.meta
         self.slots, self.ras, self.kinds = slots, ras, kinds

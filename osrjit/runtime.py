@@ -1063,9 +1063,10 @@ class Runtime:
                 try:
                     self._native_drain()
                     stack = self._collect_frames(set(names), others, context)
-                    for old in stack.versions():
-                        if old in incompatible:
-                            raise incompatible[old]
+                    if incompatible:
+                        for old in stack.versions():
+                            if old in incompatible:
+                                raise incompatible[old]
                     t_scan = time.perf_counter()
                 except BaseException:
                     for v in new_versions.values():
@@ -1351,6 +1352,7 @@ class Runtime:
                 done = scan.answer(tables, ident)
                 if done is not None:
                     result, arrays = done
+                    arrays.state = state
                     plan.threads.append(arrays)
                     executing.update(result.executing)
                     if result.incomplete is not None:
@@ -1360,6 +1362,7 @@ class Runtime:
                 done = anchor_scan.thread(state, ident, known_bounds(ident))
                 if done is not None:
                     result, arrays = done
+                    arrays.state = state
                     plan.threads.append(arrays)
                     executing.update(result.executing)
                     if result.incomplete is not None:
@@ -1367,7 +1370,7 @@ class Runtime:
                     return
             aregs = threads.anchor_registers(state)
             if aregs is not None:
-                classify(aregs, ident, True)
+                classify(aregs, ident, True, state)
 
         def incomplete_walk(reason):
             # Frames of old versions may hide below: free none of them this time.
@@ -1376,7 +1379,7 @@ class Runtime:
             for fn in self._functions.values():
                 executing.update(v for v in fn.versions if v is not fn.current)
 
-        def classify(regs, ident, caller_frame):
+        def classify(regs, ident, caller_frame, state=None):
             def reference():
                 return unwinder.walk(regs, memory, self._space, caller_frame=caller_frame)
             if self.walker == "native":
@@ -1387,6 +1390,7 @@ class Runtime:
                     buffers=self._scan_buffers)
                 found.extend(result.pending)
                 if arrays is not None:
+                    arrays.state = state
                     plan.threads.append(arrays)
             else:
                 result = stackscan.classify_frames(reference(), self.version_at, names,
@@ -1417,7 +1421,7 @@ class Runtime:
                         v = self.version_at(value)
                         if v is not None:
                             executing.add(v)
-                    classify(uregs, ident, False)
+                    classify(uregs, ident, False, state)
                 elif status in (threads.PARKED, threads.OUTSIDE):
                     from_anchor(state, ident)
 
@@ -1476,7 +1480,8 @@ class Runtime:
         (it must be called, also on error: the table's lock is held until then)."""
         memory = self._deopt.memory
         ntx_path = self._deopt.native
-        states = {} if ntx_path is None else {i: st for i, st, _ in self._registry.snapshot()}
+        states = ({i: st for i, st, _ in self._registry.snapshot()}
+                  if ntx_path is not None and plan.tuples else {})
         for version, fm, slot, pc, ident in plan.tuples:
             if slot is None:
                 continue                      # already hijacked: retargeted at transfer time
@@ -1512,7 +1517,7 @@ class Runtime:
                         descriptors = descriptors_of[id(h.meta)] = ntx_path.descriptors(h.meta)
                     d = descriptors.buffer_info()[0]
                     ntx_path.push_hijacked(
-                        states.get(h.thread),
+                        h.state,
                         lambda address, h=h, d=d: hijacker.lifo(address, h.slots, h.ras,
                                                                 h.kinds, h.m, d),
                         h.m, h.slots[h.m - 1])
@@ -1600,6 +1605,8 @@ class Runtime:
 
     def _reclaim_all(self):
         self._native_drain()
+        if self._deopt.native is not None:
+            self._deopt.native.prune()    # LIFOs of threads gone, outside the pause
         for fn in list(self._functions.values()):
             for v in list(fn.versions):
                 self._maybe_reclaim(v)

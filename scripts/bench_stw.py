@@ -41,10 +41,11 @@ def spin(k):
         i = i + 1
     return 0
 """
+# At the bottom: hook(1) says "here" (and, for the glibc figure, walks), then spin.
 DEEP = """
 def deep(n, k):
     if n == 0:
-        return spin(k) + hook(0)
+        return hook(1) + spin(k)
     return deep(n - 1, k) + {step}
 """
 
@@ -80,17 +81,18 @@ def glibc_walk_seconds(rt, depth, n_threads):
 
 
 def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="fresh",
-            spin=1 << 21):
+            spin=1 << 23):
     """Medians over ``rounds`` replacements of ``deep`` with ``n_threads``
     threads each ``depth`` frames deep in it.
 
     ``mode="fresh"``: each thread spins ``spin`` loop iterations at the bottom
-    (a few ms), returns all the way out (its hijacked frames transfer into
-    the new version) and recurses again, and the main thread waits for that
-    between replacements, so every replacement hijacks ``depth`` new frames
-    per thread. ``mode="rescan"``: the threads never return, so only the
-    first replacement writes slots and the others find every frame already
-    hijacked (they walk through the stub and retarget nothing).
+    (several ms), returns all the way out (its hijacked frames transfer into
+    the new version) and recurses again; the main thread replaces once every
+    thread has reached the bottom again (a hook call just before the spin
+    says so), so every replacement finds each thread spinning at a poll under
+    ``depth`` new frames. ``mode="rescan"``: the threads never return, so
+    only the first replacement writes slots and the others find every frame
+    already hijacked (they walk through the stub and retarget nothing).
     """
     import osrjit
     with osrjit.Runtime(walker=walker, transfer=transfer) as rt:
@@ -100,6 +102,14 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
         deep = rt.function("deep")
         stop = threading.Event()
         laps = [0] * n_threads
+        arrived = [0]
+        arrived_lock = threading.Lock()
+
+        def arrive(_):
+            with arrived_lock:
+                arrived[0] += 1
+            return 0
+        rt.on_hook(arrive)
         k = spin if mode == "fresh" else 1 << 40
 
         def worker(j):
@@ -115,13 +125,14 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
         ttsp, pause, hijacked, fresh = [], [], [], []
         for i in range(rounds):
             if mode == "fresh":
-                # Every thread has returned out of (and re-entered) the
-                # previous round's frames at least once.
-                seen = list(laps)
-                while any(a <= b for a, b in zip(laps, seen)):
-                    time.sleep(0.001)
+                # Every thread has returned out of the previous round's
+                # frames, recursed again and is spinning at the bottom.
+                while arrived[0] < n_threads:
+                    time.sleep(0.0002)
             before = rt.stats()["hijacks"]
             rt.replace("deep", DEEP.format(step=2 if i % 2 == 0 else 1))
+            with arrived_lock:
+                arrived[0] = 0
             p = rt.last_pause
             ttsp.append(p["time_to_safepoint"])
             pause.append(p["pause"])

@@ -60,10 +60,19 @@ ranges, nranges, range_counts) -> m``
     :data:`HS_SCANNED`; else does nothing.
 
 ``osrjit_hj_cancel(handshake)``
-    Back to :data:`HS_IDLE`: a compare-and-swap from :data:`HS_REQUESTED`,
-    else, once no scan runs (it spins while the state is
-    :data:`HS_SCANNING`), a store. After it no thread uses the handshake's
-    ``args`` until the next request.
+    Back to :data:`HS_IDLE` from :data:`HS_REQUESTED` or, once no scan runs
+    (it spins while the state is :data:`HS_SCANNING`), from
+    :data:`HS_SCANNED` (compare-and-swaps); an apply state is left alone.
+    After it no thread scans with the handshake's ``args``.
+
+``osrjit_hj_park_apply(handshake)``
+    The park path's self-apply, as the thread wakes (and the stopper's, for
+    a thread still stopped since): if ``state`` goes from :data:`HS_APPLY`
+    to :data:`HS_APPLYING` (compare-and-swap), writes the stub into the
+    ``m`` planned slots (as ``osrjit_hj_apply`` with ``write = 1``), the
+    LIFO entries at ``lifo_entries`` (``osrjit_hj_lifo``) and the block's
+    ``top``, then :data:`HS_APPLIED`. No check: the thread planned its own
+    stack as it parked and has not run since (nothing else writes it).
 
 Frames are read from the walker's output only; a slot is read (plan, check)
 or written (apply) only at an address the walker itself read a return
@@ -74,13 +83,15 @@ import ctypes
 __all__ = ["PLAN_SYMBOL", "APPLY_SYMBOL", "LIFO_SYMBOL", "SCAN_SYMBOL", "hijack_module_ir",
            "NativeHijacker", "ScanArgs", "ANCHOR_KNOWN", "SCAN_NO_ANCHOR", "SCAN_OUT_OF_BOUNDS",
            "SCAN_INCOMPLETE", "SCAN_NO_ROOM", "PARK_SCAN_SYMBOL", "Handshake", "HS_IDLE",
-           "HS_REQUESTED", "HS_SCANNING", "HS_SCANNED", "CANCEL_SYMBOL"]
+           "HS_REQUESTED", "HS_SCANNING", "HS_SCANNED", "CANCEL_SYMBOL", "PARK_APPLY_SYMBOL",
+           "HS_APPLY", "HS_APPLYING", "HS_APPLIED"]
 
 PLAN_SYMBOL = "osrjit_hj_plan"
 APPLY_SYMBOL = "osrjit_hj_apply"
 LIFO_SYMBOL = "osrjit_hj_lifo"
 SCAN_SYMBOL = "osrjit_hj_scan"
 PARK_SCAN_SYMBOL = "osrjit_hj_park_scan"
+PARK_APPLY_SYMBOL = "osrjit_hj_park_apply"
 CANCEL_SYMBOL = "osrjit_hj_cancel"
 
 #: Bit of :attr:`unwinder.native.OutFrame.info`: the pc came through the
@@ -429,12 +440,72 @@ loop:
 check:
   %old = extractvalue {{ i64, i1 }} %cx, 0
   %busy = icmp eq i64 %old, {scanning}
-  br i1 %busy, label %loop, label %idle
-idle:
-  store atomic i64 {idle}, ptr %hs seq_cst, align 8
+  br i1 %busy, label %loop, label %answered
+answered:
+  ; SCANNED -> IDLE; IDLE and the apply states are left as they are.
+  %cx2 = cmpxchg ptr %hs, i64 {scanned}, i64 {idle} seq_cst seq_cst
   br label %done
 done:
   ret void
+}}
+
+define void @{park_apply}(ptr %hs) nounwind {{
+entry:
+  %cx = cmpxchg ptr %hs, i64 {apply_state}, i64 {applying} seq_cst seq_cst
+  %won = extractvalue {{ i64, i1 }} %cx, 1
+  br i1 %won, label %go, label %done
+go:
+  %t0.p = getelementptr i64, ptr %hs, i64 31
+  %t0 = call i64 @{now}()
+  store i64 %t0, ptr %t0.p
+  %os.p = getelementptr i64, ptr %hs, i64 15
+  %os = load ptr, ptr %os.p
+  %or.p = getelementptr i64, ptr %hs, i64 16
+  %or = load ptr, ptr %or.p
+  %ok.p = getelementptr i64, ptr %hs, i64 17
+  %ok = load ptr, ptr %ok.p
+  %m.p = getelementptr i64, ptr %hs, i64 24
+  %m = load i64, ptr %m.p
+  %stub.p = getelementptr i64, ptr %hs, i64 25
+  %stub = load i64, ptr %stub.p
+  %w0 = call i64 @{apply}(ptr %os, ptr %or, i64 %m, i64 %stub, i64 1)
+  %dest.p = getelementptr i64, ptr %hs, i64 27
+  %dest = load ptr, ptr %dest.p
+  %hasdest = icmp ne ptr %dest, null
+  br i1 %hasdest, label %lifo, label %fin
+lifo:
+  %descs.p = getelementptr i64, ptr %hs, i64 26
+  %descs = load ptr, ptr %descs.p
+  %w = call i64 @{lifo}(ptr %dest, ptr %os, ptr %or, ptr %ok, i64 %m, ptr %descs)
+  %wr.p = getelementptr i64, ptr %hs, i64 30
+  store i64 %w, ptr %wr.p
+  %blk.p = getelementptr i64, ptr %hs, i64 28
+  %blk = load ptr, ptr %blk.p
+  %top.p = getelementptr i64, ptr %hs, i64 29
+  %top = load i64, ptr %top.p
+  store atomic i64 %top, ptr %blk release, align 8
+  br label %fin
+fin:
+  %t1.p = getelementptr i64, ptr %hs, i64 32
+  %t1 = call i64 @{now}()
+  store i64 %t1, ptr %t1.p
+  store atomic i64 {applied}, ptr %hs release, align 8
+  br label %done
+done:
+  ret void
+}}
+
+; Monotonic nanoseconds (clock_gettime through the vDSO: no system call).
+declare i32 @clock_gettime(i32, ptr)
+define i64 @{now}() nounwind {{
+  %ts = alloca [2 x i64], align 8
+  %r = call i32 @clock_gettime(i32 1, ptr %ts)
+  %s = load i64, ptr %ts
+  %nsp = getelementptr i64, ptr %ts, i64 1
+  %ns = load i64, ptr %nsp
+  %sns = mul i64 %s, 1000000000
+  %t = add i64 %sns, %ns
+  ret i64 %t
 }}
 
 define void @{park_scan}(ptr %hs) nounwind {{
@@ -485,16 +556,33 @@ assert ScanArgs.cap.offset == 128 and ScanArgs.m.offset == 176
 #: it stops the world and back to IDLE before it releases it; the thread
 #: moves REQUESTED -> SCANNING -> SCANNED while it parks.
 HS_IDLE, HS_REQUESTED, HS_SCANNING, HS_SCANNED = range(4)
+#: Then the stopper moves SCANNED -> APPLY before it releases the world, and
+#: whoever wins APPLY -> APPLYING (the thread as it wakes, or the next
+#: stopper while the thread is still stopped) writes the stubs and the LIFO
+#: entries, then APPLIED.
+HS_APPLY, HS_APPLYING, HS_APPLIED = 4, 5, 6
 
 
 class Handshake(ctypes.Structure):
-    """A thread's self-scan request (``osrjit_hj_park_scan``): ``state``
-    (``HS_*``), ``status`` (``osrjit_hj_scan``'s, once SCANNED) and the
-    :class:`ScanArgs` it runs on."""
-    _fields_ = [("state", ctypes.c_int64), ("status", ctypes.c_int64), ("args", ScanArgs)]
+    """A thread's self-scan and self-apply block (every address absolute).
+
+    ``state`` (``HS_*``); ``status``: ``osrjit_hj_scan``'s, once SCANNED;
+    ``args``: the :class:`ScanArgs` it scans with (its ``slots`` / ``ras`` /
+    ``kinds`` / ``m`` are what ``osrjit_hj_park_apply`` writes); for the
+    apply: ``stub``, ``descriptors`` (per kind, as ``osrjit_hj_lifo``),
+    ``lifo_entries`` (where its LIFO entries go, 0: none), ``lifo_block``
+    (the :class:`deopt.native_transfer.ThreadBlock` whose ``top`` becomes
+    ``lifo_top`` after them); out: ``written`` entries, ``apply_start_ns`` /
+    ``apply_end_ns`` (CLOCK_MONOTONIC) around the apply."""
+    _fields_ = [("state", ctypes.c_int64), ("status", ctypes.c_int64), ("args", ScanArgs),
+                ("stub", ctypes.c_uint64), ("descriptors", ctypes.c_uint64),
+                ("lifo_entries", ctypes.c_uint64), ("lifo_block", ctypes.c_uint64),
+                ("lifo_top", ctypes.c_int64), ("written", ctypes.c_int64),
+                ("apply_start_ns", ctypes.c_int64), ("apply_end_ns", ctypes.c_int64)]
 
 
-assert Handshake.args.offset == 16
+assert Handshake.args.offset == 16 and Handshake.stub.offset == 25 * 8
+assert Handshake.apply_end_ns.offset == 32 * 8
 
 
 def hijack_module_ir(triple, pending=0):
@@ -506,7 +594,9 @@ def hijack_module_ir(triple, pending=0):
         scan=SCAN_SYMBOL, plan=PLAN_SYMBOL, known=ANCHOR_KNOWN, no_anchor=SCAN_NO_ANCHOR,
         out_of_bounds=SCAN_OUT_OF_BOUNDS, incomplete=SCAN_INCOMPLETE, no_room=SCAN_NO_ROOM,
         park_scan=PARK_SCAN_SYMBOL, cancel=CANCEL_SYMBOL, idle=HS_IDLE, requested=HS_REQUESTED,
-        scanning=HS_SCANNING, scanned=HS_SCANNED)
+        scanning=HS_SCANNING, scanned=HS_SCANNED, park_apply=PARK_APPLY_SYMBOL,
+        apply=APPLY_SYMBOL, lifo=LIFO_SYMBOL, now="osrjit_hj_now", applying=HS_APPLYING,
+        applied=HS_APPLIED, apply_state=HS_APPLY)
 
 
 _U64 = ctypes.c_uint64
@@ -526,12 +616,14 @@ class NativeHijacker:
     """Callable wrappers of the functions, given their absolute addresses
     (the caller owns the code and keeps it mapped while this object is used).
     The calls keep the GIL (they never block; see :mod:`unwinder.native`).
-    ``scan`` / ``cancel`` are None when no address is given for them."""
+    ``scan`` / ``cancel`` / ``park_apply`` are None when no address is given
+    for them."""
 
     def __init__(self, plan_address, apply_address, lifo_address, scan_address=None,
-                 cancel_address=None):
+                 cancel_address=None, park_apply_address=None):
         self.plan = _PLAN(plan_address)
         self.apply = _APPLY(apply_address)
         self.lifo = _LIFO(lifo_address)
         self.scan = None if scan_address is None else _SCAN(scan_address)
         self.cancel = None if cancel_address is None else _CANCEL(cancel_address)
+        self.park_apply = None if park_apply_address is None else _CANCEL(park_apply_address)

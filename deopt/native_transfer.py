@@ -591,10 +591,12 @@ class ThreadLifo:
         self._seen = bytearray()   # 1: status already reported by drain()
         self._new = []             # (slot, original_ra, descriptor) pushed one by one
         self._raw_new = []         # LifoEntry bytes, highest slot first, per push_entries()
+        self._pending = 0          # entries reserve()d above size, not settled yet
 
     def __len__(self):
-        """Entries written that drain() has not yet seen leave PENDING, plus pushes."""
-        return (self._seen.count(0) + len(self._new)
+        """Entries written that drain() has not yet seen leave PENDING, plus
+        pushes and reserved entries."""
+        return (self._seen.count(0) + len(self._new) + self._pending
                 + sum(len(r) for r in self._raw_new) // _ENTRY_SIZE)
 
     def push(self, record, descriptor_address):
@@ -625,7 +627,7 @@ class ThreadLifo:
         hold or pushes are queued: then use :meth:`push_entries` and
         :meth:`commit`. Entries written here need no :meth:`commit`.
         """
-        if self._new or self._raw_new:
+        if self._new or self._raw_new or self._pending:
             return None
         seen = self._seen
         live = seen.rfind(0) if self.size else -1
@@ -647,6 +649,40 @@ class ThreadLifo:
         else:
             self._seen = bytearray(written)
         return written
+
+    def reserve(self, n, highest_slot):
+        """Room for ``n`` new entries on top, for another thread of control to
+        write later (world stopped): the conditions of :meth:`append`, else
+        None (see :meth:`append`).
+        Until :meth:`settle` the array holds only the entries below them (a
+        drain does not look at the room) and ``block.top`` is theirs. Returns
+        ``(address, top)``: ``top`` is what ``block.top`` becomes once they
+        are written."""
+        if self._new or self._raw_new or self._pending:
+            return None
+        seen = self._seen
+        live = seen.rfind(0) if self.size else -1
+        if live >= 0:
+            top_slot = int.from_bytes(ctypes.string_at(
+                ctypes.addressof(self._array) + live * _ENTRY_SIZE, 8), "little")
+            if top_slot <= highest_slot:
+                return None
+            base = self.size
+        else:
+            base = 0
+            self.size = 0
+            self._seen = bytearray()
+        self._reserve(base + n)
+        self.block.top = base
+        self._pending = n
+        return ctypes.addressof(self._array) + base * _ENTRY_SIZE, base + n
+
+    def settle(self):
+        """The :meth:`reserve` d entries were written (and ``block.top`` set):
+        from now on they are entries like the others."""
+        n, self._pending = self._pending, 0
+        self.size += n
+        self._seen.extend(bytes(n))
 
     def _reserve(self, n):
         """Make the array hold at least ``n`` entries, keeping the first :attr:`size`."""
@@ -709,6 +745,8 @@ class ThreadLifo:
         queued = self._new or self._raw_new or reorder is not None
         if not queued and not drain:
             return [], []
+        if self._pending:
+            raise NativeTransferError("commit() with reserved entries not settled")
         drained = self.drain()
         if not queued:
             return drained

@@ -471,6 +471,17 @@ class NativeTransferPath:
                 ctypes.string_at(self._scratch, size * written))
         self.unsupported += m - written
 
+    def reserve_hijacked(self, thread_state, n, highest_slot):
+        """Room on top of the thread's LIFO for ``n`` entries of frames just
+        planned (world stopped), written later by
+        ``osrjit_hj_park_apply``: ``(ThreadLifo, address, top)`` (see
+        :meth:`deopt.native_transfer.ThreadLifo.reserve`), or None when the
+        entries must be merged (the caller then writes them itself with
+        :meth:`push_hijacked`)."""
+        lifo = self._lifo(thread_state)
+        room = lifo.reserve(n, highest_slot)
+        return None if room is None else (lifo, *room)
+
     def _lifo(self, thread_state, queue=False):
         """The thread's LIFO (made on first use); ``queue``: pushes follow,
         for the next :meth:`commit`."""

@@ -176,11 +176,12 @@ class ThreadHijacks:
     at ``slots[cap - t:]`` etc. (their slot: where the stub sits). Lifetime:
     one stop-the-world; the arrays are ctypes arrays the native code wrote.
     ``state``: the thread's :class:`osrjit.threads.ThreadState` (set by the
-    runtime's scan; None when not known).
+    runtime's scan; None when not known); ``self_scan``: the
+    :class:`SelfScan` whose answer this is (the thread planned it), or None.
     """
 
     __slots__ = ("thread", "tables", "meta", "counts", "range_counts", "m", "t", "cap",
-                 "slots", "ras", "kinds", "state")
+                 "slots", "ras", "kinds", "state", "self_scan")
 
     def __init__(self, hijacker, raw, n, first, tables, thread, buffers=None):
         buffers = buffers or ScanBuffers()
@@ -206,6 +207,7 @@ class ThreadHijacks:
     def _finish(self, tables, thread, slots, ras, kinds, m, counts=None, range_counts=None):
         self.thread = thread
         self.state = None          # the thread's ThreadState, when the scan knows it
+        self.self_scan = None      # the SelfScan that made it, if the thread did
         self.tables = tables
         self.meta = tables.meta
         self.slots, self.ras, self.kinds = slots, ras, kinds
@@ -411,6 +413,8 @@ class SelfScan:
         self._out = (OutFrame * self.FRAMES)()
         self.slots, self.ras, self.kinds = ((ctypes.c_uint64 * self.FRAMES)() for _ in range(3))
         self._counts = self._range_counts = None
+        self.pending_lifo = None
+        self._descriptors = None
         a = self.block.args
         a.state, a.out, a.out_cap = ctypes.addressof(self._state), ctypes.addressof(self._out), \
             self.FRAMES
@@ -454,7 +458,44 @@ class SelfScan:
             return None
         found = ThreadHijacks.planned(tables, thread, self.slots, self.ras, self.kinds, b.args.m,
                                       self._counts, self._range_counts)
+        found.self_scan = self
         return _scan_answer(found, b.args.end_reason), found
+
+    def leave_apply(self, stub, descriptors=None, lifo=None, lifo_entries=0, lifo_top=0):
+        """Leave the writing of the hijacks this thread planned to the thread
+        itself as it wakes (or to the next stopper), world stopped:
+        ``stub`` into every planned slot, then, with ``lifo_entries`` (an
+        absolute address :meth:`deopt.native_transfer.ThreadLifo.reserve`
+        gave, 0: none), LIFO entries there by ``descriptors`` (the per-kind
+        ``array('Q')``, kept here until the next apply: the thread reads it
+        after the world is released) and ``lifo_top`` into ``lifo`` 's
+        block. ``lifo`` is settled by :meth:`settle` once the block says
+        APPLIED."""
+        from deopt.native_hijack import HS_APPLY
+        b = self.block
+        self._descriptors = descriptors
+        b.stub = stub
+        b.descriptors = descriptors.buffer_info()[0] if descriptors is not None else 0
+        b.lifo_entries = lifo_entries
+        b.lifo_block = lifo.address if lifo is not None and lifo_entries else 0
+        b.lifo_top = lifo_top
+        b.written = b.apply_start_ns = b.apply_end_ns = 0
+        self.pending_lifo = lifo if lifo_entries else None
+        b.state = HS_APPLY
+
+    def applying(self):
+        """Whether an apply was left and is not finished."""
+        from deopt.native_hijack import HS_APPLY, HS_APPLYING
+        return self.block.state in (HS_APPLY, HS_APPLYING)
+
+    def settle(self):
+        """Once the apply left is done: its LIFO entries count as written
+        (:meth:`deopt.native_transfer.ThreadLifo.settle`). Call it before the
+        block is requested again."""
+        from deopt.native_hijack import HS_APPLIED
+        if self.pending_lifo is not None and self.block.state == HS_APPLIED:
+            self.pending_lifo.settle()
+            self.pending_lifo = None
 
     def cancel(self):
         """Withdraw the request (world stopped: the thread is not scanning)."""

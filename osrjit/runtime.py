@@ -648,6 +648,11 @@ class Runtime:
         self._scan_buffers = fastscan.ScanBuffers()
         self._anchor_scan = fastscan.AnchorScan() if walker == "native" else None
         self._self_scans = {}             # addressof(ThreadState) -> fastscan.SelfScan
+        #: Applies left to a thread that the next stop-the-world did instead
+        #: (the thread had not woken yet).
+        self.self_applies_by_stopper = 0
+        #: Threads that write their own hijacks after the last replace().
+        self.last_self_applies = 0
         self.opt_level = opt_level
         #: Where versions are optimised and emitted: ``"inprocess"``, or
         #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
@@ -722,6 +727,7 @@ class Runtime:
                     raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
                                        "have not returned yet (their stub and code would go)")
                 self._support.set_service("osrjit_park_scan", 0)
+                self._support.set_service("osrjit_park_apply", 0)
                 for _ident, st, _name in self._registry.snapshot():
                     st.handshake = 0
                 self._self_scans.clear()
@@ -1061,6 +1067,7 @@ class Runtime:
             batches = deferred = []
             try:
                 try:
+                    self._settle_self_applies(stopped=True)
                     self._native_drain()
                     stack = self._collect_frames(set(names), others, context)
                     if incompatible:
@@ -1249,8 +1256,9 @@ class Runtime:
             for ident, st, _ in self._registry.snapshot():
                 key = ctypes.addressof(st)
                 scan = live[key] = self._self_scans.get(key) or fastscan.SelfScan()
-                if ident == me:
-                    continue
+                scan.settle()             # an apply it finished: its LIFO entries count
+                if ident == me or scan.applying():
+                    continue              # (an apply left to it comes first: the pause does it)
                 bounds = self._registry.stack_bounds(ident)
                 if bounds is None:
                     continue
@@ -1263,6 +1271,19 @@ class Runtime:
             raise
         context["self_scans"] = requested
         return requested, pin, translation
+
+    def _settle_self_applies(self, stopped):
+        """Settle the applies left to threads (:meth:`_hijack`) that are done;
+        with the world ``stopped``, first do here those a thread has not
+        done yet (it is stopped, so it cannot be doing it)."""
+        if not self._self_scans:
+            return
+        apply = self._hijacker.park_apply
+        for scan in self._self_scans.values():
+            if stopped and scan.applying():
+                apply(scan.address)
+                self.self_applies_by_stopper += 1
+            scan.settle()
 
     def _end_self_scans(self, requests):
         """Withdraw :meth:`_request_self_scans`' requests (answered or not) and
@@ -1460,16 +1481,22 @@ class Runtime:
             obj = tm.emit_object(mod)
             symbols = (native_hijack.PLAN_SYMBOL, native_hijack.APPLY_SYMBOL,
                        native_hijack.LIFO_SYMBOL, native_hijack.SCAN_SYMBOL,
-                       native_hijack.CANCEL_SYMBOL, native_hijack.PARK_SCAN_SYMBOL)
+                       native_hijack.CANCEL_SYMBOL, native_hijack.PARK_APPLY_SYMBOL,
+                       native_hijack.PARK_SCAN_SYMBOL)
             builder = llvm.JITLibraryBuilder().add_object_img(obj)
+            builder.import_symbol("clock_gettime", ctypes.cast(
+                threads._libc.clock_gettime, ctypes.c_void_p).value)
             for sym in symbols:
                 builder.export_symbol(sym)
             tracker = builder.link(self._native.lljit, f"osrjit.hijack.{id(self):x}")
             self._native.adopt(HIJACK_LIBRARY_ID, tracker, None)
-            self._hijacker = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols[:5]))
-            # Threads scan themselves when they park for a replace() (SelfScan).
+            self._hijacker = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols[:6]))
+            # Threads scan themselves when they park for a replace(), and
+            # write their own hijacks as they wake (SelfScan).
             self._support.set_service("osrjit_park_scan",
                                       tracker[native_hijack.PARK_SCAN_SYMBOL])
+            self._support.set_service("osrjit_park_apply",
+                                      tracker[native_hijack.PARK_APPLY_SYMBOL])
         return self._hijacker
 
     def _hijack(self, plan, context=None):
@@ -1480,6 +1507,7 @@ class Runtime:
         (it must be called, also on error: the table's lock is held until then)."""
         memory = self._deopt.memory
         ntx_path = self._deopt.native
+        self.last_self_applies = 0
         states = ({i: st for i, st, _ in self._registry.snapshot()}
                   if ntx_path is not None and plan.tuples else {})
         for version, fm, slot, pc, ident in plan.tuples:
@@ -1498,31 +1526,58 @@ class Runtime:
         descriptors_of = {}               # id(meta) -> descriptor per kind
         if context is not None and context.get("descriptors") is not None:
             descriptors_of[id(context["tables"].meta)] = context["descriptors"]
-        # Check every thread's slots before writing any: a failure leaves every stack as it was.
-        for h in batches:
+
+        def descriptors_for(h):
+            descriptors = descriptors_of.get(id(h.meta))
+            if descriptors is None:
+                descriptors = descriptors_of[id(h.meta)] = ntx_path.descriptors(h.meta)
+            return descriptors
+        # Frames a thread planned itself as it parked are written by that
+        # thread as it wakes (on its own core, before it runs JIT code): no
+        # check, it has not run since. The others are checked here, every
+        # thread before any is written: a failure leaves every stack as it was.
+        own = [h for h in batches if h.self_scan is not None]
+        here = [h for h in batches if h.self_scan is None]
+        for h in here:
             bad = hijacker.apply(h.slots, h.ras, h.m, stub, 0)
             if bad:
                 raise HijackError(f"slot {h.slots[bad - 1]:#x} of thread {h.thread} no longer "
                                   f"holds the return address {h.ras[bad - 1]:#x}, or the "
                                   f"slots do not rise")
-        # From the first stub written until the records exist (after the world
-        # is released: see _record_batches) a transfer's take() must wait.
+        # From the first stub written (or left to write) until the records
+        # exist (after the world is released: see _record_batches) a
+        # transfer's take() must wait.
         self._deopt.table.lock.acquire()
         try:
-            for h in batches:
+            for h in own:
+                if ntx_path is None:
+                    h.self_scan.leave_apply(stub)
+                    continue
+                descriptors = descriptors_for(h)
+                expected = sum(c for k, c in h.hijacked_per_kind().items() if descriptors[k])
+                room = (ntx_path.reserve_hijacked(h.state, expected, h.slots[h.m - 1])
+                        if expected and h.state is not None else None)
+                if expected and room is None:
+                    here.append(h)        # its LIFO needs a merge: written here
+                    continue
+                ntx_path.unsupported += h.m - expected
+                if room is None:
+                    h.self_scan.leave_apply(stub)
+                else:
+                    lifo, address, top = room
+                    h.self_scan.leave_apply(stub, descriptors, lifo, address, top)
+            self.last_self_applies = len(own) - sum(1 for h in here if h.self_scan is not None)
+            for h in here:
                 hijacker.apply(h.slots, h.ras, h.m, stub, 1)
                 if ntx_path is not None:
-                    descriptors = descriptors_of.get(id(h.meta))
-                    if descriptors is None:
-                        descriptors = descriptors_of[id(h.meta)] = ntx_path.descriptors(h.meta)
-                    d = descriptors.buffer_info()[0]
+                    d = descriptors_for(h).buffer_info()[0]
                     ntx_path.push_hijacked(
                         h.state,
                         lambda address, h=h, d=d: hijacker.lifo(address, h.slots, h.ras,
                                                                 h.kinds, h.m, d),
                         h.m, h.slots[h.m - 1])
         except BaseException:
-            self._record_batches(batches)     # the stubs are written: record them now
+            self._record_batches(batches)     # the stubs are written or left: record them now
             raise
         return batches
 
@@ -1559,6 +1614,7 @@ class Runtime:
 
     def _native_drain(self):
         """Drop the hijack records the native transfer took (any time)."""
+        self._settle_self_applies(stopped=False)
         if self._deopt.native is not None:
             self._account_native(self._deopt.native.drain())
 
@@ -1592,6 +1648,7 @@ class Runtime:
             before = self._freed_versions
             self._world.stop(timeout=timeout)
             try:
+                self._settle_self_applies(stopped=True)
                 self._native_drain()
                 others = [t for t in self._registry.snapshot() if t[0] != threading.get_ident()]
                 self._collect_frames(set(), others)

@@ -13,8 +13,9 @@ native frame it left JIT code from (HotSpot's "last Java frame"):
 ``PARKED`` 3       stopped at a safepoint poll; anchor = the slow path's frame
 ``TRANSFERRING`` 4 inside a deopt transfer (short; the stopper waits for it)
 ``PARKED_SIGNAL`` 5 stopped by the runtime's signal; registers in the ucontext
-``SCANNING`` 6     parking at a poll, scanning its own stack for the stopper
-                   (short; the stopper waits for it and never signals it)
+``SCANNING`` 6     at a poll, scanning its own stack for the stopper as it
+                   parks, or writing its own hijacks as it leaves (short;
+                   the stopper waits for it and never signals it)
 =================  ======================================================
 
 All transitions are native code from the *support library*, LLVM IR linked
@@ -30,8 +31,9 @@ that saves the anchor):
   saves the anchor, scans its own stack if the stopper asked for it (its
   ``handshake`` block and the ``osrjit_park_scan`` cell are set: the scan
   runs on the thread's own core, whose caches hold its stack), parks on a
-  futex (no Python, no GIL) until released; with the USER bit it calls the
-  Python safepoint service;
+  futex (no Python, no GIL) until released, then writes the hijacks the
+  stopper left in its block (``osrjit_park_apply``) before it runs JIT code
+  again; with the USER bit it calls the Python safepoint service;
 * ``osrjit_transfer`` — the deopt stub's transfer: ``TRANSFERRING`` around
   the native transfer (when the runtime installed one in
   ``osrjit_native_transfer``: it gets the thread's transfer block, see
@@ -152,6 +154,7 @@ SUPPORT_IR = r"""
 @osrjit_py_transfer = external global ptr
 @osrjit_native_transfer = external global ptr
 @osrjit_park_scan = external global ptr
+@osrjit_park_apply = external global ptr
 
 declare ptr @pthread_getspecific(i32)
 declare i64 @syscall(i64, ...)
@@ -247,6 +250,28 @@ selfscan:
 parked:
   store atomic i64 3, ptr %ts release, align 8
   call void @osrjit_wait_released()
+  %pa = load ptr, ptr @osrjit_park_apply
+  %haspa = icmp ne ptr %pa, null
+  %apply = and i1 %hashs, %haspa
+  br i1 %apply, label %claim, label %resume
+claim:
+  ; Write what the stopper left for this thread (its own hijacks) before it
+  ; runs JIT code. Busy (SCANNING) first, then STOP: a stopper that set STOP
+  ; either sees the busy status and waits, or this thread sees STOP and parks
+  ; again, leaving the block to that stopper (Dekker, as osrjit_enter).
+  %o = atomicrmw xchg ptr %ts, i64 6 seq_cst
+  %f2 = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %stop2 = and i64 %f2, 1
+  %again = icmp ne i64 %stop2, 0
+  br i1 %again, label %reparked, label %applying
+reparked:
+  store atomic i64 3, ptr %ts release, align 8
+  call void @osrjit_wait_released()
+  br label %claim
+applying:
+  call void %pa(ptr %hs)
+  br label %resume
+resume:
   call void @osrjit_enter(ptr %ts)
   br label %user
 user:
@@ -463,7 +488,7 @@ class SupportLibrary:
     """
 
     SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer",
-                "osrjit_native_transfer", "osrjit_park_scan")
+                "osrjit_native_transfer", "osrjit_park_scan", "osrjit_park_apply")
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
                "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")

@@ -31,9 +31,10 @@ import bisect
 import ctypes
 from array import array
 
+from deopt.native_hijack import (HS_APPLIED, HS_APPLY, HS_APPLYING, HS_IDLE, HS_REQUESTED,
+                                 HS_SCANNED, Handshake, ScanArgs)
 from unwinder.modules import read_proc_maps
-
-from unwinder.native import EndReason
+from unwinder.native import EndReason, OutFrame, WalkState
 from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
 
 from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
@@ -315,8 +316,6 @@ class AnchorScan:
     FRAMES = 2048
 
     def __init__(self):
-        from unwinder.native import OutFrame, WalkState
-        from deopt.native_hijack import ScanArgs
         self.args = ScanArgs()
         self._state = WalkState()
         self._out = (OutFrame * self.FRAMES)()
@@ -405,8 +404,6 @@ class SelfScan:
     FRAMES = AnchorScan.FRAMES
 
     def __init__(self):
-        from unwinder.native import OutFrame, WalkState
-        from deopt.native_hijack import Handshake
         self.block = Handshake()
         self.address = ctypes.addressof(self.block)
         self._state = WalkState()
@@ -429,7 +426,6 @@ class SelfScan:
         thread's stack ``(lo, hi)``. The caller keeps all of them alive until
         :meth:`cancel`. Plain stores: setting the world's STOP flag (a locked
         instruction) publishes them before the thread can see it."""
-        from deopt.native_hijack import HS_REQUESTED
         nk, nr = len(tables.keys), len(tables.range_versions)
         if self._counts is None or len(self._counts) < 3 * nk:
             self._counts = (ctypes.c_uint64 * max(3 * nk, 16))()
@@ -452,7 +448,6 @@ class SelfScan:
         """``(ScanResult, ThreadHijacks)`` if the thread scanned itself
         completely, else None (it was not parked at a poll, or its walk needs
         the general path). The world is stopped."""
-        from deopt.native_hijack import HS_SCANNED
         b = self.block
         if b.state != HS_SCANNED or b.status != 0:
             return None
@@ -471,7 +466,6 @@ class SelfScan:
         after the world is released) and ``lifo_top`` into ``lifo`` 's
         block. ``lifo`` is settled by :meth:`settle` once the block says
         APPLIED."""
-        from deopt.native_hijack import HS_APPLY
         b = self.block
         self._descriptors = descriptors
         b.stub = stub
@@ -485,21 +479,18 @@ class SelfScan:
 
     def applying(self):
         """Whether an apply was left and is not finished."""
-        from deopt.native_hijack import HS_APPLY, HS_APPLYING
         return self.block.state in (HS_APPLY, HS_APPLYING)
 
     def settle(self):
         """Once the apply left is done: its LIFO entries count as written
         (:meth:`deopt.native_transfer.ThreadLifo.settle`). Call it before the
         block is requested again."""
-        from deopt.native_hijack import HS_APPLIED
         if self.pending_lifo is not None and self.block.state == HS_APPLIED:
             self.pending_lifo.settle()
             self.pending_lifo = None
 
     def cancel(self):
         """Withdraw the request (world stopped: the thread is not scanning)."""
-        from deopt.native_hijack import HS_IDLE
         self.block.state = HS_IDLE
 
 

@@ -648,11 +648,10 @@ class Runtime:
         self._scan_buffers = fastscan.ScanBuffers()
         self._anchor_scan = fastscan.AnchorScan() if walker == "native" else None
         self._self_scans = {}             # addressof(ThreadState) -> fastscan.SelfScan
-        #: Applies left to a thread that the next stop-the-world did instead
-        #: (the thread had not woken yet).
-        self.self_applies_by_stopper = 0
-        #: Threads that write their own hijacks after the last replace().
-        self.last_self_applies = 0
+        # Counters of stats(): self-scans whose answer was used, applies left
+        # to threads, and those the next stop-the-world did instead.
+        self.self_scans_used = self.self_applies_left = self.self_applies_by_stopper = 0
+        self._last_left = []              # (thread ident, SelfScan) of the last replace()
         self.opt_level = opt_level
         #: Where versions are optimised and emitted: ``"inprocess"``, or
         #: ``"worker"`` (:mod:`osrjit.compiler`: a child process, because
@@ -1343,8 +1342,14 @@ class Runtime:
         found = plan.tuples
         incomplete = []
         # Every stack read here is stopped (other threads parked, ours below
-        # the capture point), so 4 KiB pages can be cached for this scan.
-        memory = unwinder.ProcessMemory(page_cache=True)
+        # the capture point), so 4 KiB pages can be cached for this scan
+        # (made on first need: the native paths read no memory from Python).
+        cache = []
+
+        def memory():
+            if not cache:
+                cache.append(unwinder.ProcessMemory(page_cache=True))
+            return cache[0]
         is_old = self._is_old
 
         if self.walker == "native":
@@ -1372,6 +1377,7 @@ class Runtime:
             if scan is not None:
                 done = scan.answer(tables, ident)
                 if done is not None:
+                    self.self_scans_used += 1
                     result, arrays = done
                     arrays.state = state
                     plan.threads.append(arrays)
@@ -1402,7 +1408,7 @@ class Runtime:
 
         def classify(regs, ident, caller_frame, state=None):
             def reference():
-                return unwinder.walk(regs, memory, self._space, caller_frame=caller_frame)
+                return unwinder.walk(regs, memory(), self._space, caller_frame=caller_frame)
             if self.walker == "native":
                 result, arrays = fastscan.plan_native(
                     hijacker, native_walker, regs, caller_frame=caller_frame, index=index,
@@ -1437,7 +1443,7 @@ class Runtime:
             for ident, state, _ in others:
                 status = state.status
                 if status == threads.PARKED_SIGNAL and state.ucontext:
-                    uregs = threads.ucontext_registers(state, memory)
+                    uregs = threads.ucontext_registers(state, memory())
                     for value in uregs.values():    # an entry loaded, not yet called
                         v = self.version_at(value)
                         if v is not None:
@@ -1507,7 +1513,7 @@ class Runtime:
         (it must be called, also on error: the table's lock is held until then)."""
         memory = self._deopt.memory
         ntx_path = self._deopt.native
-        self.last_self_applies = 0
+        self._last_left = []
         states = ({i: st for i, st, _ in self._registry.snapshot()}
                   if ntx_path is not None and plan.tuples else {})
         for version, fm, slot, pc, ident in plan.tuples:
@@ -1566,7 +1572,8 @@ class Runtime:
                 else:
                     lifo, address, top = room
                     h.self_scan.leave_apply(stub, descriptors, lifo, address, top)
-            self.last_self_applies = len(own) - sum(1 for h in here if h.self_scan is not None)
+            self._last_left = [(h.thread, h.self_scan) for h in own if h not in here]
+            self.self_applies_left += len(self._last_left)
             for h in here:
                 hijacker.apply(h.slots, h.ras, h.m, stub, 1)
                 if ntx_path is not None:
@@ -1728,6 +1735,13 @@ class Runtime:
         current version: the Python transfer reports the failure); 0 with
         ``transfer="python"``.
 
+        Threads that did their own part (``walker="native"``; see
+        :class:`osrjit.fastscan.SelfScan`): ``self_scans`` (stacks a thread
+        walked and planned itself as it parked for a ``replace()``),
+        ``self_applies`` (hijacks left to a thread to write as it woke) and
+        ``self_applies_by_stopper`` (of those, the ones the next
+        stop-the-world wrote because the thread had not woken yet).
+
         Records the native transfer took are dropped here (and at every
         stop-the-world), so counts are exact when no thread is transferring."""
         with self._lock:
@@ -1756,7 +1770,28 @@ class Runtime:
                 "stops": self._world.stops,
                 "signals_sent": self._world.signals_sent,
                 "attached_threads": len(self._registry.snapshot()),
+                "self_scans": self.self_scans_used,
+                "self_applies": self.self_applies_left,
+                "self_applies_by_stopper": self.self_applies_by_stopper,
             }
+
+    def self_apply_times(self, *, timeout: float = 1.0) -> list:
+        """``[(thread ident, seconds)]``: how long each thread that wrote its
+        own hijacks after the last :meth:`replace` took to write them (stubs,
+        LIFO entries; measured by the thread, CLOCK_MONOTONIC), once it woke.
+        A thread does that before it runs JIT code again, so for it the world
+        stood still that much longer than ``last_pause["pause"]``. Waits up to
+        ``timeout`` seconds for threads not done yet (None for those). Valid
+        until the next ``replace()``."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for ident, scan in list(self._last_left):
+            while scan.applying() and time.monotonic() < deadline:
+                time.sleep(0.0001)
+            b = scan.block
+            done = not scan.applying() and b.apply_end_ns
+            out.append((ident, (b.apply_end_ns - b.apply_start_ns) / 1e9 if done else None))
+        return out
 
     @property
     def safepoint_timeout(self) -> float:

@@ -6,8 +6,12 @@ the recursive function R times (alternating two versions); each replacement
 stops the world, walks every thread's stack, hijacks its D old frames and
 releases. Reported (medians over the R replacements):
 
-* time-to-safepoint — request → every thread parked;
-* pause — request → parked → walked and hijacked → released;
+* time-to-safepoint — request → every thread parked (a thread parking at a
+  poll walks and plans its own stack on the way: ``osrjit.fastscan.SelfScan``);
+* pause — request → parked → walked and hijacked → released, *plus* the
+  longest time a thread then took to write its own hijacks as it woke
+  (``Runtime.self_apply_times``): the world stands still for that thread
+  until it is done. ``stopper`` is the first part alone;
 * glibc — the time glibc ``backtrace()`` takes to walk the same stacks: each
   thread, at the same depth, times its own ``backtrace()`` (median of 15,
   one thread at a time) and the figure is the sum over the threads (a
@@ -122,7 +126,7 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
         for t in ts:
             t.start()
         time.sleep(0.2)
-        ttsp, pause, hijacked, fresh = [], [], [], []
+        ttsp, pause, stopper, applies, hijacked, fresh = [], [], [], [], [], []
         for i in range(rounds):
             if mode == "fresh":
                 # Every thread has returned out of the previous round's
@@ -134,8 +138,11 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
             with arrived_lock:
                 arrived[0] = 0
             p = rt.last_pause
+            own = [t for _ident, t in rt.self_apply_times() if t is not None]
             ttsp.append(p["time_to_safepoint"])
-            pause.append(p["pause"])
+            stopper.append(p["pause"])
+            applies.append(max(own, default=0.0))
+            pause.append(p["pause"] + applies[-1])
             hijacked.append(p["frames_hijacked"])
             fresh.append(rt.stats()["hijacks"] - before)
             time.sleep(0.02)
@@ -153,6 +160,8 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
         for t in ts:
             t.join()
         return {"time_to_safepoint_s": statistics.median(ttsp), "pause_s": statistics.median(pause),
+                "stopper_pause_s": statistics.median(stopper),
+                "self_apply_s": statistics.median(applies),
                 "glibc_walk_s": glibc, "frames_hijacked": statistics.median(hijacked),
                 "frames_newly_hijacked": statistics.median(fresh), "mode": mode,
                 "walker": walker, "transfer": transfer, "stats": rt.stats()}
@@ -175,13 +184,15 @@ def main(argv=None):
     out = {}
     print(f"mode {args.mode}, walker {args.walker}, transfer {args.transfer}")
     print(f"{'threads':>7} {'frames/thread':>13} {'hijacked':>8} {'time-to-safepoint':>18} "
-          f"{'pause':>10} {'glibc walk':>11} {'pause/glibc':>11}")
+          f"{'stopper':>10} {'own writes':>10} {'pause':>10} {'glibc walk':>11} "
+          f"{'pause/glibc':>11}")
     for n in (int(x) for x in args.threads.split(",")):
         r = measure(n, args.depth, args.rounds, args.walker, args.transfer, args.mode)
         out[str(n)] = r
         print(f"{n:>7} {args.depth:>13} {r['frames_newly_hijacked']:>8.0f} "
-              f"{r['time_to_safepoint_s'] * 1e3:>15.2f} ms {r['pause_s'] * 1e3:>7.2f} ms "
-              f"{r['glibc_walk_s'] * 1e3:>8.3f} ms {r['pause_s'] / r['glibc_walk_s']:>10.1f}x",
+              f"{r['time_to_safepoint_s'] * 1e3:>15.3f} ms {r['stopper_pause_s'] * 1e3:>7.3f} ms "
+              f"{r['self_apply_s'] * 1e3:>7.3f} ms {r['pause_s'] * 1e3:>7.3f} ms "
+              f"{r['glibc_walk_s'] * 1e3:>8.3f} ms {r['pause_s'] / r['glibc_walk_s']:>10.2f}x",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -145,3 +145,106 @@ def test_native_and_reference_scans_agree_on_the_same_stopped_stacks():
     assert answered == {700: True, 2500: False, 0: False}
     assert out["states_after"] == [0, 0, 0]
     assert out["signals"] >= 1 and out["alive"] == 0
+
+
+ARRIVE = """
+def work(n, k):
+    if n == 0:
+        return hook(1) + spin(k)
+    return work(n - 1, k) + 1
+"""
+
+
+def self_apply_scenario():
+    """A thread spinning under 300 fresh frames. (1) replace(): it scans and
+    hijacks its own stack (as it parks, as it wakes). (2) The same steps by
+    hand, with the apply left to the thread done by the stopper instead while
+    the thread is still stopped (what the next stop-the-world does for a
+    thread that has not woken yet). Every frame transfers and every result
+    is right either way."""
+    import osrjit
+    out = {}
+    with osrjit.Runtime(walker="native", transfer="native") as rt:
+        rt.compile(SPIN)
+        rt.compile(ARRIVE)
+        arrived = threading.Event()
+
+        def arrive(_):
+            arrived.set()
+            return 0
+        rt.on_hook(arrive)
+        work = rt.function("work")
+        results = []
+        stop = threading.Event()
+
+        def worker():
+            while not stop.is_set():
+                results.append(work(300, 20_000_000))
+        threading.stack_size(64 << 20)
+        t = threading.Thread(target=worker)
+        t.start()
+        # A first replace() grows the walker's tables for this stack (the
+        # self-scan hands a walk that needs that to the stopper). After each
+        # replace(), a new arrival at the bottom means fresh frames (a lap
+        # takes ~10 ms, most of it spinning).
+        arrived.wait(30)
+        rt.replace("work", ARRIVE.replace("+ 1", "+ 2"))
+        arrived.clear()
+        arrived.wait(30)
+        before = rt.stats()
+        rt.replace("work", ARRIVE)
+        out["times"] = rt.self_apply_times()
+        s = rt.stats()
+        out["first"] = (rt.last_pause["frames_hijacked"], s["self_scans"] - before["self_scans"],
+                        s["self_applies"] - before["self_applies"])
+        # (2) by hand: fresh frames again, the apply done by the stopper.
+        arrived.clear()
+        arrived.wait(30)
+        names = {"work"}
+        rt._native_drain()
+        context = rt._scan_context(names)
+        requests = rt._request_self_scans(context)
+        others = rt._world.stop(timeout=5)
+        batches = []
+        try:
+            rt._settle_self_applies(stopped=True)
+            rt._native_drain()
+            plan = rt._collect_frames(names, others, context)
+            batches = rt._hijack(plan, context)
+            out["left"] = [scan.applying() for _ident, scan in rt._last_left]
+            rt._settle_self_applies(stopped=True)
+            out["by_stopper"] = rt.self_applies_by_stopper
+        finally:
+            rt._native_commit()
+            rt._world.release()
+            if batches:
+                rt._record_batches(batches)
+            rt._end_self_scans(requests)
+            rt._deopt.table.flush_mirror()
+        out["second"] = len(plan)
+        stop.set()
+        t.join(60)
+        out["alive"] = t.is_alive()
+        out["results"] = sorted(set(results))
+        s = rt.stats()
+        out["stats"] = {k: s[k] for k in ("transfers", "transfer_failures", "pending_returns",
+                                          "self_applies_by_stopper", "python_transfers")}
+    return out
+
+
+def test_threads_scan_and_hijack_their_own_stacks():
+    out = run_child(self_apply_scenario, timeout=300)
+    frames, scans, applies = out["first"]
+    assert frames >= 1 and scans == 1 and applies == 1
+    (_ident, seconds), = out["times"]
+    assert seconds is not None and 0 < seconds < 0.01
+    # Left to the thread, done by the stopper while the thread was stopped.
+    assert out["left"] == [True] and out["by_stopper"] == 1 and out["second"] >= 1
+    assert not out["alive"]
+    # 300 frames of +1 or +2 (hook and spin return 0 at the bottom): a lap
+    # gives 300, 600, or in between when its frames moved to the other
+    # version on the way out; never a broken frame's value.
+    assert out["results"] and all(300 <= r <= 600 for r in out["results"])
+    s = out["stats"]
+    assert s["transfer_failures"] == 0 and s["pending_returns"] == 0
+    assert s["transfers"] >= 3 and s["self_applies_by_stopper"] == 1

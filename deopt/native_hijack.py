@@ -52,12 +52,16 @@ ranges, nranges, range_counts) -> m``
     walker, or produced no frame) and :data:`SCAN_NO_ROOM` (``cap < n``):
     nothing was planned; the caller takes the general path.
 
-``osrjit_hj_park_scan(handshake)``
+``osrjit_hj_park_scan(handshake, flag)``
     The park path's self-scan (the ``osrjit_park_scan`` cell of
-    :mod:`osrjit.threads`): if the :class:`Handshake`'s ``state`` goes from
-    :data:`HS_REQUESTED` to :data:`HS_SCANNING` (compare-and-swap), runs
+    :mod:`osrjit.threads`; ``flag``: the safepoint flag word): if the
+    :class:`Handshake`'s ``state`` goes from :data:`HS_REQUESTED` to
+    :data:`HS_SCANNING` (compare-and-swap) while the STOP bit is set (read
+    after the swap: the stop that made the request is in progress), runs
     ``osrjit_hj_scan`` on its ``args``, stores the status and then
-    :data:`HS_SCANNED`; else does nothing.
+    :data:`HS_SCANNED`. With STOP clear the thread is late from a stop that
+    is over: the state goes back to :data:`HS_REQUESTED`, nothing is
+    scanned. Else does nothing.
 
 ``osrjit_hj_cancel(handshake)``
     Back to :data:`HS_IDLE` from :data:`HS_REQUESTED` or, once no scan runs
@@ -508,11 +512,22 @@ define i64 @{now}() nounwind {{
   ret i64 %t
 }}
 
-define void @{park_scan}(ptr %hs) nounwind {{
+define void @{park_scan}(ptr %hs, ptr %flag) nounwind {{
 entry:
   %cx = cmpxchg ptr %hs, i64 {requested}, i64 {scanning} seq_cst seq_cst
   %won = extractvalue {{ i64, i1 }} %cx, 1
-  br i1 %won, label %scan, label %done
+  br i1 %won, label %check, label %done
+check:
+  ; The request precedes its stop's STOP: with STOP set now, this thread
+  ; parks for the stop that asked (which cannot end while the thread scans).
+  ; With STOP clear it came here from a stop that is over: not its request.
+  %f = load atomic i64, ptr %flag seq_cst, align 8
+  %stop = and i64 %f, 1
+  %current = icmp ne i64 %stop, 0
+  br i1 %current, label %scan, label %giveback
+giveback:
+  store atomic i64 {requested}, ptr %hs seq_cst, align 8
+  br label %done
 scan:
   %args = getelementptr i8, ptr %hs, i64 16
   %r = call i64 @{scan}(ptr %args)
@@ -553,8 +568,9 @@ assert ctypes.sizeof(ScanArgs) == 23 * 8 and ScanArgs.anchor.offset == 64
 assert ScanArgs.cap.offset == 128 and ScanArgs.m.offset == 176
 
 #: :attr:`Handshake.state` values. The stopper moves IDLE -> REQUESTED before
-#: it stops the world and back to IDLE before it releases it; the thread
-#: moves REQUESTED -> SCANNING -> SCANNED while it parks.
+#: it stops the world, and back to IDLE (``osrjit_hj_cancel``) right after it
+#: released it; the thread moves REQUESTED -> SCANNING -> SCANNED while it
+#: parks for that stop.
 HS_IDLE, HS_REQUESTED, HS_SCANNING, HS_SCANNED = range(4)
 #: Then the stopper moves SCANNED -> APPLY before it releases the world, and
 #: whoever wins APPLY -> APPLYING (the thread as it wakes, or the next

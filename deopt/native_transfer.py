@@ -677,6 +677,10 @@ class ThreadLifo:
         self._pending = n
         return ctypes.addressof(self._array) + base * _ENTRY_SIZE, base + n
 
+    def unreserve(self):
+        """Give back the room :meth:`reserve` made (nothing was written there)."""
+        self._pending = 0
+
     def settle(self):
         """The :meth:`reserve` d entries were written (and ``block.top`` set):
         from now on they are entries like the others."""
@@ -745,9 +749,13 @@ class ThreadLifo:
         queued = self._new or self._raw_new or reorder is not None
         if not queued and not drain:
             return [], []
-        if self._pending:
-            raise NativeTransferError("commit() with reserved entries not settled")
         drained = self.drain()
+        if self._pending:
+            # Room reserved for entries another thread of control writes:
+            # nothing is merged meanwhile (pushes never meet a reservation).
+            if self._new or self._raw_new:
+                raise NativeTransferError("entries pushed to a LIFO with reserved room")
+            return drained
         if not queued:
             return drained
         pieces = []

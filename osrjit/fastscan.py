@@ -31,8 +31,8 @@ import bisect
 import ctypes
 from array import array
 
-from deopt.native_hijack import (HS_APPLIED, HS_APPLY, HS_APPLYING, HS_IDLE, HS_REQUESTED,
-                                 HS_SCANNED, Handshake, ScanArgs)
+from deopt.native_hijack import (HS_APPLIED, HS_APPLY, HS_APPLYING, HS_REQUESTED, HS_SCANNED,
+                                 Handshake, ScanArgs)
 from unwinder.modules import read_proc_maps
 from unwinder.native import EndReason, OutFrame, WalkState
 from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
@@ -396,9 +396,12 @@ class SelfScan:
     arrays ``osrjit_hj_scan`` writes: a walk state, :data:`FRAMES` output
     frames, slots / return addresses / kinds and counters. Protocol, all by
     the stopper with the runtime's lock held: :meth:`request` before it stops
-    the world (the walker pinned until the release), :meth:`answer` once the
-    thread is stopped, :meth:`cancel` before the release (every request,
-    answered or not). Lifetime: as long as the thread is attached.
+    the world (the walker pinned until the requests are withdrawn),
+    :meth:`answer` once the thread is stopped (only for a thread parked at a
+    poll), :meth:`leave_apply` for the hijacks, then, right after the
+    release, ``osrjit_hj_cancel`` on every request (answered or not; an
+    apply left is not touched), and :meth:`settle` once the apply is done.
+    Lifetime: as long as the thread is attached and no apply is pending.
     """
 
     FRAMES = AnchorScan.FRAMES
@@ -424,8 +427,10 @@ class SelfScan:
         (absolute); ``translation``: :class:`unwinder.TranslationArrays` or
         None; ``tables``: the scan's :class:`WatchTables`; ``bounds``: the
         thread's stack ``(lo, hi)``. The caller keeps all of them alive until
-        :meth:`cancel`. Plain stores: setting the world's STOP flag (a locked
-        instruction) publishes them before the thread can see it."""
+        the request is withdrawn (``osrjit_hj_cancel``). Plain stores: the
+        thread takes the request only when it sees STOP set after it took it
+        (``osrjit_hj_park_scan``), and setting STOP (a locked instruction)
+        publishes them first."""
         nk, nr = len(tables.keys), len(tables.range_versions)
         if self._counts is None or len(self._counts) < 3 * nk:
             self._counts = (ctypes.c_uint64 * max(3 * nk, 16))()
@@ -488,10 +493,6 @@ class SelfScan:
         if self.pending_lifo is not None and self.block.state == HS_APPLIED:
             self.pending_lifo.settle()
             self.pending_lifo = None
-
-    def cancel(self):
-        """Withdraw the request (world stopped: the thread is not scanning)."""
-        self.block.state = HS_IDLE
 
 
 def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced, is_old,

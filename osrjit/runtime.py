@@ -1053,9 +1053,10 @@ class Runtime:
                 raise
             # The threads that park at a poll walk and plan their own stacks
             # on the way (SelfScan); the others are scanned in the pause.
-            requests = self._request_self_scans(context)
-            t0 = time.perf_counter()
+            requests = None
             try:
+                requests = self._request_self_scans(context)
+                t0 = time.perf_counter()
                 others = self._world.stop(timeout=timeout)
             except BaseException:
                 self._end_self_scans(requests)
@@ -1067,7 +1068,7 @@ class Runtime:
             try:
                 try:
                     self._settle_self_applies(stopped=True)
-                    self._native_drain()
+                    self._native_drain(settle=False)
                     stack = self._collect_frames(set(names), others, context)
                     if incompatible:
                         for old in stack.versions():
@@ -1241,32 +1242,42 @@ class Runtime:
     def _request_self_scans(self, context):
         """Ask every other attached thread with known stack bounds to scan
         itself when it parks (:class:`osrjit.fastscan.SelfScan`); before the
-        world stops. Returns what :meth:`_end_self_scans` takes."""
+        world stops. Returns what :meth:`_end_self_scans` takes (also on
+        error: what was requested is withdrawn and the walker unpinned)."""
         if context is None or self._hijacker is None:
             return None
+        # Applies threads finished: their LIFO entries count now (also those
+        # of threads that exited since; a block still applying is kept).
+        for scan in self._self_scans.values():
+            scan.settle()
         walker = context["walker"]
         pin = walker.pin()
         pin.__enter__()                   # the tables handed out stay until the end
+        requested = {}
         try:
             me = threading.get_ident()
             translation = context["translation"].snapshot()
             entry, tables_address = walker.entry_address, walker.tables_address
-            live, requested = {}, {}
-            for ident, st, _ in self._registry.snapshot():
+            attached = self._registry.snapshot()
+            keys = {ctypes.addressof(st) for _, st, _ in attached}
+            # Forget the blocks of threads gone (none of them can be in use).
+            self._self_scans = {k: v for k, v in self._self_scans.items()
+                                if k in keys or v.applying() or v.pending_lifo is not None}
+            for ident, st, _ in attached:
                 key = ctypes.addressof(st)
-                scan = live[key] = self._self_scans.get(key) or fastscan.SelfScan()
-                scan.settle()             # an apply it finished: its LIFO entries count
+                scan = self._self_scans.get(key)
+                if scan is None:
+                    scan = self._self_scans[key] = fastscan.SelfScan()
                 if ident == me or scan.applying():
                     continue              # (an apply left to it comes first: the pause does it)
                 bounds = self._registry.stack_bounds(ident)
                 if bounds is None:
                     continue
+                requested[key] = scan
                 scan.request(entry, tables_address, translation, context["tables"], bounds, st)
                 st.handshake = scan.address
-                requested[key] = scan
-            self._self_scans = live       # threads that detached are forgotten
         except BaseException:
-            pin.__exit__(None, None, None)
+            self._end_self_scans((requested, pin, None))
             raise
         context["self_scans"] = requested
         return requested, pin, translation
@@ -1365,36 +1376,32 @@ class Runtime:
                 return own if ident == me else self._registry.stack_bounds(ident)
             bounds = fastscan.scan_bounds(known_bounds)
             anchor_scan = context["anchor_scan"]
-            if anchor_scan is not None:
-                anchor_scan.translate(translation.snapshot())
+            translated = []               # anchor_scan given the translation (on first use)
 
         self_scans = (context or {}).get("self_scans") or {}
 
-        def from_anchor(state, ident):
-            # The thread's own scan, made while it parked; else one native
-            # call here for the whole thread when it can.
-            scan = self_scans.get(ctypes.addressof(state))
+        def from_anchor(state, ident, parked):
+            # The thread's own scan, made while it parked at a poll for this
+            # stop; else one native call here for the whole thread when it can.
+            done = None
+            scan = self_scans.get(ctypes.addressof(state)) if parked else None
             if scan is not None:
                 done = scan.answer(tables, ident)
                 if done is not None:
                     self.self_scans_used += 1
-                    result, arrays = done
-                    arrays.state = state
-                    plan.threads.append(arrays)
-                    executing.update(result.executing)
-                    if result.incomplete is not None:
-                        incomplete_walk(result.incomplete)
-                    return
-            if self.walker == "native" and anchor_scan is not None:
+            if done is None and self.walker == "native" and anchor_scan is not None:
+                if not translated:
+                    anchor_scan.translate(translation.snapshot())
+                    translated.append(True)
                 done = anchor_scan.thread(state, ident, known_bounds(ident))
-                if done is not None:
-                    result, arrays = done
-                    arrays.state = state
-                    plan.threads.append(arrays)
-                    executing.update(result.executing)
-                    if result.incomplete is not None:
-                        incomplete_walk(result.incomplete)
-                    return
+            if done is not None:
+                result, arrays = done
+                arrays.state = state
+                plan.threads.append(arrays)
+                executing.update(result.executing)
+                if result.incomplete is not None:
+                    incomplete_walk(result.incomplete)
+                return
             aregs = threads.anchor_registers(state)
             if aregs is not None:
                 classify(aregs, ident, True, state)
@@ -1439,9 +1446,9 @@ class Runtime:
                 # JIT call of ours is active on this thread.
                 mine = self._registry.attached()
                 if mine is not None:
-                    from_anchor(mine, threading.get_ident())
+                    from_anchor(mine, threading.get_ident(), False)
             for ident, state, _ in others:
-                status = state.status
+                status = threads.settled_status(state)
                 if status == threads.PARKED_SIGNAL and state.ucontext:
                     uregs = threads.ucontext_registers(state, memory())
                     for value in uregs.values():    # an entry loaded, not yet called
@@ -1450,7 +1457,7 @@ class Runtime:
                             executing.add(v)
                     classify(uregs, ident, False, state)
                 elif status in (threads.PARKED, threads.OUTSIDE):
-                    from_anchor(state, ident)
+                    from_anchor(state, ident, status == threads.PARKED)
 
         if self.walker == "native":
             scan(None)
@@ -1554,10 +1561,12 @@ class Runtime:
         # exist (after the world is released: see _record_batches) a
         # transfer's take() must wait.
         self._deopt.table.lock.acquire()
+        done = []                         # written, or left to write: to record
         try:
             for h in own:
                 if ntx_path is None:
                     h.self_scan.leave_apply(stub)
+                    done.append(h)
                     continue
                 descriptors = descriptors_for(h)
                 expected = sum(c for k, c in h.hijacked_per_kind().items() if descriptors[k])
@@ -1571,11 +1580,17 @@ class Runtime:
                     h.self_scan.leave_apply(stub)
                 else:
                     lifo, address, top = room
-                    h.self_scan.leave_apply(stub, descriptors, lifo, address, top)
-            self._last_left = [(h.thread, h.self_scan) for h in own if h not in here]
-            self.self_applies_left += len(self._last_left)
+                    try:
+                        h.self_scan.leave_apply(stub, descriptors, lifo, address, top)
+                    except BaseException:
+                        lifo.unreserve()
+                        raise
+                done.append(h)
+            self._last_left = [(h.thread, h.self_scan) for h in done]
+            self.self_applies_left += len(done)
             for h in here:
                 hijacker.apply(h.slots, h.ras, h.m, stub, 1)
+                done.append(h)
                 if ntx_path is not None:
                     d = descriptors_for(h).buffer_info()[0]
                     ntx_path.push_hijacked(
@@ -1584,7 +1599,7 @@ class Runtime:
                                                                 h.kinds, h.m, d),
                         h.m, h.slots[h.m - 1])
         except BaseException:
-            self._record_batches(batches)     # the stubs are written or left: record them now
+            self._record_batches(done)        # the stubs written or left: record them now
             raise
         return batches
 
@@ -1619,9 +1634,11 @@ class Runtime:
         if self._deopt.native is not None:
             self._deopt.native.retarget(fn.versions, fn.current)
 
-    def _native_drain(self):
-        """Drop the hijack records the native transfer took (any time)."""
-        self._settle_self_applies(stopped=False)
+    def _native_drain(self, settle=True):
+        """Drop the hijack records the native transfer took (any time; first,
+        unless ``settle`` is False, settle the applies threads have done)."""
+        if settle:
+            self._settle_self_applies(stopped=False)
         if self._deopt.native is not None:
             self._account_native(self._deopt.native.drain())
 
@@ -1656,7 +1673,7 @@ class Runtime:
             self._world.stop(timeout=timeout)
             try:
                 self._settle_self_applies(stopped=True)
-                self._native_drain()
+                self._native_drain(settle=False)
                 others = [t for t in self._registry.snapshot() if t[0] != threading.get_ident()]
                 self._collect_frames(set(), others)
             finally:

@@ -245,7 +245,7 @@ parking:
 selfscan:
   ; SCANNING: the stopper waits for it and does not signal it (not IN_JIT).
   store atomic i64 6, ptr %ts seq_cst, align 8
-  call void %ps(ptr %hs)
+  call void %ps(ptr %hs, ptr @osrjit_safepoint_flag)
   br label %parked
 parked:
   store atomic i64 3, ptr %ts release, align 8
@@ -638,6 +638,26 @@ class _Holder:
             self._registry._detach(self)
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def settled_status(state, timeout=1.0):
+    """The status of a thread that :meth:`World.stop` saw stopped, read once
+    it is stopped again: such a thread cannot run JIT code before the
+    release, but it may flicker for a moment — leaving a futex wait it was
+    woken from before this stop, it publishes ``IN_JIT`` (``osrjit_enter``,
+    the signal handler) or ``SCANNING`` (the park path's claim), sees STOP and
+    stops again. Raises :class:`OsrJitError` if it does not within
+    ``timeout`` seconds (it would be running: a bug)."""
+    status = state.status
+    if status in STOPPED:
+        return status
+    deadline = time.monotonic() + timeout
+    while status not in STOPPED:
+        if time.monotonic() > deadline:
+            raise OsrJitError(f"a stopped thread is {STATUS_NAMES[status]} in the pause")
+        os.sched_yield()
+        status = state.status
+    return status
 
 
 def anchor_registers(state):

@@ -307,3 +307,36 @@ def test_cancel_withdraws_a_request_and_waits_for_a_running_scan():
     states, waited = run_child(cancel_scenario)
     assert states == [HS_IDLE] * 4
     assert waited >= 0.04               # it returned only once the scan was over
+
+
+def park_scan_scenario():
+    """osrjit_hj_park_scan takes a request only while STOP is set."""
+    import osrjit
+    from deopt import native_hijack as nh
+    with osrjit.Runtime(walker="native") as rt:
+        rt._native_hijacker()
+        address = rt._support._service_cells["osrjit_park_scan"].value
+        park_scan = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(address)
+        anchor = (ctypes.c_uint64 * 17)()       # RSP 0: no JIT frame, nothing walked
+        flag = ctypes.c_int64(0)
+        hs = nh.Handshake()
+        hs.args.anchor = ctypes.addressof(anchor)
+        out = []
+        for stop in (0, 1):
+            flag.value = stop
+            hs.state, hs.status = nh.HS_REQUESTED, -1
+            park_scan(ctypes.addressof(hs), ctypes.addressof(flag))
+            out.append((hs.state, hs.status))
+        hs.state = nh.HS_IDLE                   # not requested: nothing happens
+        park_scan(ctypes.addressof(hs), ctypes.addressof(flag))
+        out.append((hs.state, hs.status))
+    return out
+
+
+def test_park_scan_takes_a_request_only_while_the_world_is_stopping():
+    from deopt import native_hijack as nh
+    late, current, idle = run_child(park_scan_scenario)
+    # STOP clear: a thread late from a stop that is over gives the request back.
+    assert late == (nh.HS_REQUESTED, -1)
+    assert current == (nh.HS_SCANNED, nh.SCAN_NO_ANCHOR)
+    assert idle == (nh.HS_IDLE, nh.SCAN_NO_ANCHOR)

@@ -384,3 +384,17 @@ def test_a_late_detach_does_not_forget_a_thread_that_reused_the_ident():
     assert [name for _, _, name in reg.snapshot()] == ["new"]
     reg._detach(new)
     assert reg.snapshot() == []
+
+
+def test_settled_status_waits_out_a_flicker_and_reports_a_running_thread():
+    from osrjit import threads
+    from osrjit.errors import OsrJitError
+    st = threads.ThreadState()
+    st.status = threads.SCANNING          # a stopped thread leaving an old futex wait
+    t = threading.Timer(0.05, lambda: setattr(st, "status", threads.PARKED))
+    t.start()
+    assert threads.settled_status(st) == threads.PARKED
+    t.join()
+    st.status = threads.IN_JIT            # would be running JIT code: a bug, reported
+    with pytest.raises(OsrJitError, match="IN_JIT"):
+        threads.settled_status(st, timeout=0.05)

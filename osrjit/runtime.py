@@ -1069,7 +1069,8 @@ class Runtime:
                 try:
                     self._settle_self_applies(stopped=True)
                     self._native_drain(settle=False)
-                    stack = self._collect_frames(set(names), others, context)
+                    stack = (self._collect_self_scanned(others, context)
+                             or self._collect_frames(set(names), others, context))
                     if incompatible:
                         for old in stack.versions():
                             if old in incompatible:
@@ -1333,6 +1334,39 @@ class Runtime:
             pass
         finally:
             self._scan_buffers.reset()    # its arrays serve the scan proper
+
+    def _collect_self_scanned(self, others, context):
+        """What :meth:`_collect_frames` returns, when every other thread parked
+        at a poll and scanned itself completely and this thread has no JIT
+        frame (the common case, read straight from the answers); else None."""
+        self_scans = None if context is None else context.get("self_scans")
+        if not self_scans or len(self_scans) != len(others):
+            return None
+        mine = self._registry.attached()
+        if mine is not None and mine.anchor[7]:
+            return None                   # JIT frames of ours below a hook: the general path
+        tables = context["tables"]
+        answers = []
+        for ident, state, _ in others:
+            scan = self_scans.get(ctypes.addressof(state))
+            if scan is None or threads.settled_status(state) != threads.PARKED:
+                return None
+            done = scan.answer(tables, ident)
+            if done is None or done[0].incomplete is not None:
+                return None
+            done[1].state = state
+            answers.append(done)
+        plan = fastscan.ScanPlan()
+        executing = set()
+        for result, arrays in answers:
+            plan.threads.append(arrays)
+            executing |= result.executing
+        self.self_scans_used += len(answers)
+        for fn in self._functions.values():
+            for v in fn.versions:
+                v.executing = v in executing
+        plan.quiet = not executing
+        return plan
 
     def _collect_frames(self, names, others=(), context=None) -> fastscan.ScanPlan:
         """Frames of versions of ``names`` on every stopped thread's stack.

@@ -12,8 +12,10 @@ script merges:
                                       (``scripts/bench_deopt.py``)
 ``steady_state_ratio``                ``{"patched_direct"|"indirect_slot"|"orc_stub": ratio}``
                                       — fib(27) against a fresh compile (``bench_steady.py``)
-``stw_pause_ratio_vs_glibc``          ``{"1"|"2"|"4": ratio}`` — stop-the-world pause over glibc
-                                      ``backtrace()`` of the same stacks (``bench_stw.py``)
+``stw_pause_ratio_vs_glibc``          ``{"1"|"2"|"4": ratio}`` — stop-the-world pause (the
+                                      stopper's, plus the threads' own hijack writes after
+                                      it) over glibc ``backtrace()`` of the same stacks
+                                      (``bench_stw.py``)
 ``rss_growth_bytes_10k_cycles``       RSS growth over 10,000 replace cycles (``bench_memory.py``)
 ====================================  =========================================================
 
@@ -64,6 +66,10 @@ def _extract(part, data):
         return {"stw_pause_ratio_vs_glibc": {n: r["pause_s"] / r["glibc_walk_s"]
                                              for n, r in data.items()},
                 "stw_pause_ms": {n: r["pause_s"] * 1e3 for n, r in data.items()},
+                "stw_stopper_pause_ms": {n: r["stopper_pause_s"] * 1e3 for n, r in data.items()},
+                "stw_self_apply_ms": {n: r["self_apply_s"] * 1e3 for n, r in data.items()},
+                "stw_time_to_safepoint_ms": {n: r["time_to_safepoint_s"] * 1e3
+                                             for n, r in data.items()},
                 "stw_glibc_walk_ms": {n: r["glibc_walk_s"] * 1e3 for n, r in data.items()}}
     if part == "memory":
         return {"rss_growth_bytes_10k_cycles": data["rss_growth_bytes_10k_cycles"],

@@ -569,13 +569,20 @@ def deferred_patch_scenario(walker, poll_free):
             # Polls are reached however loaded the machine: never stopped by the signal.
             rt._world.grace = 5.0
         rec = rt.function("rec")
-        orig = rt._collect_frames
+        orig, orig_self = rt._collect_frames, rt._collect_self_scanned
 
         def collect(*a, **k):
             plan = orig(*a, **k)
             out["quiet"].append(plan.quiet)
             return plan
+
+        def collect_self_scanned(*a, **k):    # every thread scanned itself (or None)
+            plan = orig_self(*a, **k)
+            if plan is not None:
+                out["quiet"].append(plan.quiet)
+            return plan
         rt._collect_frames = collect
+        rt._collect_self_scanned = collect_self_scanned
         threading.stack_size(16 << 20)
         # With polls the spin runs until a version that ends it; poll-free
         # it cannot be replaced while it runs, so it ends by itself (seconds).

@@ -627,27 +627,13 @@ class ThreadLifo:
         hold or pushes are queued: then use :meth:`push_entries` and
         :meth:`commit`. Entries written here need no :meth:`commit`.
         """
-        if self._new or self._raw_new or self._pending:
+        room = self.reserve(n, highest_slot)
+        if room is None:
             return None
-        seen = self._seen
-        live = seen.rfind(0) if self.size else -1
-        if live >= 0:
-            top_slot = int.from_bytes(ctypes.string_at(
-                ctypes.addressof(self._array) + live * _ENTRY_SIZE, 8), "little")
-            if top_slot <= highest_slot:
-                return None
-            base = self.size          # after every entry drain() has not reported yet
-        else:
-            base = 0                  # drain() reported every entry: start afresh
-        self._reserve(base + n)
-        written = fill(ctypes.addressof(self._array) + base * _ENTRY_SIZE)
-        size = base + written
-        self.block.top = size
-        self.size = size
-        if base:
-            seen.extend(bytes(written))
-        else:
-            self._seen = bytearray(written)
+        written = fill(room[0])
+        self._pending = written
+        self.settle()
+        self.block.top = self.size
         return written
 
     def reserve(self, n, highest_slot):
@@ -667,9 +653,9 @@ class ThreadLifo:
                 ctypes.addressof(self._array) + live * _ENTRY_SIZE, 8), "little")
             if top_slot <= highest_slot:
                 return None
-            base = self.size
+            base = self.size          # after every entry drain() has not reported yet
         else:
-            base = 0
+            base = 0                  # drain() reported every entry: start afresh
             self.size = 0
             self._seen = bytearray()
         self._reserve(base + n)

@@ -234,9 +234,10 @@ class NativeTransferPath:
     * :meth:`prepare` before stopping the world (compiles the transfer code
       of versions that may get hijacked frames, so the pause does not);
     * :meth:`retarget` when it publishes a new current version;
-    * :meth:`push` for every slot it hijacks (or :meth:`push_hijacked` /
-      :meth:`push_entries` for a thread's natively built entries), then
-      :meth:`commit` before it releases the world;
+    * :meth:`push` for every slot it hijacks (or :meth:`push_hijacked` for a
+      thread's natively built entries, :meth:`reserve_hijacked` for entries
+      the thread writes itself), then :meth:`commit` before it releases the
+      world;
     * :meth:`drain` (any time) and :meth:`commit` (world stopped) return the
       slots of the hijack records the native transfer took, which the
       runtime drops from its hijack table (``pending_returns``, reclamation,
@@ -433,19 +434,6 @@ class NativeTransferPath:
         vt = self._versions.get(version.id)
         k = None if vt is None else vt.index_by_ra.get(return_address)
         return 0 if k is None else vt.descriptor_address(k)
-
-    def push_entries(self, thread_state, raw, unsupported):
-        """Queue ready-made LIFO entries (``bytes``, see
-        :meth:`deopt.native_transfer.ThreadLifo.push_entries`) of frames just
-        hijacked on the thread of ``thread_state`` (None: the thread has no
-        block; they take the Python transfer); ``unsupported``: how many of its
-        hijacked frames got no entry (counted in :attr:`unsupported`)."""
-        if thread_state is None:
-            self.unsupported += unsupported + len(raw) // ctypes.sizeof(ntx.LifoEntry)
-            return
-        self.unsupported += unsupported
-        if raw:
-            self._lifo(thread_state, queue=True).push_entries(raw)
 
     def push_hijacked(self, thread_state, build, m, highest_slot):
         """LIFO entries of ``m`` frames just hijacked natively on the thread of

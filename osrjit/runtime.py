@@ -1362,9 +1362,7 @@ class Runtime:
             plan.threads.append(arrays)
             executing |= result.executing
         self.self_scans_used += len(answers)
-        for fn in self._functions.values():
-            for v in fn.versions:
-                v.executing = v in executing
+        self._mark_executing(executing)
         plan.quiet = not executing
         return plan
 
@@ -1497,11 +1495,15 @@ class Runtime:
             scan(None)
         else:
             unwinder.with_captured_registers(scan)
+        self._mark_executing(executing)
+        plan.quiet = not executing and not incomplete
+        return plan
+
+    def _mark_executing(self, executing):
+        """Set :attr:`Version.executing` of every version from a scan's set."""
         for fn in self._functions.values():
             for v in fn.versions:
                 v.executing = v in executing
-        plan.quiet = not executing and not incomplete
-        return plan
 
     def _native_walker(self):
         """This runtime's :class:`unwinder.NativeWalker` (made on first use)."""

@@ -187,7 +187,7 @@ class WalkState(ctypes.Structure):
                 ("end_reason", ctypes.c_uint64), ("end_module", ctypes.c_int64)]
 
 
-assert WalkState.known.offset == 136 and WalkState.prev_cfa.offset == 160 - 8
+assert WalkState.known.offset == 136 and WalkState.prev_cfa.offset == 152
 
 class OutFrame(ctypes.Structure):
     """One frame the walker produced, 32 bytes: ``pc`` (absolute), ``cfa``,
@@ -1777,19 +1777,24 @@ class NativeWalker:
         ``(lo, hi)`` is required. For the stop-the-world scan, where every
         microsecond of Python counts.
         """
-        if RA not in regs or RSP not in regs:
-            raise UnwindError("walk needs RIP (16) and RSP (7) in the initial registers")
-        lo, hi = _check_bounds(stack_bounds)
-        self._check_generation()
-        buffers = self._buffers
-        state, out = buffers.state, buffers.out
-        _load_state(state, regs, 0 if innermost_is_caller else STATE_EXACT, 0)
+        lo, hi, state, out = self._begin(regs, innermost_is_caller, stack_bounds)
         arrays = translation.snapshot() if translation is not None else None
         n, _index = self._call(state, out, len(out), lo, hi, arrays)
         if state.end_reason not in _TERMINAL or not n:
             return None
         return (ctypes.addressof(out), n,
                 _TERMINAL.get((out[n - 1].info >> 8) & 0xFF))
+
+    def _begin(self, regs, innermost_is_caller, stack_bounds):
+        """Check ``regs`` and ``stack_bounds``, refresh the tables if the space
+        changed and load this thread's walk state: ``(lo, hi, state, out)``."""
+        if RA not in regs or RSP not in regs:
+            raise UnwindError("walk needs RIP (16) and RSP (7) in the initial registers")
+        lo, hi = _check_bounds(stack_bounds)
+        self._check_generation()
+        buffers = self._buffers
+        _load_state(buffers.state, regs, 0 if innermost_is_caller else STATE_EXACT, 0)
+        return lo, hi, buffers.state, buffers.out
 
     def _segments(self, regs, max_frames, innermost_is_caller, stack_bounds, translation):
         """The core loop. Returns ``(segments, limited)``: each segment is
@@ -1803,11 +1808,7 @@ class NativeWalker:
             return [], False
         if stack_bounds is None:
             stack_bounds = stack_bounds_of(regs[RSP] & _MASK64)
-        lo, hi = _check_bounds(stack_bounds)
-        self._check_generation()
-        buffers = self._buffers
-        state, out = buffers.state, buffers.out
-        _load_state(state, regs, 0 if innermost_is_caller else STATE_EXACT, 0)
+        lo, hi, state, out = self._begin(regs, innermost_is_caller, stack_bounds)
         # One snapshot for the whole walk: native and Python steps translate alike.
         arrays = translation.snapshot() if translation is not None else None
         stub = translation.stub_address if translation is not None else None

@@ -41,3 +41,9 @@ class MemoryReadError(UnwindError):
 
 class ModuleError(UnwindError):
     """An ELF module or JIT code object could not be loaded or is inconsistent."""
+
+
+class NativeSourceError(UnwindError):
+    """A hand-written ``.ll``/``.s`` file could not be rendered: a missing or
+    unused placeholder, a layout LLVM would not share (see
+    :mod:`unwinder.nativesrc`). Always a bug in the package, never bad input."""

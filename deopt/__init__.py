@@ -2,6 +2,6 @@
 
 Layering: ``deopt`` uses :mod:`unwinder`; it never imports :mod:`osrjit`.
 """
-from .errors import DeoptError, FrameMapError, IncompatibleVersion
+from .errors import DeoptError, FrameMapError, HijackError, IncompatibleVersion, TransferError
 
-__all__ = ["DeoptError", "FrameMapError", "IncompatibleVersion"]
+__all__ = ["DeoptError", "FrameMapError", "IncompatibleVersion", "HijackError", "TransferError"]

@@ -30,3 +30,11 @@ class IncompatibleVersion(DeoptError):
         super().__init__(message)
         self.site_id = site_id
         self.reason = reason
+
+
+class HijackError(DeoptError):
+    """A slot could not be hijacked, or a stub return has no record."""
+
+
+class TransferError(DeoptError):
+    """A frame could not be transferred; the frame then returns into its old code."""

@@ -200,6 +200,10 @@ class FrameMapTable:
     def __len__(self):
         return len(self.maps)
 
+    def __getitem__(self, k: int) -> FrameMap:
+        """The ``k``-th frame map in stackmap order."""
+        return self.maps[k]
+
 
 # --------------------------------------------------------------------------
 # x86-64 call decoding

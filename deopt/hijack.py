@@ -26,11 +26,7 @@ import itertools
 import threading
 from dataclasses import dataclass, field
 
-from .errors import DeoptError
-
-
-class HijackError(DeoptError):
-    """A slot could not be hijacked, or a stub return has no record."""
+from .errors import HijackError
 
 
 @dataclass(eq=False)

@@ -26,14 +26,10 @@ from dataclasses import dataclass
 import unwinder
 from unwinder.x86_64 import CALLEE_SAVED, RA, RAX, RSP
 
-from .errors import DeoptError
+from .errors import TransferError
 from .stackmaps import LocationKind
 
 _MASK64 = (1 << 64) - 1
-
-
-class TransferError(DeoptError):
-    """A frame could not be transferred; the frame then returns into its old code."""
 
 
 @dataclass(frozen=True)

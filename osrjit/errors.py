@@ -1,4 +1,13 @@
-"""The osrjit package's exception hierarchy (root: :class:`OsrJitError`)."""
+"""The osrjit package's exception hierarchy (root: :class:`OsrJitError`).
+
+Everything :class:`osrjit.Runtime` raises is an :class:`OsrJitError` (or a
+plain ``TypeError``/``ValueError`` for a call that is wrong in itself). The
+:mod:`deopt` package's errors reach the runtime's callers as the twins
+below, which are both an :class:`OsrJitError` and the :mod:`deopt` class
+(``except deopt.IncompatibleVersion`` keeps working); the original is the
+twin's ``__cause__`` and its attributes are copied.
+"""
+import deopt.errors as _deopt
 
 
 class OsrJitError(Exception):
@@ -92,3 +101,76 @@ class UnpatchableReference(PatchError):
     def __init__(self, message, address=None, relocation_type=None):
         super().__init__(message, address)
         self.relocation_type = relocation_type
+
+
+class SafepointTimeout(OsrJitError):
+    """Threads did not stop in time; nothing was modified.
+
+    ``threads`` lists ``(name, status name)`` of the threads that did not stop.
+    """
+
+    def __init__(self, threads, seconds):
+        names = ", ".join(f"{n} ({s})" for n, s in threads)
+        super().__init__(f"time-to-safepoint exceeded {seconds:.3f} s; not stopped: {names}; "
+                         "no stack was modified")
+        self.threads = threads
+
+
+# --- the emulated backend (osrjit.emulated) ----------------------------------
+
+class EmulationError(OsrJitError):
+    """The emulated backend could not load, link or run something."""
+
+
+class EmulationFault(EmulationError):
+    """An emulated thread faulted. ``pc``: the emulated address of the
+    faulting instruction; ``address``: the memory address involved (or None);
+    ``kind``: unicorn's description."""
+
+    def __init__(self, message, pc=None, address=None, kind=None):
+        super().__init__(message)
+        self.pc = pc
+        self.address = address
+        self.kind = kind
+
+
+# --- deopt's errors, as the runtime raises them --------------------------------
+
+class DeoptFailure(OsrJitError, _deopt.DeoptError):
+    """A :mod:`deopt` error the runtime met (``__cause__``: the original)."""
+
+
+class FrameMapError(DeoptFailure, _deopt.FrameMapError):
+    """Stackmap records that do not decode or do not fit their code (see
+    :class:`deopt.FrameMapError`; ``offset``)."""
+
+
+class IncompatibleVersion(DeoptFailure, _deopt.IncompatibleVersion):
+    """A new version cannot take over frames of an old one; nothing was
+    modified (see :class:`deopt.IncompatibleVersion`; ``site_id``, ``reason``)."""
+
+
+class HijackError(DeoptFailure, _deopt.HijackError):
+    """A return-address slot changed under a hijack; every stack was left as
+    it was (see :class:`deopt.HijackError`)."""
+
+
+class TransferError(DeoptFailure, _deopt.TransferError):
+    """A hijacked frame could not be rebuilt (see :class:`deopt.TransferError`)."""
+
+
+_TWINS = {_deopt.FrameMapError: FrameMapError, _deopt.IncompatibleVersion: IncompatibleVersion,
+          _deopt.HijackError: HijackError, _deopt.TransferError: TransferError}
+
+
+def wrap_deopt_error(error: BaseException) -> BaseException:
+    """The :class:`OsrJitError` twin of a :mod:`deopt` error (itself if it is
+    one already); raise it ``from error``."""
+    if isinstance(error, OsrJitError) or not isinstance(error, _deopt.DeoptError):
+        return error
+    twin_class = next((twin for cls, twin in _TWINS.items() if isinstance(error, cls)),
+                      DeoptFailure)
+    twin = twin_class.__new__(twin_class)
+    Exception.__init__(twin, *error.args)
+    twin.__dict__.update(error.__dict__)
+    return twin

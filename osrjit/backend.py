@@ -1,0 +1,142 @@
+"""What the runtime asks of a backend: the seam between policy and machine.
+
+:class:`osrjit.Runtime` writes every policy once — the function table, the
+services, which frames are transferred, the ``replace()`` algorithm,
+accounting, reclamation and stats. A backend runs code: the native one
+(:mod:`osrjit.native`: LLJIT, real threads, signals) and the emulated one
+(:mod:`osrjit.emulated`: a unicorn CPU with deterministic threads) implement
+the small protocol below and nothing of the policy.
+
+One ``replace()`` drives a :class:`Pause`::
+
+    link new versions (unpublished)          Backend.link
+    plan everything that needs no stopped stack   Backend.pause(names, new)
+    stop every other thread                  Pause.stop
+    find the frames of those functions       Pause.scan      -> Scan
+    (the runtime checks compatibility, records the new versions as current)
+    make them callable                       Pause.publish
+    point every pending return at the stub   Pause.hijack
+    let the threads go                       Pause.release
+    free what nothing can return into        Backend.free (runtime's reclaim)
+
+``collect()`` is the same pause with no new versions (stop, scan, release).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from .abi import FunctionIR
+from .versions import Function, Version
+
+__all__ = ["Backend", "Pause", "Scan", "PauseReport"]
+
+
+class Scan(Protocol):
+    """What a pause's scan found on every stopped stack.
+
+    ``executing``: versions a frame runs outside any site (or whose entry a
+    signal-stopped thread holds in a register): kept loaded. ``quiet``: no
+    thread runs code of a watched version outside a site and every walk was
+    complete. ``len()``: frames found at sites of the replaced functions."""
+    executing: set
+    quiet: bool
+
+    def versions(self) -> set:
+        """The versions with frames at a site (checked against their new versions)."""
+
+    def __len__(self) -> int: ...
+
+
+class Pause(Protocol):
+    """One stop-the-world of a backend (made by :meth:`Backend.pause`)."""
+
+    #: Threads stopped without reaching a poll (signal, emulated stop).
+    stopped_async: int
+    #: Threads whose stacks were scanned, the caller's included.
+    threads: int
+
+    def stop(self, timeout: float | None) -> None:
+        """Stop every other thread running JIT code (SafepointTimeout: nothing changed)."""
+
+    def abandon(self) -> None:
+        """Undo what :meth:`Backend.pause` prepared, when :meth:`stop` failed."""
+
+    def scan(self) -> Scan: ...
+
+    def publish(self, versions: Iterable[Version]) -> None:
+        """Make the new versions callable (they are already current in the table)."""
+
+    def hijack(self, scan: Scan) -> None:
+        """Point the return address of every frame of ``scan`` at the deopt stub."""
+
+    def release(self) -> None:
+        """Let the threads go (also when a step failed); finishes what must
+        happen before the runtime returns."""
+
+    def instructions(self) -> int | None:
+        """Emulated instructions executed so far (None natively): pause figures."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def new_cell(self, name: str):
+        """A slot cell for a function compiled for the first time."""
+
+    def link(self, irs: list[FunctionIR], cells: Mapping[str, object]) -> list[Version]:
+        """Emit and load ``irs`` as new versions, none of them published
+        (all-or-nothing: CompileError/FrameMapError and nothing stays loaded).
+        ``cells``: the slot cells of functions new in this batch."""
+
+    def discard(self, version: Version) -> None:
+        """Unload a version that was never published."""
+
+    def publish(self, versions: Iterable[Version]) -> None:
+        """Make versions current outside a pause (compile): slot stores, call patches."""
+
+    def pause(self, names: Iterable[str] = (), new: Mapping[str, Version] | None = None) -> Pause:
+        """Plan a pause replacing ``names`` by ``new`` (or, with no names, a collection)."""
+
+    def can_free(self, version: Version) -> bool:
+        """Whether the backend lets an old version with no frames go now."""
+
+    def keep(self, version: Version) -> None:
+        """An old version stays loaded (the emulated backend watches its code)."""
+
+    def free(self, version: Version) -> None:
+        """Unload an old version nothing can run."""
+
+    def entry(self, fn: Function) -> Callable:
+        """The Python callable running ``fn``'s current version."""
+
+    def counters(self) -> dict:
+        """Backend figures for :meth:`osrjit.Runtime.stats`."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PauseReport:
+    """The last ``replace()``'s stop-the-world (:attr:`osrjit.Runtime.last_pause`).
+
+    Seconds (``time.perf_counter``): ``time_to_safepoint_seconds`` (request
+    -> every other thread stopped), ``scan_seconds`` (-> every stack walked
+    and the versions checked), ``hijack_seconds`` (-> published, slots
+    written), ``pause_seconds`` (request -> release issued). ``threads``:
+    stacks scanned; ``frames_hijacked``: frames found at sites;
+    ``stopped_async``: threads stopped without reaching a poll. Emulated
+    runs add the same spans in executed instructions
+    (``time_to_safepoint_instructions``, ``pause_instructions``; None
+    natively).
+    """
+    time_to_safepoint_seconds: float
+    scan_seconds: float
+    hijack_seconds: float
+    pause_seconds: float
+    threads: int
+    frames_hijacked: int
+    stopped_async: int
+    time_to_safepoint_instructions: int | None = None
+    pause_instructions: int | None = None

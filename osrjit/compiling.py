@@ -1,0 +1,132 @@
+"""From IR to a relocatable object: the part of compiling every backend shares.
+
+    FunctionIR.module_ir --parse/verify--> llvm Module --O<n> pipeline-->
+    --TargetMachine.emit_object--> ELF object (reloc='pic', codemodel='small')
+
+We emit the object ourselves (rather than hand IR to LLJIT) because the
+object bytes are what the stackmap records, the call-site check and the
+unwinder's ``.eh_frame`` reading all need. The native backend links the
+object into its own JIT library; the emulated backend places the same bytes
+in emulated memory. :mod:`osrjit.compiler` runs :func:`emit_object` in a
+child process.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+
+import llvmlite.binding as llvm
+
+from . import lang
+from .abi import FunctionIR
+from .errors import CompileError
+
+__all__ = ["target_machine", "emit_object", "replacement_irs", "validate_batch",
+           "RETURN_TYPES"]
+
+#: Return types a function may have (the Python entry converts them).
+RETURN_TYPES = ("i64", "i32", "i8", "i1", "double", "ptr", "void")
+
+_llvm_ready = False
+_llvm_lock = threading.Lock()
+
+
+def init_llvm():
+    """Initialise LLVM's native target, asm printer and parser (once per process)."""
+    global _llvm_ready
+    with _llvm_lock:
+        if not _llvm_ready:
+            llvm.initialize_native_target()
+            llvm.initialize_native_asmprinter()
+            llvm.initialize_native_asmparser()
+            _llvm_ready = True
+
+
+def target_machine(opt_level: int = 2):
+    """A host TargetMachine configured as the runtime's (PIC, small code model).
+
+    The caller owns it (``close()`` it, or let it be collected).
+    """
+    init_llvm()
+    return llvm.Target.from_default_triple().create_target_machine(
+        opt=opt_level, reloc="pic", codemodel="small")
+
+
+def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
+    """Parse, verify, optimise (new pass manager, ``O<opt_level>``) and emit
+    ``ir.module_ir`` as a relocatable ELF object for ``tm``.
+
+    Raises CompileError carrying LLVM's diagnostic if the IR does not parse or
+    verify, or if it does not define ``@<symbol>`` and ``@<symbol>__resume``.
+    Pure with respect to the JIT: nothing is loaded.
+    """
+    init_llvm()
+    try:
+        mod = llvm.parse_assembly(ir.module_ir)
+    except RuntimeError as e:
+        raise CompileError(f"{ir.name}: LLVM rejected the IR: {e}") from None
+    try:
+        mod.verify()
+    except RuntimeError as e:
+        raise CompileError(f"{ir.name}: LLVM IR does not verify: {e}") from None
+    for symbol in (ir.symbol, ir.resume_symbol):
+        try:
+            fn = mod.get_function(symbol)
+        except NameError:
+            fn = None
+        if fn is None or fn.is_declaration:
+            raise CompileError(f"{ir.name}: the module does not define @{symbol}")
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    if opt_level:
+        pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
+        pb = llvm.create_pass_builder(tm, pto)
+        pb.getModulePassManager().run(mod, pb)
+    return tm.emit_object(mod)
+
+
+def validate_batch(irs: Iterable[FunctionIR], signatures: Mapping[str, tuple]) -> list[FunctionIR]:
+    """Check a batch of FunctionIRs before anything is emitted: each a
+    FunctionIR, each name once, a supported return type, and the signature of
+    an already compiled function (``signatures``: name -> (params, return
+    type)) unchanged. Returns the batch as a list."""
+    irs = list(irs)
+    seen = set()
+    for ir in irs:
+        if not isinstance(ir, FunctionIR):
+            raise TypeError(f"expected FunctionIR, got {type(ir).__name__}")
+        if ir.name in seen:
+            raise CompileError(f"function {ir.name!r} is defined twice in one batch")
+        seen.add(ir.name)
+        old = signatures.get(ir.name)
+        if old is not None and (len(old[0]) != len(ir.params) or old[1] != ir.return_type):
+            raise CompileError(
+                f"cannot redefine {ir.name!r} with a different signature: "
+                f"{len(old[0])} parameters -> {len(ir.params)}, returning "
+                f"{old[1]} -> {ir.return_type} (compiled callers use the old one)")
+        if ir.return_type not in RETURN_TYPES:
+            raise CompileError(f"{ir.name}: unsupported return type {ir.return_type!r}")
+    return irs
+
+
+def replacement_irs(names, source, *, polls: bool, calls: str,
+                    known: Mapping[str, int]) -> list[FunctionIR]:
+    """The FunctionIRs a ``replace(names, source)`` call links, for every backend.
+
+    ``source``: reference-language text (compiled with ``known``: name ->
+    arity of the functions already compiled) or FunctionIR object(s). They
+    must define exactly ``names``: :class:`CompileError` otherwise.
+    """
+    if isinstance(source, str):
+        irs = lang.compile_source(source, known=known, polls=polls, calls=calls)
+    else:
+        irs = [source] if isinstance(source, FunctionIR) else list(source)
+    defined = {ir.name for ir in irs}
+    missing = [n for n in names if n not in defined]
+    extra = sorted(defined - set(names))
+    if missing:
+        raise CompileError(f"the replacement does not define {missing}")
+    if extra:
+        raise CompileError(f"the replacement also defines {extra}, which replace() was not "
+                           "asked to replace (compile() them separately)")
+    return irs

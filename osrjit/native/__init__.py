@@ -1,0 +1,13 @@
+"""The native backend: versions run as machine code in this process (LLJIT).
+
+* :mod:`.linker` — one owner per JIT library (tracker + LLJIT + unwinder registration);
+* :mod:`.backend` — :class:`NativeBackend`: loading, publishing, freeing, entries;
+* :mod:`.function` — :class:`JitFunction`, the Python entry to a function;
+* :mod:`.scan` — which frames to hijack on the stopped stacks (reference and native walks);
+* :mod:`.hijack` — writing the stubs and recording the pending returns;
+* :mod:`.replace` — one ``replace()`` / ``collect()`` pause, step by step.
+
+The thread protocol (:mod:`osrjit.threads`), the transfers
+(:mod:`osrjit.deoptimizer`), the native scans (:mod:`osrjit.fastscan`) and
+call patching (:mod:`osrjit.patching`) are this backend's collaborators.
+"""

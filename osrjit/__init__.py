@@ -6,16 +6,23 @@
         rt.function("fib")(20)
 
 Layering: ``osrjit`` uses :mod:`deopt`, which uses :mod:`unwinder`; never the reverse.
+Everything :class:`Runtime` raises is an :class:`OsrJitError`.
 """
 from .abi import FunctionIR, LiveValue, SiteInfo, SiteKind
-from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
+from .backend import PauseReport
+from .errors import (CompileError, DeoptFailure, EmulationError, EmulationFault, FrameMapError,
+                     HijackError, HookNotSet, IncompatibleVersion, OsrJitError, PatchError,
+                     RuntimeClosed, SafepointTimeout, TransferError, UnknownFunction,
                      VersionInUse)
-from .runtime import JitFunction, Runtime, Version
-from .threads import SafepointTimeout
+from .runtime import Runtime
+from .versions import Version
+from .native.function import JitFunction
+from . import emulated as _emulated       # registers Runtime(backend="emulated")
 
 __all__ = [
-    "Runtime", "Version", "JitFunction",
+    "Runtime", "Version", "JitFunction", "PauseReport",
     "FunctionIR", "SiteInfo", "SiteKind", "LiveValue",
     "OsrJitError", "CompileError", "UnknownFunction", "RuntimeClosed", "HookNotSet",
-    "VersionInUse", "SafepointTimeout",
+    "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
+    "TransferError", "DeoptFailure", "PatchError", "EmulationError", "EmulationFault",
 ]

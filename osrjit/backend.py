@@ -71,8 +71,12 @@ class Pause(Protocol):
     def hijack(self, scan: Scan) -> None:
         """Point the return address of every frame of ``scan`` at the deopt stub."""
 
+    def finish(self) -> None:
+        """The last writes of the pause (also when a step failed), before
+        the release is timed."""
+
     def release(self) -> None:
-        """Let the threads go (also when a step failed); finishes what must
+        """Let the threads go (also when a step failed), then what must
         happen before the runtime returns."""
 
     def instructions(self) -> int | None:
@@ -80,7 +84,17 @@ class Pause(Protocol):
 
 
 class Backend(Protocol):
+    #: ``"native"`` or ``"emulated"``.
     name: str
+    #: The hijack table (:class:`deopt.hijack.HijackTable`): every pending return.
+    table: object
+    #: The user's bit of the safepoint flag (0 or 1), :attr:`osrjit.Runtime.safepoint_flag`.
+    user_flag: int
+    #: Seconds a pause waits for threads to stop.
+    safepoint_timeout: float
+    #: Whether a transfer may free its old version at once (native), or asks
+    #: for a reclaim later (:meth:`request_reclaim`, emulated: between quanta).
+    reclaim_in_transfer: bool
 
     def new_cell(self, name: str):
         """A slot cell for a function compiled for the first time."""
@@ -110,6 +124,12 @@ class Backend(Protocol):
 
     def entry(self, fn: Function) -> Callable:
         """The Python callable running ``fn``'s current version."""
+
+    def request_reclaim(self, version: Version) -> None:
+        """A transfer left an old version maybe free: reclaim when safe."""
+
+    def before_reclaim(self) -> None:
+        """Account what the backend learned since (native transfers taken)."""
 
     def counters(self) -> dict:
         """Backend figures for :meth:`osrjit.Runtime.stats`."""

@@ -8,7 +8,7 @@ frees, and ``LLVMPY_RunNewModulePassManager`` registers a fresh
 about 60 KB per ``O2`` run, even for a one-instruction function; ``O0`` does
 not leak). A runtime that replaces functions for days cannot afford that, so
 ``Runtime(compiler="worker")`` sends each version's IR to a child process
-that parses, verifies, optimises and emits it (:func:`osrjit.runtime.emit_object`,
+that parses, verifies, optimises and emits it (:func:`osrjit.compiling.emit_object`,
 the very code the in-process path runs) and sends the object back. The child
 is replaced after ``recycle_after`` compiles, which returns its leak to the
 OS.
@@ -148,7 +148,7 @@ def _read_frame(stream) -> bytes:
 def _serve(stdin, stdout):
     """The child's loop: answer requests until stdin closes."""
     from .abi import FunctionIR
-    from .runtime import emit_object, target_machine
+    from .compiling import emit_object, target_machine
     machines = {}
     while True:
         try:

@@ -179,13 +179,13 @@ def threads_part(out=print):
         rt.replace("walk", WALK.format(step=10))
         p = rt.last_pause
         s = rt.stats()
-        out(f"  replace(walk): stopped {p['threads'] - 1} threads in "
-            f"{p['time_to_safepoint'] * 1e3:.1f} ms, hijacked {p['frames_hijacked']} frames, "
-            f"released after {p['pause'] * 1e3:.1f} ms; {s['pending_returns']} pending returns")
+        out(f"  replace(walk): stopped {p.threads - 1} threads in "
+            f"{p.time_to_safepoint_seconds * 1e3:.1f} ms, hijacked {p.frames_hijacked} frames, "
+            f"released after {p.pause_seconds * 1e3:.1f} ms; {s['pending_returns']} pending returns")
         rt.replace("spin", SPIN_DONE)
         p = rt.last_pause
         out(f"  replace(spin): the 3 spinning frames move into the new loop at their next poll "
-            f"({p['frames_hijacked']} frames hijacked)")
+            f"({p.frames_hijacked} frames hijacked)")
         for t in threads:
             t.join()
         for n, d in depths.items():

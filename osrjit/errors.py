@@ -119,19 +119,19 @@ class SafepointTimeout(OsrJitError):
 # --- the emulated backend (osrjit.emulated) ----------------------------------
 
 class EmulationError(OsrJitError):
-    """The emulated backend could not load, link or run something."""
+    """Something the emulated backend cannot do or found wrong: an object it
+    cannot load (unknown relocation, undefined symbol, value out of range), a
+    fault of an emulated thread, a misuse of the machine."""
 
 
 class EmulationFault(EmulationError):
-    """An emulated thread faulted. ``pc``: the emulated address of the
-    faulting instruction; ``address``: the memory address involved (or None);
-    ``kind``: unicorn's description."""
+    """An emulated thread faulted: ``thread``, absolute ``pc``, ``symbol``
+    (``name+0xoff`` or None) and the unicorn or Python ``cause``."""
 
-    def __init__(self, message, pc=None, address=None, kind=None):
-        super().__init__(message)
-        self.pc = pc
-        self.address = address
-        self.kind = kind
+    def __init__(self, thread, pc, symbol, cause):
+        where = f"{pc:#x}" + (f" ({symbol})" if symbol else "")
+        super().__init__(f"thread {thread.id} ({thread.name}) faulted at {where}: {cause}")
+        self.thread, self.pc, self.symbol, self.cause = thread, pc, symbol, cause
 
 
 # --- deopt's errors, as the runtime raises them --------------------------------

@@ -91,7 +91,7 @@ def plain_ir(triple):
 
 def load_plain():
     import llvmlite.binding as llvm
-    from osrjit.runtime import target_machine
+    from osrjit.compiling import target_machine
     tm = target_machine(2)
     mod = llvm.parse_assembly(plain_ir(tm.triple))
     mod.verify()

@@ -139,11 +139,11 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
                 arrived[0] = 0
             p = rt.last_pause
             own = [t for _ident, t in rt.self_apply_times() if t is not None]
-            ttsp.append(p["time_to_safepoint"])
-            stopper.append(p["pause"])
+            ttsp.append(p.time_to_safepoint_seconds)
+            stopper.append(p.pause_seconds)
             applies.append(max(own, default=0.0))
-            pause.append(p["pause"] + applies[-1])
-            hijacked.append(p["frames_hijacked"])
+            pause.append(p.pause_seconds + applies[-1])
+            hijacked.append(p.frames_hijacked)
             fresh.append(rt.stats()["hijacks"] - before)
             time.sleep(0.02)
         stop.set()

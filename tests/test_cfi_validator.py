@@ -17,6 +17,7 @@ exhaustive sweeps are marked ``slow``.
 import pytest
 
 import handir
+from osrjit.emulated.program import EmulatedProgram
 from osrjit.emulated import Machine
 from osrjit.emulated.cfi_validator import CFIValidator, validate
 from osrjit.emulated.loader import assemble
@@ -28,7 +29,7 @@ ENTRY_CALLS = [("fib", (7,)), ("ack", (2, 1)), ("is_even", (5,)), ("is_odd", (4,
 
 def _program(*, calls="slot", opt_level=2, hypercall_base=None, polls=True, source=handir.SOURCE):
     m = Machine(hypercall_base=hypercall_base)
-    prog = m.program(opt_level=opt_level)
+    prog = EmulatedProgram(m, opt_level=opt_level)
     prog.compile(source, calls=calls, polls=polls)
     prog.on_hook(lambda x: x + 1000)
     return m, prog

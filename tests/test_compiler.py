@@ -4,7 +4,7 @@ import pytest
 from osrjit import Runtime, lang
 from osrjit.compiler import CompileWorker
 from osrjit.errors import CompileError
-from osrjit.runtime import emit_object, target_machine
+from osrjit.compiling import emit_object, target_machine
 
 FIB = """
 def fib(n):

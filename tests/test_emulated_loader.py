@@ -12,11 +12,12 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 import handir
+from osrjit.emulated.program import EmulatedProgram
 from osrjit import lang
 from osrjit.emulated import EmulationError, Machine
 from osrjit.emulated.loader import (PROT_EXEC, PROT_READ, PROT_WRITE, RELOCATION_NAMES,
                                     assemble, load_object)
-from osrjit.runtime import emit_object, target_machine
+from osrjit.compiling import emit_object, target_machine
 
 # Symbol addresses the resolver hands out (absolute, emulated).
 NEAR = 0x1800_0000            # within rel32 of the arena
@@ -217,7 +218,7 @@ def test_far_services_go_through_stubs_and_programs_still_run():
     """With the hypercall page 126 TiB away, every service call is a PLT32 out
     of range: each object gets stubs, and the programs compute the same."""
     m = Machine(hypercall_base=0x7E00_0000_0000)
-    prog = m.program()
+    prog = EmulatedProgram(m)
     prog.compile(handir.SOURCE)
     prog.on_hook(lambda x: x * 100)
     hooky = prog.current("hooky")

@@ -10,6 +10,7 @@ from unicorn import UC_HOOK_CODE
 
 import handir
 from childproc import run_child
+from osrjit.emulated.program import EmulatedProgram
 from osrjit.emulated import EmulationError, EmulationFault, Machine, ThreadState
 from osrjit.emulated.loader import assemble
 from osrjit.errors import HookNotSet
@@ -225,7 +226,7 @@ def worker(k):
 def _world(seed, quantum=(1, 40), stop_at=()):
     """Four threads under one scheduler; returns (trace, results, hook log, stops)."""
     m = Machine()
-    prog = m.program()
+    prog = EmulatedProgram(m)
     prog.compile(SOURCE)
     log = []
     current = {}
@@ -269,7 +270,7 @@ def test_stopping_after_exactly_k_instructions_and_resuming_is_the_same_run():
 
 def _stepping_world(step, far):
     m = Machine(hypercall_base=0x7E00_0000_0000 if far else None)
-    prog = m.program()
+    prog = EmulatedProgram(m)
     prog.compile(handir.SOURCE)
     prog.on_hook(lambda x: x + 1)
     prog.safepoint_flag = 1                      # every poll calls the slow path
@@ -330,7 +331,7 @@ def test_instruction_counts_are_exact(machine):
 
 def test_a_hypercall_can_stop_the_world_and_the_run_goes_on():
     m = Machine()
-    prog = m.program()
+    prog = EmulatedProgram(m)
     prog.compile(handir.SOURCE)
     prog.on_hook(lambda x: x * 100)
 
@@ -357,7 +358,7 @@ def test_a_hypercall_can_stop_the_world_and_the_run_goes_on():
 @pytest.fixture(scope="module")
 def program():
     m = Machine()
-    prog = m.program()
+    prog = EmulatedProgram(m)
     prog.compile(handir.SOURCE)
     return prog
 
@@ -423,7 +424,7 @@ def test_many_threads_with_tiny_quanta(program):
 
 def test_direct_call_mode():
     m = Machine()
-    prog = m.program()
+    prog = EmulatedProgram(m)
     prog.compile(handir.SOURCE, calls="direct")
     assert prog.call("is_even", 12) == 1 and prog.call("ack", 2, 2) == 7
 
@@ -473,7 +474,7 @@ def scenario_native_results():
 def test_emulated_results_equal_the_native_runtime():
     native = run_child(scenario_native_results)
     m = Machine()
-    prog = m.program()
+    prog = EmulatedProgram(m)
     prog.compile(handir.SOURCE)
     prog.on_hook(lambda x: 7 * x - 1)
     assert [prog.call(name, *args) for name, args in NATIVE_CALLS] == native

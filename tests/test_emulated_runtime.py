@@ -64,7 +64,7 @@ def test_replace_mid_recursion_transfers_every_frame_and_frees_v1():
     v1_frames = [f for f in frames if v1.contains(f.lookup_pc)]
     depth = len(v1_frames)
     assert depth > 30 and all(f.translated for f in v1_frames)
-    assert pause["frames_hijacked"] == depth and pause["stopped_async"] == 0
+    assert pause.frames_hijacked == depth and pause.stopped_async == 0
     assert rt.stats()["pending_returns"] == depth
     rt.run()
     assert thread.result == sum_ref(50)
@@ -157,7 +157,7 @@ def spin(m):
     assert rt.version_at(thread.pc) is rt.current("spin")
     old = rt.current("spin")
     rt.replace("spin", spin_v2, polls=False)
-    assert rt.last_pause["stopped_async"] == 1
+    assert rt.last_pause.stopped_async == 1
     assert old.executing and old in rt.versions("spin")
     rt.run()
     assert thread.result == 3 + spin_ref(300)

@@ -199,7 +199,7 @@ def self_apply_scenario():
             rt.replace("work", ARRIVE.replace("+ 1", "+ 2") if attempt % 2 else ARRIVE)
             out["times"] = rt.self_apply_times()
             s = rt.stats()
-            out["first"] = (rt.last_pause["frames_hijacked"],
+            out["first"] = (rt.last_pause.frames_hijacked,
                             s["self_scans"] - before["self_scans"],
                             s["self_applies"] - before["self_applies"])
             if out["first"][1]:

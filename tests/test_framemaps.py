@@ -16,7 +16,7 @@ from deopt import FrameMapError, IncompatibleVersion
 from deopt import framemaps as fm
 from deopt.stackmaps import LocationKind
 from osrjit.abi import FunctionIR, LiveValue, SiteInfo, SiteKind
-from osrjit.runtime import emit_object, target_machine
+from osrjit.compiling import emit_object, target_machine
 
 TEXT_AT = 0x7F00_0000_0000     # where we pretend .text was loaded
 READOBJ = shutil.which("llvm-readobj-14") or shutil.which("llvm-readobj")

@@ -55,7 +55,7 @@ def _f_expected(n, add):
 
 def _emit(fir):
     """The object the runtime would link for ``fir`` (nothing is loaded or run)."""
-    from osrjit.runtime import emit_object, target_machine
+    from osrjit.compiling import emit_object, target_machine
     tm = target_machine()
     try:
         return emit_object(fir, tm)

@@ -1,8 +1,10 @@
 """The emulated backend: osrjit's code running on a unicorn x86-64 CPU.
 
+* :mod:`.backend` — :class:`~.backend.EmulatedBackend`, the
+  :class:`osrjit.backend.Backend` that runs versions on the emulated CPU;
 * :mod:`.runtime` — :class:`~.runtime.EmulatedRuntime`, what
-  ``osrjit.Runtime(backend="emulated")`` returns: the same versions, deopt
-  stub, hijack and transfer as the native runtime, with checked invariants;
+  ``osrjit.Runtime(backend="emulated")`` returns: an :class:`osrjit.Runtime`
+  with the emulator's controls (spawn, run, checked invariants);
 * :mod:`.loader` — ELF relocatable objects into emulated memory
   (:func:`~.loader.load_object`, :class:`~.loader.LoadedObject`);
 * :mod:`.machine` — one address space with hypercalls, threads and a
@@ -12,15 +14,17 @@
 * :mod:`.cfi_validator` — checks the unwinder against a shadow call stack at
   every instruction (:func:`~.cfi_validator.validate`).
 
-Layering: this package may use :mod:`osrjit`, :mod:`deopt` and
-:mod:`unwinder`; of them only ``osrjit.Runtime.__new__`` imports it (lazily,
-for ``backend="emulated"``).
+Layering: this package uses :mod:`osrjit`'s core, :mod:`deopt` and
+:mod:`unwinder`; ``osrjit.Runtime`` finds it through ``Runtime.__new__``
+(``backend="emulated"``).
 """
-from .loader import EmulationError, LoadedObject, load_object
-from .machine import EmulationFault, EmuThread, Machine, Scheduler, ThreadState
+from ..errors import EmulationError, EmulationFault
+from .backend import EmulatedBackend, EmulatedFunction, OldCodeFetch
+from .loader import LoadedObject, load_object
+from .machine import EmuThread, Machine, Scheduler, ThreadState
 from .program import EmulatedProgram, EmuVersion
-from .runtime import EmulatedFunction, EmulatedRuntime, OldCodeFetch
+from .runtime import EmulatedRuntime
 
 __all__ = ["EmulationError", "EmulationFault", "LoadedObject", "load_object", "Machine",
            "EmuThread", "Scheduler", "ThreadState", "EmulatedProgram", "EmuVersion",
-           "EmulatedRuntime", "EmulatedFunction", "OldCodeFetch"]
+           "EmulatedRuntime", "EmulatedBackend", "EmulatedFunction", "OldCodeFetch"]

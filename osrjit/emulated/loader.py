@@ -1,6 +1,6 @@
 """An ELF relocatable-object loader for an emulated x86-64 address space.
 
-Input: the bytes :func:`osrjit.runtime.emit_object` produces (ET_REL, x86-64,
+Input: the bytes :func:`osrjit.compiling.emit_object` produces (ET_REL, x86-64,
 ``reloc='pic'``, ``codemodel='small'``). Output: a :class:`LoadedObject` whose
 sections sit at absolute emulated addresses, relocated, with its symbols'
 addresses — the same facts the native runtime learns from LLJIT, so
@@ -54,7 +54,7 @@ from elftools.elf.relocation import RelocationSection
 
 from unwinder.elf import open_elf
 
-from osrjit.errors import OsrJitError
+from osrjit.errors import EmulationError
 
 __all__ = [
     "EmulationError", "LoadedObject", "PlacedObject", "Region",
@@ -65,12 +65,6 @@ __all__ = [
 PAGE_SIZE = 4096
 #: Protection bits as unicorn numbers them (``UC_PROT_*``).
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
-
-
-class EmulationError(OsrJitError):
-    """Something the emulated backend cannot do or found wrong: an object it
-    cannot load (unknown relocation, undefined symbol, value out of range), a
-    fault of an emulated thread, a misuse of the machine."""
 
 
 # x86-64 psABI relocation types (Table 4.9), for messages; the ones we apply
@@ -480,7 +474,7 @@ def assemble(asm_text: str) -> bytes:
     with the runtime's target machine (PIC, small code model)."""
     import llvmlite.binding as llvm
 
-    from osrjit.runtime import target_machine
+    from osrjit.compiling import target_machine
     escaped = (asm_text.replace("\\", "\\5C").replace('"', "\\22").replace("\n", "\\0A"))
     tm = target_machine(0)
     try:

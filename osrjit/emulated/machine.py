@@ -65,7 +65,9 @@ from unicorn import x86_const as X
 import unwinder
 from unwinder import AddressSpace, UnicornMemory
 
-from .loader import (PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, EmulationError, LoadedObject,
+from osrjit.errors import EmulationError, EmulationFault
+
+from .loader import (PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, LoadedObject,
                      Region, assemble, link, load_object, place)
 
 __all__ = ["Machine", "EmuThread", "ThreadState", "Scheduler", "Hypercall", "EmulationFault",
@@ -120,16 +122,6 @@ def _uc_reg(reg) -> int:
 def _signed64(value: int) -> int:
     value &= _MASK64
     return value - (1 << 64) if value >> 63 else value
-
-
-class EmulationFault(EmulationError):
-    """An emulated thread faulted: ``thread``, absolute ``pc``, ``symbol``
-    (``name+0xoff`` or None) and the unicorn or Python ``cause``."""
-
-    def __init__(self, thread, pc, symbol, cause):
-        where = f"{pc:#x}" + (f" ({symbol})" if symbol else "")
-        super().__init__(f"thread {thread.id} ({thread.name}) faulted at {where}: {cause}")
-        self.thread, self.pc, self.symbol, self.cause = thread, pc, symbol, cause
 
 
 class ThreadState(enum.Enum):
@@ -702,25 +694,6 @@ class Machine:
         """The unwinder's frames of ``thread`` (innermost first), read from its
         current registers and the emulated memory."""
         return list(unwinder.walk(thread.regs(), self.memory, self.space, max_frames=max_frames))
-
-    # -- convenience for reference-language programs -------------------------------
-
-    def load_function_ir(self, firs, **kwargs):
-        """Load :class:`~osrjit.abi.FunctionIR` (one or several) with the runtime
-        services as hypercalls; see :class:`osrjit.emulated.program.EmulatedProgram`
-        (one per machine, made on first use; ``kwargs`` go to its constructor)."""
-        return self.program(**kwargs).load(firs)
-
-    def program(self, **kwargs):
-        """This machine's :class:`~osrjit.emulated.program.EmulatedProgram` (made on first use)."""
-        from .program import EmulatedProgram
-        prog = getattr(self, "_program", None)
-        if prog is None:
-            prog = self._program = EmulatedProgram(self, **kwargs)
-        elif kwargs:
-            raise EmulationError("the machine's program already exists; options apply only "
-                                 "when it is made")
-        return prog
 
 
 _ASSEMBLED: dict[str, bytes] = {}

@@ -1,7 +1,7 @@
 """Reference-language (and IR authors') functions loaded into a :class:`Machine`.
 
 The emulated counterpart of :class:`osrjit.Runtime`'s loading half: every
-:class:`~osrjit.abi.FunctionIR` is emitted with :func:`osrjit.runtime.emit_object`
+:class:`~osrjit.abi.FunctionIR` is emitted with :func:`osrjit.compiling.emit_object`
 (the same bytes the native runtime links), loaded by
 :mod:`osrjit.emulated.loader`, registered with the machine's unwinder, and its
 ``.llvm_stackmaps`` become :mod:`deopt` frame maps. The runtime services of
@@ -23,8 +23,8 @@ out of int64, a missing hook, or ``osrjit_error`` make the *thread's* first
 pending exception (:attr:`EmuThread.pending`); the service returns 0 and
 :meth:`EmulatedProgram.call` raises it when the thread finishes.
 
-Lifetime: owned by its machine (``machine.program()``); versions stay loaded
-for the machine's life (frames may still return into them).
+Lifetime: made for one machine (``EmulatedProgram(machine)``); versions stay
+loaded until :meth:`EmulatedProgram.forget` (frames may still return into them).
 """
 from __future__ import annotations
 
@@ -35,57 +35,30 @@ from deopt import framemaps as _fm
 from deopt.framemaps import FrameMapTable, ObjectImage
 from osrjit import abi
 from osrjit.abi import FunctionIR
-from osrjit.errors import CompileError, OsrJitError, UnknownFunction
-from osrjit.runtime import call_hook
+from osrjit.compiling import emit_object, target_machine
+from osrjit.errors import CompileError, EmulationError, UnknownFunction
+from osrjit.services import Services, call_hook, error_for_code
+from osrjit.versions import Version
 
-from .loader import EmulationError, LoadedObject
+from .loader import LoadedObject
 from .machine import EmuThread, Machine
 
 __all__ = ["EmulatedProgram", "EmuVersion"]
 
 
 
-class EmuVersion:
-    """One version of a function loaded into emulated memory.
-
-    ``id`` (1, 2, ... per program), ``ir`` (its FunctionIR), ``object``
-    (the :class:`LoadedObject`), ``entry`` / ``resume_entry`` (absolute
-    emulated addresses of ``@<symbol>`` and ``@<symbol>__resume``),
-    ``code_range`` (absolute ``(start, end)`` of ``.text``), ``frame_maps``
-    (a :class:`deopt.framemaps.FrameMapTable`, absolute return addresses).
-    """
+class EmuVersion(Version):
+    """One version of a function loaded into emulated memory: a
+    :class:`osrjit.versions.Version` whose addresses are emulated ones and
+    whose ``library`` (also ``object``) is the :class:`LoadedObject`."""
 
     def __init__(self, vid: int, ir: FunctionIR, obj: LoadedObject, table: FrameMapTable):
-        self.id = vid
-        self.ir = ir
-        self.object = obj
-        self.entry = obj.symbol(ir.symbol)
-        self.resume_entry = obj.symbol(ir.resume_symbol)
         text = obj.load_addresses[".text"]
-        self.code_range = (text, next(hi for lo, hi in obj.ranges if lo == text))
-        self.frame_maps = table
-        #: Runtime accounting (:class:`~osrjit.emulated.runtime.EmulatedRuntime`):
-        #: hijacked slots returning into it, "a frame may run its code outside
-        #: a site" (never freed automatically), "the last scan found it running".
-        self.pending_returns = 0
-        self.pinned = False
-        self.executing = False
+        code_range = (text, next(hi for lo, hi in obj.ranges if lo == text))
+        super().__init__(vid, ir, obj.data, obj.load_addresses, obj.symbol(ir.symbol),
+                         obj.symbol(ir.resume_symbol), code_range, table, library=obj)
 
-    name = property(lambda self: self.ir.name)
-    symbol = property(lambda self: self.ir.symbol)
-    sites = property(lambda self: self.ir.sites)
-    load_addresses = property(lambda self: self.object.load_addresses)
-
-    def contains(self, address: int) -> bool:
-        return self.code_range[0] <= address < self.code_range[1]
-
-    def frame_map_at(self, return_address: int):
-        """The frame map for absolute ``return_address`` in this version, or None."""
-        return self.frame_maps.at(return_address)
-
-    def __repr__(self):
-        return (f"<EmuVersion {self.name} #{self.id} .text [{self.code_range[0]:#x}, "
-                f"{self.code_range[1]:#x}) {len(self.frame_maps)} frame maps>")
+    object = property(lambda self: self.library)
 
 
 class EmulatedProgram:
@@ -96,9 +69,10 @@ class EmulatedProgram:
     """
 
     def __init__(self, machine: Machine, *, opt_level: int = 2,
-                 object_cache: dict | None = None):
-        from osrjit.runtime import target_machine
+                 object_cache: dict | None = None, services: Services | None = None):
         self.machine = machine
+        #: The hook function lives here (shared with a runtime's services).
+        self.services = services or Services()
         #: Optional dict shared between programs: (module IR, symbol, opt
         #: level) -> emitted object bytes, so machines that load the same
         #: versions (a sweep) compile each once.
@@ -110,7 +84,6 @@ class EmulatedProgram:
         self._versions: dict[str, list[EmuVersion]] = {}
         self._current: dict[str, EmuVersion] = {}
         self._ids = itertools.count(1)
-        self.hook_fn: Callable[[int], int] | None = None
         self.safepoint_fn: Callable[[EmuThread], None] | None = None
         #: Every value the hook service was called with, in call order.
         self.hook_calls: list[int] = []
@@ -128,7 +101,11 @@ class EmulatedProgram:
 
     def on_hook(self, fn: Callable[[int], int] | None):
         """Install ``fn(value) -> int`` as the hook service (None removes it)."""
-        self.hook_fn = fn
+        self.services.hook = fn
+
+    @property
+    def hook_fn(self) -> Callable[[int], int] | None:
+        return self.services.hook
 
     def on_safepoint(self, fn: Callable[[EmuThread], None] | None):
         """Install ``fn(thread)`` to run when a poll takes its slow path; it may
@@ -172,17 +149,7 @@ class EmulatedProgram:
         return None
 
     def _error_service(self, machine: Machine, thread: EmuThread):
-        code = thread.arg(0, signed=True)
-        try:
-            kind = abi.ErrorCode(code)
-        except ValueError:
-            self._set_pending(thread, OsrJitError(f"compiled code reported unknown error code "
-                                                  f"{code}"))
-            return None
-        if kind is abi.ErrorCode.ZERO_DIVISION:
-            self._set_pending(thread, ZeroDivisionError("integer division or modulo by zero"))
-        else:
-            self._set_pending(thread, OsrJitError(f"compiled code reported {kind.name}"))
+        self._set_pending(thread, error_for_code(thread.arg(0, signed=True)))
         return None
 
     # -- loading -------------------------------------------------------------------
@@ -264,7 +231,6 @@ class EmulatedProgram:
         self.machine.unload_object(version.object)
 
     def _emit(self, f: FunctionIR) -> bytes:
-        from osrjit.runtime import emit_object
         if self.object_cache is None:
             return emit_object(f, self.tm, self.opt_level)
         key = (f.module_ir, f.symbol, self.opt_level)

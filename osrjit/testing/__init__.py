@@ -208,8 +208,8 @@ def _one_point(make, later, k, gap, n, expect, reference, poll_free, report):
                 rt.run(budget)
             _compile(rt, source, poll_free, names)
             pause = rt.last_pause
-            report.frames_hijacked += pause["frames_hijacked"]
-            report.stopped_async += pause["stopped_async"]
+            report.frames_hijacked += pause.frames_hijacked
+            report.stopped_async += pause.stopped_async
             budget = gap
         cap = 50 * n + 1_000_000
         before = rt.instructions

@@ -1,0 +1,413 @@
+"""The native backend: versions as machine code in this process, run by real threads.
+
+Each version is its own JIT library (:mod:`.linker`), in its own LLJIT
+(llvmlite cannot remove a JITDylib, so the LLJIT goes with the version),
+built from the object :func:`osrjit.compiling.emit_object` emits, so the
+bytes we parse are the bytes that run and each version can be unloaded
+alone. On load the object is registered with the unwinder and its
+``.llvm_stackmaps`` become frame maps. Calls between functions go through
+``osrjit.slot.<name>`` cells holding the current version's entry (publishing
+is one 8-byte store), or, with ``calls="direct"``, through ``call rel32``
+sites patched on every replacement (:mod:`osrjit.patching`).
+
+Collaborators, each with one job: the :class:`~.linker.Linker` (every JIT
+library and its owner), :class:`osrjit.threads.SupportLibrary` (native
+transitions, the thread registry, the world that stops and releases
+threads), :class:`osrjit.deoptimizer.NativeDeopt` (the stub, the hijack
+table, the Python and native transfers), :class:`~.scan.Scanner` (which
+frames to hijack) and :class:`~.hijack.Hijacker` (writing the stubs); one
+pause is a :class:`~.replace.NativePause`.
+"""
+from __future__ import annotations
+
+import ctypes
+import itertools
+import weakref
+from collections.abc import Iterable, Mapping
+
+import unwinder
+from deopt import framemaps as _fm
+from deopt.framemaps import ObjectImage
+
+from .. import abi, patching, threads
+from ..abi import FunctionIR
+from ..compiling import emit_object
+from ..deoptimizer import NativeDeopt, NativeTransferPath
+from ..errors import CompileError, FrameMapError, OsrJitError, VersionInUse
+from ..versions import Function, FunctionTable, Version
+from .function import JitFunction
+from .hijack import Hijacker
+from .linker import Linker, address_of
+from .replace import NativePause
+from .scan import Scanner
+
+__all__ = ["NativeBackend", "TRANSFERS", "WALKERS", "COMPILERS"]
+
+#: ``Runtime(transfer=...)``, ``Runtime(walker=...)``, ``Runtime(compiler=...)`` choices.
+TRANSFERS = ("python", "native")
+WALKERS = ("python", "native")
+COMPILERS = ("inprocess", "worker")
+
+_HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
+_SAFEPOINT_SLOW_TYPE = ctypes.CFUNCTYPE(None)
+_ERROR_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_int64)
+
+_PROCESS = ctypes.CDLL(None)
+
+
+def process_symbol(name: str) -> int | None:
+    """Address of ``name`` in the current process (libc, libm, ...), or None."""
+    try:
+        return ctypes.cast(_PROCESS[name], ctypes.c_void_p).value
+    except AttributeError:
+        return None
+
+
+class NativeBackend:
+    """Runs versions natively (see the module docstring).
+
+    ``compiler``: ``"inprocess"`` (default) or ``"worker"`` — optimise and
+    emit versions in a child process (:mod:`osrjit.compiler`), because
+    llvmlite's pass pipeline leaks about 60 KB of native memory per compile
+    in the process that runs it. ``walker``: how stopped stacks are walked
+    — ``"python"`` (:func:`unwinder.walk`, the reference) or ``"native"``
+    (:class:`unwinder.NativeWalker` and the native scan of
+    :mod:`osrjit.fastscan`; a walk that needed Python anywhere is redone by
+    the reference). ``transfer``: how a hijacked frame is rebuilt —
+    ``"python"`` (:func:`deopt.transfer.return_through_stub` called back
+    through ctypes) or ``"native"`` (:mod:`deopt.native_transfer`: code
+    generated per version, a per-thread LIFO of hijacks, no Python on the
+    path; a frame it cannot handle takes the Python transfer).
+
+    Lifetime: made and owned by its :class:`osrjit.Runtime`; :meth:`close`
+    releases every JIT library (trackers before their LLJIT).
+    """
+
+    name = "native"
+    #: A transfer may free its version at once (the runtime lock permitting).
+    reclaim_in_transfer = True
+
+    def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = "python",
+                 walker: str = "python"):
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
+        if walker not in WALKERS:
+            raise ValueError(f"walker must be one of {WALKERS}, got {walker!r}")
+        self.compiler, self.transfer, self.walker = compiler, transfer, walker
+        self.opt_level = runtime.opt_level
+        self.calls = runtime.calls
+        self.functions: FunctionTable = runtime._functions
+        self._services = runtime._services
+        self.linker = Linker(self.opt_level)
+        self.call_sites = patching.CallSiteIndex()
+        self.space = unwinder.AddressSpace.current_process()
+        self.closed = False
+        self._ids = itertools.count(1)      # version ids, in link order
+        me = weakref.ref(runtime)
+        self._runtime = me
+
+        # The native transitions (entry thunks, service wrappers, the
+        # transfer's status marking, the signal handler) and the threads.
+        self.flag = self.linker.keep(ctypes.c_int64(0))
+        support = self.support = threads.SupportLibrary(self.linker, self.space, self.flag)
+        self.registry = threads.ThreadRegistry(support.key)
+        try:
+            self.signal = threads.RuntimeSignal(support.addresses["osrjit_signal_handler"])
+        except OsrJitError:
+            self.signal = None              # no free signal: stops rely on polls only
+        self.world = threads.World(support, self.registry, self.signal)
+        self.service_addresses = {
+            abi.HOOK_SYMBOL: support.addresses["osrjit_hook"],
+            abi.SAFEPOINT_SLOW_SYMBOL: support.addresses["osrjit_safepoint_slow"],
+            abi.ERROR_SYMBOL: support.addresses["osrjit_error"],
+            abi.SAFEPOINT_FLAG_SYMBOL: ctypes.addressof(self.flag),
+        }
+        services = self._services
+        for cell, cb in (("osrjit_py_hook", _HOOK_TYPE(services.hook_service)),
+                         ("osrjit_py_safepoint", _SAFEPOINT_SLOW_TYPE(services.safepoint_service)),
+                         ("osrjit_py_error", _ERROR_TYPE(services.error_service))):
+            support.set_service(cell, address_of(self.linker.keep(cb)))
+        registry = self.registry
+        self.deopt = NativeDeopt(self.linker, self.space,
+                                 lambda record: me()._resume_target(record),
+                                 lambda record, ok, error=None: me()._after_transfer(
+                                     record, ok, error),
+                                 lambda: ctypes.addressof(registry.current()))
+        support.set_service("osrjit_py_transfer", self.deopt.callback_address)
+        self.deopt.route_through(support.addresses["osrjit_transfer"])
+        if transfer == "native":
+            self.deopt.native = NativeTransferPath(
+                self.linker, self.space, lambda ts: ts.status == threads.DETACHED)
+            support.set_service("osrjit_native_transfer", self.deopt.native.dispatch_address)
+        self.scanner = Scanner(self)
+        self.hijacker = Hijacker(self)
+
+    @property
+    def table(self):
+        """The hijack table (:class:`deopt.hijack.HijackTable`): every pending return."""
+        return self.deopt.table
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def close(self):
+        """Release every JIT library. :class:`VersionInUse` (nothing released)
+        while hijacked frames are pending: their stub and code would go."""
+        if self.closed:
+            return
+        self.drain()
+        pending = len(self.deopt.table)
+        if pending:
+            raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
+                               "have not returned yet (their stub and code would go)")
+        self.scanner.close()
+        self.deopt.close()
+        if self.signal is not None:
+            self.signal.close()
+        self.closed = True
+        self.linker.close()
+
+    # -- flags and services ----------------------------------------------------------
+
+    @property
+    def user_flag(self) -> int:
+        return 1 if self.flag.value & threads.FLAG_USER else 0
+
+    @user_flag.setter
+    def user_flag(self, value: int):
+        if value:
+            self.support.set_flag(threads.FLAG_USER)
+        else:
+            self.support.clear_flag(threads.FLAG_USER)
+
+    @property
+    def safepoint_timeout(self) -> float:
+        return self.world.timeout
+
+    @safepoint_timeout.setter
+    def safepoint_timeout(self, seconds: float):
+        self.world.timeout = float(seconds)
+
+    def entry(self, fn: Function) -> JitFunction:
+        return JitFunction(self, fn)
+
+    # -- loading ---------------------------------------------------------------------
+
+    def new_cell(self, name: str):
+        return ctypes.c_uint64(0)
+
+    def link(self, irs: list[FunctionIR], cells: Mapping[str, ctypes.c_uint64]) -> list[Version]:
+        linked: list[Version] = []
+        try:
+            for ir in irs:
+                linked.append(self._load(ir, cells))
+        except BaseException:
+            for v in linked:
+                self.discard(v)
+            raise
+        for cell in cells.values():
+            self.linker.keep(cell)
+        return linked
+
+    def _emit(self, ir: FunctionIR) -> bytes:
+        if self.compiler == "worker":
+            from ..compiler import shared_worker
+            return shared_worker().emit(ir, self.opt_level)
+        return emit_object(ir, self.linker.tm, self.opt_level)
+
+    def _imports(self, ir: FunctionIR, image: ObjectImage,
+                 cells: Mapping[str, ctypes.c_uint64]) -> dict[str, int]:
+        """Address of every symbol the object needs; CompileError for unknown ones."""
+        imports = {}
+        for sym in image.undefined_symbols:
+            if sym.startswith(abi.SLOT_PREFIX):
+                callee = sym[len(abi.SLOT_PREFIX):]
+                fn = self.functions.find(callee)
+                cell = fn.cell if fn is not None else cells.get(callee)
+                if cell is None:
+                    raise CompileError(f"{ir.name} calls {callee!r}, which is neither compiled "
+                                       "nor in this batch")
+                imports[sym] = ctypes.addressof(cell)
+            elif sym.startswith(abi.DIRECT_CALL_PREFIX):
+                # Linked through a stub for now; publish() points the call
+                # itself at the callee once every version is linked.
+                callee = sym[len(abi.DIRECT_CALL_PREFIX):]
+                fn = self.functions.find(callee)
+                if fn is not None and fn.current is not None:
+                    imports[sym] = fn.current.entry
+                elif callee in cells:
+                    imports[sym] = patching.placeholder_address()
+                else:
+                    raise CompileError(f"{ir.name} calls {callee!r}, which is neither compiled "
+                                       "nor in this batch")
+            elif sym in self.service_addresses:
+                imports[sym] = self.service_addresses[sym]
+            else:
+                address = process_symbol(sym)
+                if address is None:
+                    raise CompileError(f"{ir.name}: undefined symbol {sym!r}")
+                imports[sym] = address
+        return imports
+
+    def _load(self, ir: FunctionIR, cells) -> Version:
+        obj = self._emit(ir)
+        imports = self._imports(ir, ObjectImage(obj, {}, name=ir.name), cells)
+        library = self.linker.link(obj, f"osrjit.{ir.name}", imports=imports,
+                                   exports=(ir.symbol, ir.resume_symbol), own_jit=True)
+        vid = self._next_id()
+        try:
+            image = ObjectImage(obj, library.load_addresses, name=f"{ir.name} v{vid}")
+            code_range = image.code_range
+            if code_range is None:
+                raise FrameMapError(f"{ir.name} v{vid}: .text was not loaded")
+            table = _fm.frame_maps_for_object(image, ir.sites, function=ir.name, version=vid)
+            self.call_sites.add(vid, obj, library.load_addresses, patching.callee_symbols(ir))
+            handle = library.register(self.space, obj, f"{ir.name}.v{vid}")
+            if self.walker == "native":
+                # Its unwind table now, not in the pause of the first
+                # stop-the-world that meets its frames.
+                self.scanner.walker().prepare([handle])
+        except BaseException:
+            if vid in self.call_sites:
+                self.call_sites.remove(vid)
+            library.release()
+            raise
+        return Version(vid, ir, obj, library.load_addresses, library[ir.symbol],
+                       library[ir.resume_symbol], code_range, table, library)
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    def discard(self, version: Version):
+        """Unmap a version that was never published."""
+        self._unload(version)
+
+    def free(self, version: Version):
+        """Unmap an old version nothing can run."""
+        self._unload(version)
+
+    def _unload(self, version: Version):
+        version.loaded = False
+        if self.deopt.native is not None:
+            # No LIFO entry of it is pending (pending_returns is 0), so no
+            # thread runs or will run its transfer code.
+            self.deopt.native.forget(version)
+        if version.id in self.call_sites:
+            self.call_sites.remove(version.id)
+        version.library.release()
+
+    def can_free(self, version: Version) -> bool:
+        if self.call_sites.sites_reaching(*version.code_range):
+            version.pinned = True             # a direct call still leads into it
+            return False
+        return True
+
+    def keep(self, version: Version):
+        pass
+
+    # -- publishing ------------------------------------------------------------------
+
+    def publish(self, versions: Iterable[Version]):
+        """Make ``versions`` (already current in the table) callable outside a
+        pause: slot stores, native transfer targets, every direct call to or
+        from them retargeted (all planned before any is written)."""
+        versions = list(versions)
+        for v in versions:
+            self.store_slot(v)
+        self.retarget_direct_calls(versions)
+
+    def store_slot(self, version: Version):
+        """Publish one version: callers read the slot at each call."""
+        fn = self.functions.get(version.name)
+        fn.cell.value = version.entry
+        if self.deopt.native is not None:
+            self.deopt.native.retarget(fn.versions, fn.current)
+
+    def retarget_direct_calls(self, versions):
+        patching.apply_patches(*self.plan_direct_calls([v.ir for v in versions], {}))
+
+    def plan_direct_calls(self, irs, entries):
+        """``(patches, memory map)``: every direct call to a function of
+        ``irs`` — in every loaded version — and every call ``irs`` make
+        directly, pointed at the callee's entry (``entries``: name -> entry
+        for versions not yet published, else the current one's), to be
+        applied with :func:`osrjit.patching.apply_patches` before any
+        mapping of the runtime's code changes (runtime lock held)."""
+        names = {ir.name for ir in irs}
+        for ir in irs:
+            names |= set(ir.direct_callees)
+        plans = []
+        memory = None            # one read of /proc/self/maps for all of it
+        for name in sorted(names):
+            fn = self.functions.find(name)
+            entry = entries.get(name)
+            if entry is None and fn is not None and fn.current is not None:
+                entry = fn.current.entry
+            if entry is not None:
+                memory = memory or patching.MemoryMap.current()
+                plans.extend(self.call_sites.plan_retarget(name, entry, memory))
+        return plans, memory
+
+    # -- pauses and accounting ----------------------------------------------------------
+
+    def pause(self, names: Iterable[str] = (), new: Mapping[str, Version] | None = None):
+        return NativePause(self, list(names), dict(new or {}))
+
+    def drain(self, settle: bool = True):
+        """Account the hijack records the native transfer took (any time;
+        first, unless ``settle`` is False, settle the applies threads have done)."""
+        if settle:
+            self.hijacker.settle_self_applies(stopped=False)
+        ntx = self.deopt.native
+        if ntx is not None:
+            self.account_native(ntx.drain())
+
+    def commit(self):
+        """Write the threads' LIFOs before the world is released (its callers
+        drained right after the world stopped)."""
+        ntx = self.deopt.native
+        if ntx is not None:
+            self.account_native(ntx.commit(drain=False))
+
+    def account_native(self, taken):
+        """The runtime's accounting for ``taken`` slots (transferred natively)."""
+        if not taken:
+            return
+        owners = self.deopt.table.take_many(taken)
+        self._runtime()._native_transfers_taken(owners)
+
+    def before_reclaim(self):
+        self.drain()
+        if self.deopt.native is not None:
+            self.deopt.native.prune()     # LIFOs of threads gone, outside the pause
+
+    def request_reclaim(self, version):
+        pass
+
+    def counters(self) -> dict:
+        """``stops``, ``signals_sent`` (threads stopped by the runtime's signal
+        rather than at a poll), ``attached_threads``; the native transfer's
+        ``native_unsupported`` (hijacked frames it cannot rebuild: no native
+        case for their frame map, or no thread block), ``lifo_searches``
+        (records found below the top of their thread's LIFO), ``lifo_misses``
+        (stub returns whose slot was not in the LIFO), ``native_handed``
+        (records whose frame has no target in the current version: the
+        Python transfer reports the failure); threads that did their own
+        part (``walker="native"``, see :class:`osrjit.fastscan.SelfScan`):
+        ``self_scans``, ``self_applies``, ``self_applies_by_stopper``."""
+        ntx = self.deopt.native
+        native = ({"lifo_searches": 0, "lifo_misses": 0, "handed_to_python": 0}
+                  if ntx is None else ntx.counters())
+        return {
+            "stops": self.world.stops,
+            "signals_sent": self.world.signals_sent,
+            "attached_threads": len(self.registry.snapshot()),
+            "native_unsupported": ntx.unsupported if ntx else 0,
+            "lifo_searches": native["lifo_searches"],
+            "lifo_misses": native["lifo_misses"],
+            "native_handed": native["handed_to_python"],
+            "self_scans": self.scanner.self_scans_used,
+            "self_applies": self.hijacker.self_applies_left,
+            "self_applies_by_stopper": self.hijacker.self_applies_by_stopper,
+        }

@@ -11,27 +11,9 @@ import threading
 
 
 from childproc import run_child
+from scenarios_ir import RECURSION_IR
 
 DEPTH = 60
-
-# rec(n, cb): n == 0 ? cb(0) + 1 : rec(n - 1, cb) + 1 — the "+ 1" keeps every
-# call out of tail position, so each level leaves a real frame.
-RECURSION_IR = r"""
-define i64 @rec(i64 %n, ptr %cb) {
-entry:
-  %z = icmp eq i64 %n, 0
-  br i1 %z, label %leaf, label %down
-leaf:
-  %r0 = call i64 %cb(i64 0)
-  %s0 = add i64 %r0, 1
-  ret i64 %s0
-down:
-  %m = sub i64 %n, 1
-  %r1 = call i64 @rec(i64 %m, ptr %cb)
-  %s1 = add i64 %r1, 1
-  ret i64 %s1
-}
-"""
 
 
 def _glibc_backtrace(limit=4096):

@@ -2,7 +2,8 @@
 
 Each input is spelled out one field per line, with the field's section
 offset where the test depends on it, in the style of pyelftools'
-``test/test_callframe.py``. The layout most tests share:
+``test/test_callframe.py``. The layout most tests share (the shared bytes and
+builders are in ``cfibytes``):
 
 ====== ================================================================
 0x00   CIE  (24 bytes, "zR", pcrel|sdata4 pointers, CFA=rsp+8, ra=c-8)
@@ -27,42 +28,8 @@ from unwinder.dwarf_expr import evaluate
 from unwinder.errors import CFIError, ExpressionError, MemoryReadError, UnwindError
 from unwinder.rules import RuleKind, decode_fde
 
-#: Absolute address of the first byte of every hand-written .eh_frame.
-ADDRESS = 0x1000
-#: Where the first FDE's code starts (absolute).
-PC = 0x2000
-
-CIE_ZR = (
-    b"\x14\x00\x00\x00"  # 0x00 length: 20 bytes follow
-    b"\x00\x00\x00\x00"  # 0x04 CIE_id: 0 marks a CIE in .eh_frame
-    b"\x01"              # 0x08 version: 1
-    b"zR\x00"            # 0x09 augmentation: "zR"
-    b"\x01"              # 0x0c code_alignment_factor: 1 (ULEB128)
-    b"\x78"              # 0x0d data_alignment_factor: -8 (SLEB128)
-    b"\x10"              # 0x0e return_address_register: 16 (ubyte in version 1)
-    b"\x01"              # 0x0f augmentation data length: 1
-    b"\x1b"              # 0x10 'R': FDE pointers are DW_EH_PE_pcrel|DW_EH_PE_sdata4
-    b"\x0c\x07\x08"      # 0x11 DW_CFA_def_cfa: r7 (rsp) ofs 8
-    b"\x90\x01"          # 0x14 DW_CFA_offset: r16 (ra) at cfa-8
-    b"\x00\x00"          # 0x16 DW_CFA_nop padding
-)
-assert len(CIE_ZR) == 0x18
-
-FIRST_FDE_INSTRUCTIONS = 0x29  # section offset of the first FDE's instructions
-TERMINATOR = b"\x00\x00\x00\x00"  # zero length ends .eh_frame
-
-
-def fde_bytes(offset, instructions, *, pc_begin=PC, pc_range=0x100, cie_offset=0,
-              augmentation_data=b""):
-    """An FDE for the "zR" pcrel|sdata4 CIE at ``cie_offset``, placed at section ``offset``."""
-    body = (
-        struct.pack("<I", offset + 4 - cie_offset)          # CIE_pointer: back from this field
-        + struct.pack("<i", pc_begin - (ADDRESS + offset + 8))  # pc_begin: pcrel to its field
-        + struct.pack("<i", pc_range)                        # pc_range: bytes
-        + bytes([len(augmentation_data)]) + augmentation_data  # augmentation data
-        + instructions
-    )
-    return struct.pack("<I", len(body)) + body              # length
+from cfibytes import (ADDRESS, CIE_ZR, FIRST_FDE_INSTRUCTIONS, HDR_ADDRESS, PC, TERMINATOR,
+                      fde_bytes, hdr_bytes)
 
 
 def one_fde(instructions, **kwargs):
@@ -539,28 +506,11 @@ def test_leb128():
 # .eh_frame_hdr
 # --------------------------------------------------------------------------
 
-HDR_ADDRESS = 0x800  # .eh_frame_hdr sits below .eh_frame (at ADDRESS)
-
-
 def two_fde_image():
     """CIE at 0, FDE@0x18 covers [0x2000, 0x2100), FDE@0x30 covers [0x3000, 0x3010)."""
     first = fde_bytes(0x18, b"\x00" * 7)              # 7 DW_CFA_nops: 0x18 bytes long
     second = fde_bytes(0x30, b"\x0e\x10", pc_begin=0x3000, pc_range=0x10, cie_offset=0)
     return CIE_ZR + first + second + TERMINATOR
-
-
-def hdr_bytes(entries, count=None):
-    table = b"".join(struct.pack("<ii", loc - HDR_ADDRESS, ADDRESS + off - HDR_ADDRESS)
-                     for loc, off in entries)
-    return (
-        b"\x01"                                          # version 1
-        b"\x1b"                                          # eh_frame_ptr_enc: pcrel|sdata4
-        b"\x03"                                          # fde_count_enc: udata4
-        b"\x3b"                                          # table_enc: datarel|sdata4
-        + struct.pack("<i", ADDRESS - (HDR_ADDRESS + 4))  # eh_frame_ptr (pcrel to field)
-        + struct.pack("<I", len(entries) if count is None else count)  # fde_count
-        + table                                          # (initial_location, fde) pairs
-    )
 
 
 def test_hand_built_eh_frame_hdr():

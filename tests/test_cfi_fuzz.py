@@ -25,6 +25,8 @@ from unwinder.dwarf_expr import evaluate
 from unwinder.errors import MemoryReadError, UnwindError
 from unwinder.rules import RuleKind, decode_fde
 
+from cfibytes import CIE_ZR
+
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 MASK64 = (1 << 64) - 1
 
@@ -266,11 +268,6 @@ def test_mutated_eh_frame_hdr_raises_only_unwind_errors(seed, edits):
             except UnwindError:
                 continue
             assert found is None or found.pc_begin <= pc < found.pc_end
-
-
-# The "zR" CIE from test_cfi_bytes: pcrel|sdata4 pointers, CFA=rsp+8, ra=c-8.
-CIE_ZR = bytes.fromhex("14000000" "00000000" "01" "7a5200" "01" "78" "10" "01" "1b"
-                       "0c0708" "9001" "0000")
 
 
 @settings(max_examples=1000, deadline=None, derandomize=True, database=None,

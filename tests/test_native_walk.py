@@ -25,8 +25,8 @@ import ctypes
 import pytest
 
 from childproc import run_child
-from test_backtrace import RECURSION_IR
-from test_cfi_bytes import ADDRESS, CIE_ZR, HDR_ADDRESS, TERMINATOR, fde_bytes, hdr_bytes
+from cfibytes import ADDRESS, CIE_ZR, HDR_ADDRESS, TERMINATOR, fde_bytes, hdr_bytes
+from scenarios_ir import RECURSION_IR
 
 from unwinder import AddressSpace, ProcessMemory, UnwindError, walk
 from unwinder.cfi import EhFrame, EhFrameHdr

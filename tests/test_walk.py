@@ -19,7 +19,7 @@ from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_ZERO, END_STEP_LIMIT, F
 from unwinder.x86_64 import RA, RBP, RSP
 
 from childproc import run_child
-from test_backtrace import RECURSION_IR
+from scenarios_ir import RECURSION_IR
 
 
 def snapshot_scenario(depth):

@@ -35,22 +35,7 @@ FORBIDDEN = {"unwinder": ("deopt", "osrjit"), "deopt": ("osrjit",), "osrjit": ()
 #: ignores exactly these edges; an entry whose import is gone, or no longer
 #: closes a cycle, fails ``test_known_cycle_edges_still_close_cycles`` (so the
 #: list only shrinks). To be emptied by fixing the imports.
-KNOWN_CYCLE_EDGES: tuple[tuple[str, str], ...] = (
-    # runtime.py, Runtime.__new__(backend="emulated"): the core reaches up into
-    # its emulated backend, which imports the core (call_hook, target_machine,
-    # emit_object, check_versions_compatible, ...) from runtime, emulated.loader,
-    # emulated.program and emulated.runtime. Closes runtime -> emulated.runtime
-    # -> runtime and every cycle through emulated.{loader,machine,program}.
-    ("osrjit.runtime", "osrjit.emulated.runtime"),
-    # compiler.py, _serve: the compile worker imports emit_object and
-    # target_machine from runtime, which starts the worker (shared_worker).
-    # Closes runtime -> compiler -> runtime.
-    ("osrjit.compiler", "osrjit.runtime"),
-    # emulated/machine.py, Machine.program: the machine makes its program,
-    # and program imports the machine (EmuThread, Machine).
-    # Closes emulated.machine -> emulated.program -> emulated.machine.
-    ("osrjit.emulated.machine", "osrjit.emulated.program"),
-)
+KNOWN_CYCLE_EDGES: tuple[tuple[str, str], ...] = ()
 
 #: Test modules that still import another test module, as (importer, imported);
 #: fails like KNOWN_CYCLE_EDGES when an entry is gone. To be emptied by moving

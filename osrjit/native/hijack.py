@@ -155,7 +155,3 @@ class Hijacker:
                         h.meta[k][1].pending_returns += c
         finally:
             table.lock.release()
-
-    # -- the native transfer's bookkeeping (runtime lock held) ----------------
-
-    def _prepare_native(self, names):

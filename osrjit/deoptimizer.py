@@ -41,9 +41,6 @@ from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
 from deopt.transfer import ResumeTarget, TransferError, return_through_stub
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
-#: Version id under which the stub library's tracker is kept (versions start at 1).
-STUB_LIBRARY_ID = 0
-
 _SAVED = ((RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"), (R14, "r14"), (R15, "r15"))
 
 
@@ -58,26 +55,22 @@ class _ThreadBuffers(threading.local):
 class NativeDeopt:
     """The deopt machinery of one runtime on real threads.
 
-    ``native``: the runtime's resource owner (LLJIT, target machine,
-    trackers). ``resolve(record) -> ResumeTarget``: where the frame of a hijack
-    record continues (the runtime answers with the function's current
-    version). ``on_transferred(record, ok)``: called after every transfer
-    (accounting and reclamation).
+    ``linker``: the runtime's :class:`osrjit.native.linker.Linker` (owns the
+    stub library). ``resolve(record) -> ResumeTarget``: where the frame of a
+    hijack record continues (the runtime answers with the function's current
+    version). ``on_transferred(record, ok, error)``: called after every
+    Python transfer (accounting and reclamation; ``error`` when not ``ok``).
     """
 
-    def __init__(self, native, space, resolve, on_transferred, status_address=None):
+    def __init__(self, linker, space, resolve, on_transferred, status_address=None):
         self.space = space
         #: ``status_address() -> int``: address of the calling thread's status
         #: word (the stub marks it "in JIT" when the transfer is complete).
         self._status_address = status_address
         self._dummy_status = ctypes.c_int64(0)
-        self._count_lock = threading.Lock()
         self._resolve = resolve
         self._on_transferred = on_transferred
         self._buffers = _ThreadBuffers()
-        self.transfers = 0
-        self.failures = 0
-        self.last_error = None
         #: The :class:`NativeTransferPath` of a ``Runtime(transfer="native")``
         #: (set by the runtime), else None.
         self.native = None
@@ -88,19 +81,16 @@ class NativeDeopt:
         self.observer = None
         self._callback = TRANSFER_FUNCTION_TYPE(self._transfer)
         self._cell = ctypes.c_void_p(ctypes.cast(self._callback, ctypes.c_void_p).value)
-        native.keepalive.extend([self._callback, self._cell, self._dummy_status])
+        linker.keep(self._callback, self._cell, self._dummy_status)
 
-        tm = native.tm
+        tm = linker.tm
         obj = tm.emit_object(llvm.parse_assembly(stub_module_ir(tm.triple)))
-        tracker = (llvm.JITLibraryBuilder().add_object_img(obj)
-                   .import_symbol(TRANSFER_CELL_SYMBOL, ctypes.addressof(self._cell))
-                   .export_symbol(STUB_SYMBOL).export_symbol(RETURN_SYMBOL)
-                   .link(native.lljit, f"osrjit.deopt-stub.{id(self):x}"))
-        self.stub_address = tracker[STUB_SYMBOL]
-        self.return_address = tracker[RETURN_SYMBOL]
-        load_addresses = ObjectImage.infer_load_addresses(obj, {STUB_SYMBOL: self.stub_address})
-        handle = space.add_code_object(obj, load_addresses, name="osrjit.deopt-stub")
-        native.adopt(STUB_LIBRARY_ID, tracker, (space, handle))
+        self.library = linker.link(
+            obj, "osrjit.deopt-stub", exports=(STUB_SYMBOL, RETURN_SYMBOL),
+            imports={TRANSFER_CELL_SYMBOL: ctypes.addressof(self._cell)},
+            register="osrjit.deopt-stub", space=space)
+        self.stub_address = self.library[STUB_SYMBOL]
+        self.return_address = self.library[RETURN_SYMBOL]
         self.table = HijackTable(self.stub_address)
         space.add_return_address_filter(self.table.translate)
         self.memory = unwinder.ProcessMemory()
@@ -154,12 +144,7 @@ class NativeDeopt:
                 state[i] = v
             plan.rsi = ctypes.addressof(state)
             ctypes.memset(ctypes.addressof(plan) + TransferPlan.xmm0.offset, 0, 16)
-            with self._count_lock:
-                self.transfers += 1
         else:
-            with self._count_lock:
-                self.failures += 1
-            self.last_error = out.error
             plan.rsi = 0
             ctypes.memmove(ctypes.addressof(plan) + TransferPlan.xmm0.offset,
                            ctypes.addressof(es), 16)
@@ -169,7 +154,7 @@ class NativeDeopt:
             setattr(plan, name, out.regs[reg])
         status = self._status_address() if self._status_address is not None else None
         plan.status_ptr = status or ctypes.addressof(self._dummy_status)
-        self._on_transferred(out.record, out.ok)
+        self._on_transferred(out.record, out.ok, None if out.ok else out.error)
         return ctypes.addressof(plan)
 
 
@@ -261,13 +246,9 @@ class NativeTransferPath:
         self._detached = detached
         tm = native.tm
         obj = tm.emit_object(self._module(ntx.dispatch_module_ir(tm.triple)))
-        tracker = (llvm.JITLibraryBuilder().add_object_img(obj)
-                   .export_symbol(ntx.DISPATCH_SYMBOL)
-                   .link(native.lljit, f"osrjit.ntx-dispatch.{id(self):x}"))
-        self.dispatch_address = tracker[ntx.DISPATCH_SYMBOL]
-        load = ObjectImage.infer_load_addresses(obj, {ntx.DISPATCH_SYMBOL: self.dispatch_address})
-        handle = space.add_code_object(obj, load, name="osrjit.ntx-dispatch")
-        native.adopt(DISPATCH_LIBRARY_ID, tracker, (space, handle))
+        self.library = native.link(obj, "osrjit.ntx-dispatch", exports=(ntx.DISPATCH_SYMBOL,),
+                                   register="osrjit.ntx-dispatch", space=space)
+        self.dispatch_address = self.library[ntx.DISPATCH_SYMBOL]
         self._tm = None
         self._versions = {}          # version id -> _VersionTransfer
         self._lifos = {}             # addressof(ThreadState) -> ThreadLifo (token: ThreadState)
@@ -548,5 +529,4 @@ class NativeTransferPath:
         return self._lifos.get(ctypes.addressof(thread_state))
 
 
-__all__ = ["NativeDeopt", "NativeTransferPath", "ResumeTarget", "TransferError",
-           "STUB_LIBRARY_ID"]
+__all__ = ["NativeDeopt", "NativeTransferPath", "ResumeTarget", "TransferError"]

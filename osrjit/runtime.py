@@ -24,7 +24,8 @@ from . import abi
 from .abi import FunctionIR
 from .backend import PauseReport
 from .compiling import replacement_irs, validate_batch
-from .errors import IncompatibleVersion, RuntimeClosed, VersionInUse, wrap_deopt_error
+from .errors import (IncompatibleVersion, OsrJitError, RuntimeClosed, VersionInUse,
+                     wrap_deopt_error)
 from .services import Services
 from .versions import Function, FunctionTable, Version
 
@@ -125,6 +126,43 @@ class Runtime:
     def backend(self) -> str:
         """``"native"`` or ``"emulated"``."""
         return self._backend.name
+
+    @property
+    def native_backend(self):
+        """The :class:`osrjit.native.NativeBackend` (native runtimes): the seam
+        tools and tests use to reach its collaborators (``world``,
+        ``registry``, ``deopt``, ``scanner``, ``hijacker``, ``call_sites``,
+        ``linker``). :class:`OsrJitError` on another backend."""
+        if self._backend.name != "native":
+            raise OsrJitError(f"this runtime's backend is {self._backend.name!r}")
+        return self._backend
+
+    @property
+    def transfer(self) -> str:
+        """How hijacked frames are rebuilt: ``"python"`` or ``"native"``."""
+        return getattr(self._backend, "transfer", "python")
+
+    @property
+    def walker(self) -> str:
+        """How stopped stacks are walked: ``"python"`` or ``"native"``."""
+        return getattr(self._backend, "walker", "python")
+
+    @property
+    def compiler(self) -> str:
+        """Where versions are emitted: ``"inprocess"`` or ``"worker"``."""
+        return getattr(self._backend, "compiler", "inprocess")
+
+    def self_apply_times(self, *, timeout: float = 1.0) -> list:
+        """``[(thread ident, seconds)]``: how long each thread that wrote its
+        own hijacks after the last :meth:`replace` took to write them (stubs,
+        LIFO entries; measured by the thread, CLOCK_MONOTONIC), once it woke
+        (``walker="native"``; empty otherwise). A thread does that before it
+        runs JIT code again, so for it the world stood still that much longer
+        than ``last_pause.pause_seconds``. Waits up to ``timeout`` seconds
+        for threads not done yet (None for those). Valid until the next
+        ``replace()``."""
+        hijacker = getattr(self._backend, "hijacker", None)
+        return [] if hijacker is None else hijacker.apply_times(timeout)
 
     def __enter__(self):
         return self
@@ -378,6 +416,25 @@ class Runtime:
                     pause.release()
             self._reclaim()
             return self._freed_versions - before
+
+    def unload(self, version: Version) -> None:
+        """Unmap an old ``version`` now and forget it in the unwinder.
+
+        Only a version that is not current can be unloaded
+        (:class:`VersionInUse` otherwise); the caller must know that no frame
+        of it is live and no thread is about to enter it (:meth:`collect`
+        frees versions when it can prove that).
+        """
+        with self._lock:
+            self._check_open()
+            fn = self._functions.get(version.name)
+            if fn.current is version:
+                raise VersionInUse(f"{version.name} version {version.id} is current; publish "
+                                   "another version before unloading it")
+            if version not in fn.versions:
+                return
+            self._functions.remove(version)
+            self._backend.free(version)
 
     # -- transfers and reclamation ----------------------------------------------
 

@@ -57,7 +57,7 @@ import time
 
 import llvmlite.binding as llvm
 
-from .errors import OsrJitError
+from .errors import OsrJitError, SafepointTimeout
 
 DETACHED, IN_JIT, OUTSIDE, PARKED, TRANSFERRING, PARKED_SIGNAL, SCANNING = range(7)
 STATUS_NAMES = ("DETACHED", "IN_JIT", "OUTSIDE", "PARKED", "TRANSFERRING", "PARKED_SIGNAL",
@@ -78,19 +78,6 @@ _FUTEX_WAKE_PRIVATE = 129
 # DWARF register numbers (the anchor uses the unwinder's capture layout:
 # 17 slots indexed by DWARF number).
 _RBX, _RBP, _RSP, _R12, _R13, _R14, _R15, _RIP = 3, 6, 7, 12, 13, 14, 15, 16
-
-
-class SafepointTimeout(OsrJitError):
-    """Threads did not stop in time; nothing was modified.
-
-    ``threads`` lists ``(name, status name)`` of the threads that did not stop.
-    """
-
-    def __init__(self, threads, seconds):
-        names = ", ".join(f"{n} ({s})" for n, s in threads)
-        super().__init__(f"time-to-safepoint exceeded {seconds:.3f} s; not stopped: {names}; "
-                         "no stack was modified")
-        self.threads = threads
 
 
 class ThreadState(ctypes.Structure):
@@ -480,8 +467,9 @@ def _query_stack_bounds():
 class SupportLibrary:
     """The runtime's native transition code, linked into its LLJIT.
 
-    ``native``: the runtime's resource owner (the library's tracker is kept
-    there under id -1 and released after every version). ``space``: the
+    ``linker``: the runtime's :class:`osrjit.native.linker.Linker` (it owns
+    this library and the entry thunks, released after every version linked
+    later). ``space``: the
     unwinder's address space (the library is registered so walks through
     transitions use its CFI). ``flag``: the safepoint flag cell (c_int64).
     Cells for the Python services are filled with :meth:`set_service`.
@@ -492,11 +480,8 @@ class SupportLibrary:
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
                "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")
-    LIBRARY_ID = -1
-
-    def __init__(self, native, space, flag):
-        from deopt.framemaps import ObjectImage
-        self._native = native
+    def __init__(self, linker, space, flag):
+        self._linker = linker
         self._space = space
         key = ctypes.c_uint(0)
         if _libc.pthread_key_create(ctypes.byref(key), None) != 0:
@@ -504,29 +489,21 @@ class SupportLibrary:
         self.key = key.value
         self._key_cell = ctypes.c_int64(self.key)
         self._service_cells = {name: ctypes.c_void_p(0) for name in self.SERVICES}
-        native.keepalive.extend([self._key_cell, *self._service_cells.values()])
-        tm = native.tm
+        linker.keep(self._key_cell, *self._service_cells.values())
+        tm = linker.tm
         text = _module_with_asm(SUPPORT_IR, _SAVE_ANCHOR_ASM, tm.triple)
         mod = llvm.parse_assembly(text)
         mod.verify()
         mod.data_layout = str(tm.target_data)
         obj = tm.emit_object(mod)
-        builder = llvm.JITLibraryBuilder().add_object_img(obj)
-        builder.import_symbol("osrjit_safepoint_flag", ctypes.addressof(flag))
-        builder.import_symbol("osrjit_tls_key", ctypes.addressof(self._key_cell))
-        for name, cell in self._service_cells.items():
-            builder.import_symbol(name, ctypes.addressof(cell))
+        imports = {"osrjit_safepoint_flag": ctypes.addressof(flag),
+                   "osrjit_tls_key": ctypes.addressof(self._key_cell)}
+        imports.update((name, ctypes.addressof(cell)) for name, cell in self._service_cells.items())
         for sym in ("pthread_getspecific", "syscall"):
-            builder.import_symbol(sym, ctypes.cast(getattr(_libc, sym), ctypes.c_void_p).value)
-        for sym in self.EXPORTS:
-            builder.export_symbol(sym)
-        self.library = f"osrjit.support.{id(self):x}"
-        tracker = builder.link(native.lljit, self.library)
-        self.addresses = {sym: tracker[sym] for sym in self.EXPORTS}
-        load = ObjectImage.infer_load_addresses(obj, {"osrjit_hook": self.addresses["osrjit_hook"]})
-        handle = space.add_code_object(obj, load, name="osrjit.support")
-        native.adopt(self.LIBRARY_ID, tracker, (space, handle))
-        a = self.addresses
+            imports[sym] = ctypes.cast(getattr(_libc, sym), ctypes.c_void_p).value
+        self.library = linker.link(obj, "osrjit.support", exports=self.EXPORTS, imports=imports,
+                                   register="osrjit.support", space=space)
+        self.addresses = a = dict(self.library.addresses)
         self.enter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(a["osrjit_enter"])
         # PYFUNCTYPE: called with the GIL held (these never block). Releasing
         # it around clear_flag would let the threads it wakes take the GIL
@@ -550,20 +527,12 @@ class SupportLibrary:
             address = self._thunks.get(key)
             if address is None:
                 name, text = entry_thunk_ir(return_type, arity)
-                tm = self._native.tm
-                mod = llvm.parse_assembly(f'target triple = "{tm.triple}"\n' + text)
-                mod.verify()
-                mod.data_layout = str(tm.target_data)
-                obj = tm.emit_object(mod)
-                tracker = (llvm.JITLibraryBuilder().add_object_img(obj)
-                           .add_jit_library(self.library).export_symbol(name)
-                           .link(self._native.lljit, f"{self.library}.{name}"))
-                from deopt.framemaps import ObjectImage
-                address = tracker[name]
-                load = ObjectImage.infer_load_addresses(obj, {name: address})
-                handle = self._space.add_code_object(obj, load, name=f"osrjit.entry.{name}")
-                self._native.adopt(-2 - len(self._thunks), tracker, (self._space, handle))
-                self._thunks[key] = address
+                tm = self._linker.tm
+                obj = self._linker.emit(f'target triple = "{tm.triple}"\n' + text)
+                thunk = self._linker.link(obj, f"osrjit.entry.{name}", exports=(name,),
+                                          libraries=(self.library,),
+                                          register=f"osrjit.entry.{name}", space=self._space)
+                address = self._thunks[key] = thunk[name]
             return address
 
 

@@ -237,17 +237,17 @@ def scenario_versions():
         out["registered"] = (registered(v1), registered(v2))
         out["version_at"] = rt.version_at(v2.entry) is v2
         try:
-            v2._unload()
+            rt.unload(v2)
         except osrjit.VersionInUse:
             out["unload_current"] = "refused"
-        v1._unload()
+        rt.unload(v1)
         out["unloaded"] = (v1.loaded, [v.id for v in rt.versions("f")], registered(v1))
         out["after_unload"] = (f(5), g(5))
         # The next library may reuse v1's memory; everything keeps working.
         rt.compile("def f(x):\n    return x + 3\n")
         v3 = rt.current("f")
         out["v3"] = (f(5), g(5), v3.id)
-        v2._unload()
+        rt.unload(v2)
         out["final"] = (f(6), g(6), [v.id for v in rt.versions("f")])
         out["slot_call_compat"] = rt.check_compatible(v3, v3) is None
     out["closed_registered"] = registered(v3)

@@ -11,3 +11,8 @@ The thread protocol (:mod:`osrjit.threads`), the transfers
 (:mod:`osrjit.deoptimizer`), the native scans (:mod:`osrjit.fastscan`) and
 call patching (:mod:`osrjit.patching`) are this backend's collaborators.
 """
+from .backend import NativeBackend
+from .function import JitFunction
+from .linker import JitLibrary, Linker
+
+__all__ = ["NativeBackend", "JitFunction", "JitLibrary", "Linker"]

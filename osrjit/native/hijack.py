@@ -14,6 +14,8 @@ the first stub written until then, so a Python transfer waits for its record.
 """
 from __future__ import annotations
 
+import time
+
 from deopt.hijack import HijackBatch
 
 from ..errors import HijackError
@@ -155,3 +157,15 @@ class Hijacker:
                         h.meta[k][1].pending_returns += c
         finally:
             table.lock.release()
+
+    def apply_times(self, timeout: float) -> list:
+        """See :meth:`osrjit.Runtime.self_apply_times`."""
+        deadline = time.monotonic() + timeout
+        out = []
+        for ident, scan in list(self.last_left):
+            while scan.applying() and time.monotonic() < deadline:
+                time.sleep(0.0001)
+            b = scan.block
+            done = not scan.applying() and b.apply_end_ns
+            out.append((ident, (b.apply_end_ns - b.apply_start_ns) / 1e9 if done else None))
+        return out

@@ -146,7 +146,11 @@ class PauseReport:
     and the versions checked), ``hijack_seconds`` (-> published, slots
     written), ``pause_seconds`` (request -> release issued). ``threads``:
     stacks scanned; ``frames_hijacked``: frames found at sites;
-    ``stopped_async``: threads stopped without reaching a poll. Emulated
+    ``stopped_async``: threads stopped without reaching a poll; ``quiet``:
+    no thread ran code of a watched version outside a site and every walk
+    was complete (then nothing can run old code after the release but a
+    failed transfer, and the native backend patches direct calls in old
+    code after the release rather than in the pause). Emulated
     runs add the same spans in executed instructions
     (``time_to_safepoint_instructions``, ``pause_instructions``; None
     natively).
@@ -158,5 +162,6 @@ class PauseReport:
     threads: int
     frames_hijacked: int
     stopped_async: int
+    quiet: bool
     time_to_safepoint_instructions: int | None = None
     pause_instructions: int | None = None

@@ -33,13 +33,14 @@ import llvmlite.binding as llvm
 
 import unwinder
 from deopt import native_transfer as ntx
-from deopt.framemaps import ObjectImage
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
                         stub_module_ir)
 from deopt.transfer import ResumeTarget, TransferError, return_through_stub
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
+
+from .errors import OsrJitError
 
 _SAVED = ((RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"), (R14, "r14"), (R15, "r15"))
 
@@ -166,12 +167,6 @@ def _store_u64(address, value):
 # The native transfer (Runtime(transfer="native"))
 # --------------------------------------------------------------------------
 
-#: Tracker id of the dispatcher library; a version's transfer code is kept
-#: under ``VERSION_TRANSFER_ID_BASE - version id`` (ids sort below every
-#: version and the support libraries, so :meth:`_NativeResources.close`
-#: releases them last).
-DISPATCH_LIBRARY_ID = -1_000_000
-VERSION_TRANSFER_ID_BASE = -1_000_001
 
 
 class _VersionTransfer:
@@ -188,11 +183,11 @@ class _VersionTransfer:
     version is freed) or the runtime closes.
     """
 
-    def __init__(self, version, plans, code_address, tracker_id):
+    def __init__(self, version, plans, code_address, library):
         self.version_id = version.id
         self.frame_maps = version.frame_maps
         self.plans = plans
-        self.tracker_id = tracker_id
+        self.library = library
         self.descriptors = (ntx.Descriptor * max(1, len(plans)))()
         for k in range(len(plans)):
             self.descriptors[k].code = code_address
@@ -300,7 +295,6 @@ class NativeTransferPath:
             return
         plans = [ntx.compile_frame_map(fm, self._space) for fm in version.frame_maps]
         symbol = f"osrjit_ntx_v{version.id}"
-        tracker_id = VERSION_TRANSFER_ID_BASE - version.id
         try:
             text = ntx.version_transfer_ir(
                 symbol, [p if isinstance(p, ntx.NativeFramePlan) else None for p in plans])
@@ -310,25 +304,19 @@ class NativeTransferPath:
             self.build_errors[version.id] = ntx.NativeTransferError(
                 f"{version.name} v{version.id}: {e}")
             return
-        # Its own LLJIT when the runtime gives versions one (a JITDylib
-        # cannot be removed from an LLJIT), released with the tracker.
-        jit_for = getattr(self._native, "jit_for", None)
-        jit = self._native.lljit if jit_for is None else jit_for(tracker_id)
+        # Its own LLJIT (a JITDylib cannot be removed from an LLJIT),
+        # released with it. Not registered with the unwinder (that costs more
+        # than compiling): only a TRANSFERRING thread runs this code, and no
+        # stack is walked while a thread is TRANSFERRING (stop-the-world
+        # waits, the signal handler does not park it, no Python runs inside).
         try:
-            tracker = (llvm.JITLibraryBuilder().add_object_img(obj).export_symbol(symbol)
-                       .link(jit, f"osrjit.ntx.{version.id}.{id(self):x}"))
-        except RuntimeError as e:
-            self._native.release(tracker_id)
+            library = self._native.link(obj, f"osrjit.ntx.{version.id}", exports=(symbol,),
+                                        own_jit=True)
+        except OsrJitError as e:
             self.build_errors[version.id] = ntx.NativeTransferError(
                 f"{version.name} v{version.id}: {e}")
             return
-        # Not registered with the unwinder (that costs more than compiling):
-        # only a TRANSFERRING thread runs this code, and no stack is walked
-        # while a thread is TRANSFERRING (stop-the-world waits, the signal
-        # handler does not park it, no Python runs inside).
-        self._native.adopt(tracker_id, tracker, None)
-        self._versions[version.id] = _VersionTransfer(version, plans, tracker[symbol],
-                                                      tracker_id)
+        self._versions[version.id] = _VersionTransfer(version, plans, library[symbol], library)
 
     def retarget(self, versions, current):
         """Point every frame map of the old ``versions`` (with transfer code) at ``current``.
@@ -381,7 +369,7 @@ class NativeTransferPath:
         vt = self._versions.pop(version.id, None)
         self.build_errors.pop(version.id, None)
         if vt is not None:
-            self._native.release(vt.tracker_id)
+            vt.library.release()
 
     def has_code(self, version):
         return version.id in self._versions

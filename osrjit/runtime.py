@@ -367,7 +367,7 @@ class Runtime:
             self.last_pause = PauseReport(
                 time_to_safepoint_seconds=t1 - t0, scan_seconds=t_scan - t1,
                 hijack_seconds=t2 - t_scan, pause_seconds=t2 - t0, threads=pause.threads,
-                frames_hijacked=len(scan), stopped_async=pause.stopped_async,
+                frames_hijacked=len(scan), stopped_async=pause.stopped_async, quiet=scan.quiet,
                 time_to_safepoint_instructions=None if i0 is None else i1 - i0,
                 pause_instructions=None if i0 is None else i2 - i0)
             self._reclaim()

@@ -43,7 +43,7 @@ def plan_scenario():
     tables = WatchTables([new, old], {"f"}, lambda v: v is old)
     out = {"keys": tables.keys, "hijack": tables.hijack}
     with osrjit.Runtime() as rt:
-        hj = rt._native_hijacker()
+        hj = rt.native_backend.scanner.native()
         stack = (ctypes.c_uint64 * 16)()
         pcs = [0x2050,            # 0: innermost, interrupted in f (first=1 skips it)
                0x2010,            # 1: f at a site: hijack
@@ -278,7 +278,7 @@ def cancel_scenario():
     import osrjit
     from deopt import native_hijack as nh
     with osrjit.Runtime(walker="native") as rt:
-        hj = rt._native_hijacker()
+        hj = rt.native_backend.scanner.native()
         # The same code called without the GIL, so a Python thread can end the "scan".
         cancel = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.cast(hj.cancel, ctypes.c_void_p).value)
         hs = nh.Handshake()
@@ -314,8 +314,8 @@ def park_scan_scenario():
     import osrjit
     from deopt import native_hijack as nh
     with osrjit.Runtime(walker="native") as rt:
-        rt._native_hijacker()
-        address = rt._support._service_cells["osrjit_park_scan"].value
+        rt.native_backend.scanner.native()
+        address = rt.native_backend.support._service_cells["osrjit_park_scan"].value
         park_scan = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(address)
         anchor = (ctypes.c_uint64 * 17)()       # RSP 0: no JIT frame, nothing walked
         flag = ctypes.c_int64(0)

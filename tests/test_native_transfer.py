@@ -326,7 +326,7 @@ def native_sum_scenario(depth, reorder=None, walker="python"):
     with osrjit.Runtime(transfer="native", walker=walker) as rt:
         rt.compile(tr.SUM_V1)
         v1 = rt.current("sum")
-        ntx_path = rt._deopt.native
+        ntx_path = rt.native_backend.deopt.native
         if reorder == "reversed":
             ntx_path.reorder = lambda entries: entries[::-1]
         elif reorder == "drop-every-third":
@@ -335,7 +335,7 @@ def native_sum_scenario(depth, reorder=None, walker="python"):
         def on_hook(_):
             if "during" not in out:
                 rt.replace("sum", tr.SUM_V2)
-                lifo = ntx_path.lifo_of(rt._registry.current())
+                lifo = ntx_path.lifo_of(rt.native_backend.registry.current())
                 slots = [slot for slot, _ra, _desc in lifo.entries()]
                 out["lifo"] = (lifo.block.top, len(slots),
                                slots == sorted(slots, reverse=True))
@@ -414,7 +414,7 @@ def chained_targets_scenario(depth):
     with osrjit.Runtime(transfer="native") as rt:
         rt.compile(tr.CHAIN.format(k=1))
         v1 = rt.current("sum")
-        ntx_path = rt._deopt.native
+        ntx_path = rt.native_backend.deopt.native
 
         def targets(v):
             vt = ntx_path._versions[v.id]
@@ -584,7 +584,7 @@ def unwinding_threads_scenario(n_threads, depth, replacements, seed, grace):
     with osrjit.Runtime(transfer="native") as rt:
         rt.compile(tt.PAUSE + UNWIND.format(k=1))
         rt.compile(DRIVE)
-        rt._world.grace = grace
+        rt.native_backend.world.grace = grace
         drive = rt.function("drive")
 
         def worker(d):
@@ -612,7 +612,7 @@ def unwinding_threads_scenario(n_threads, depth, replacements, seed, grace):
         # entry, outside any site) is freed by the next scan.
         rt.collect()
         final = rt.stats()
-        lifos_left = len(rt._deopt.native._lifos)       # threads exited: LIFOs freed
+        lifos_left = len(rt.native_backend.deopt.native._lifos)       # threads exited: LIFOs freed
     return results, errors, stats, final, lifos_left
 
 
@@ -650,4 +650,4 @@ def default_transfer_scenario():
 
         rt.on_hook(on_hook)
         rt.function("sum")(10)
-        return {"transfer": rt.transfer, "native": rt._deopt.native, "stats": rt.stats()}
+        return {"transfer": rt.transfer, "native": rt.native_backend.deopt.native, "stats": rt.stats()}

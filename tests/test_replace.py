@@ -192,7 +192,7 @@ def even_odd_scenario(n, which, calls="slot", transfer="python"):
         # slot, must now reach the new versions.
         rt.on_hook(lambda x: 0)
         links = [(r.kind.name, r.target == rt.current(site.callee).entry)
-                 for callee in ("even", "odd") for site, r in rt._call_sites.resolutions(callee)]
+                 for callee in ("even", "odd") for site, r in rt.native_backend.call_sites.resolutions(callee)]
         return first, rt.stats(), rt.function("even")(n), links
 
 
@@ -459,7 +459,7 @@ def backtraces_in_resume_scenario(transfer="python"):
             out["in_transfer_glibc"] = _glibc_backtrace()
             out["in_transfer_ours"] = [f.pc for f in unwinder.backtrace()]
 
-        rt._deopt.observer = observe
+        rt.native_backend.deopt.observer = observe
 
         def on_hook(x):
             if x == 5:
@@ -477,7 +477,7 @@ def backtraces_in_resume_scenario(transfer="python"):
         f2 = rt.current("f")
         out["f2_resume"] = (f2.resume_entry, f2.code_range)
         out["outer"] = rt.current("outer").code_range
-        out["stub"] = (rt._deopt.stub_address - 1, rt._deopt.return_address + 1)
+        out["stub"] = (rt.native_backend.deopt.stub_address - 1, rt.native_backend.deopt.return_address + 1)
     return out
 
 

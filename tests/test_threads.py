@@ -254,7 +254,7 @@ def timeout_scenario():
         rt.compile(SPIN, polls=False)
         rt.compile(CALLER.format(k=1000))
         caller = rt.function("caller")
-        sig = rt._signal.signal
+        sig = rt.native_backend.signal.signal
         started = threading.Event()
 
         def run():
@@ -349,7 +349,7 @@ def foreign_signal_scenario():
     hits = []
     signal.signal(signal.SIGUSR1, lambda *a: hits.append("usr1"))
     with osrjit.Runtime() as rt:
-        ours = rt._signal.signal
+        ours = rt.native_backend.signal.signal
         rt.compile(PAUSE + WORK.format(k=1))
         rt.replace("work", WORK.format(k=2))
         signal.raise_signal(signal.SIGUSR1)

@@ -55,7 +55,8 @@ def both_scans_scenario():
         time.sleep(0.3)
         rt.replace("work", WORK.replace("+ 1", "+ 2"))      # hijacks the first two
         rt.replace("outer", "def outer(n, m):\n    return work(n, 0) + busy(m) + 1\n")
-        anchor_scan = rt._anchor_scan
+        backend = rt.native_backend
+        anchor_scan = backend.scanner.anchor_scan
         one_call = []
         scan_thread = anchor_scan.thread
 
@@ -72,42 +73,41 @@ def both_scans_scenario():
         # not yet woken from the last stop stays parked there: the stopper
         # scans those. Stop again until the 700-deep one parks at its poll
         # afresh (and scans itself).
+        # A probe: the pause stops and scans for names as a replace() would,
+        # and publishes and hijacks nothing.
         for attempt in range(50):
-            context = rt._scan_context(names)
-            requests = rt._request_self_scans(context)
-            others = rt._world.stop(timeout=5)
+            pause = backend.pause(names)
+            pause.stop(timeout=5)
+            context, others = pause.context, pause.others
             state = {ident: st for ident, st, _ in others}[shallow]
-            scanned = (context["self_scans"][ctypes.addressof(state)].block.state
+            scanned = (context.self_scans[ctypes.addressof(state)].block.state
                        == HS_SCANNED)
             if scanned or attempt == 49:
                 break
-            rt._world.release()
-            rt._end_self_scans(requests)
+            pause.release()
             time.sleep(0.01)
         out["scanned_itself"] = scanned
         try:
             answers = {}
             one_call.clear()
-            for walker, ctx in (("python", None), ("native", None), ("self", context)):
-                rt.walker = "python" if walker == "python" else "native"
-                found = rt._collect_frames(names, others, ctx).frames()
-                executing = sorted(v.id for fn in rt._functions.values() for v in fn.versions
-                                   if v.executing)
+            for walker in ("python", "native", "self"):
+                plan = pause.scan(mode=walker)
+                found = plan.frames()
+                executing = sorted(v.id for v in plan.executing)
                 answers[walker] = (sorted((v.id, fm.site_id, slot, pc, ident)
                                           for v, fm, slot, pc, ident in found), executing)
                 if walker == "native":
                     out["one_call"] = sorted(one_call)
             out["self_answered"] = {
-                ident: context["self_scans"][ctypes.addressof(st)].answer(
-                    context["tables"], 0) is not None
+                ident: context.self_scans[ctypes.addressof(st)].answer(
+                    context.tables, 0) is not None
                 for ident, st, _ in others}
             out["depths"] = {t.ident: depth for t, depth in zip(ts, (700, 2500, 0))}
 
         finally:
-            rt._world.release()
-            rt._end_self_scans(requests)
+            pause.release()
         out["answers"] = answers
-        out["states_after"] = sorted(scan.block.state for scan in context["self_scans"].values())
+        out["states_after"] = sorted(scan.block.state for scan in context.self_scans.values())
         del anchor_scan.thread
         out["signals"] = rt.stats()["signals_sent"]
         # End the threads: spin returns at once in a new version; busy ends by
@@ -206,33 +206,26 @@ def self_apply_scenario():
                 break
         # (2) by hand: fresh frames again, the apply done by the stopper.
         names = {"work"}
+        backend = rt.native_backend
         for attempt in range(20):
             arrived.clear()
             arrived.wait(30)
-            rt._native_drain()
-            context = rt._scan_context(names)
-            requests = rt._request_self_scans(context)
-            others = rt._world.stop(timeout=5)
-            if any(scan.block.state == HS_SCANNED for scan in context["self_scans"].values()):
+            pause = backend.pause(names)           # a probe: nothing published
+            pause.stop(timeout=5)
+            if any(scan.block.state == HS_SCANNED for scan in pause.context.self_scans.values()):
                 break
-            rt._world.release()
-            rt._end_self_scans(requests)
-        batches = []
+            pause.release()
         try:
-            rt._settle_self_applies(stopped=True)
-            rt._native_drain()
-            plan = rt._collect_frames(names, others, context)
-            batches = rt._hijack(plan, context)
-            out["left"] = [scan.applying() for _ident, scan in rt._last_left]
-            rt._settle_self_applies(stopped=True)
-            out["by_stopper"] = rt.self_applies_by_stopper
+            plan = pause.scan(mode="self")
+            pause.hijack(plan)
+            out["left"] = [scan.applying() for _ident, scan in backend.hijacker.last_left]
+            backend.hijacker.settle_self_applies(stopped=True)
+            out["by_stopper"] = backend.hijacker.self_applies_by_stopper
         finally:
-            rt._native_commit()
-            rt._world.release()
-            if batches:
-                rt._record_batches(batches)
-            rt._end_self_scans(requests)
-            rt._deopt.table.flush_mirror()
+            try:
+                pause.finish()
+            finally:
+                pause.release()
         out["second"] = len(plan)
         stop.set()
         t.join(60)

@@ -42,7 +42,15 @@ class NativePause:
     """One pause of a :class:`~.backend.NativeBackend` (see the module docstring).
 
     ``names``/``new``: the functions replaced and their new versions (linked,
-    not published); none for a collection.
+    not published); none for a collection. With ``names`` but no ``new``
+    versions, a *probe*: the pause stops and scans for ``names`` as a
+    replacement would (threads parked at a poll scan themselves), and
+    publishes and hijacks nothing — a seam for tools and tests, reached
+    through :meth:`~.backend.NativeBackend.pause`.
+
+    After :meth:`stop`: ``others`` — ``(ident, ThreadState, name)`` of the
+    stopped threads; ``context`` — the scan's :class:`~.scan.ScanContext`
+    (None for the reference walker or a collection).
     """
 
     def __init__(self, backend, names, new):
@@ -51,14 +59,14 @@ class NativePause:
         self._new = new
         self._replacing = bool(names)
         self._requests = None
-        self._others = []
+        self.others = []
         self._scan = None
         self._batches = []
         self._deferred = []
         self._patches = self._current = []
         self._memory = None
         self._targets = []
-        self._context = None
+        self.context = None
         self.threads = 1
         self.stopped_async = 0
         if self._replacing:
@@ -66,6 +74,10 @@ class NativePause:
 
     def _prepare(self):
         backend, functions = self._backend, self._backend.functions
+        if not self._new:                 # a probe: only the scan's context
+            backend.drain()
+            self.context = backend.scanner.context(self._names)
+            return
         ntx_path = backend.deopt.native
         if ntx_path is not None:
             for name in self._names:
@@ -88,8 +100,8 @@ class NativePause:
                 self._targets += ntx_path.plan_retarget(functions.get(name).versions,
                                                         self._new[name])
         backend.drain()
-        self._context = backend.scanner.context(self._names)
-        backend.scanner.warm_scan(self._context, self._names)
+        self.context = backend.scanner.context(self._names)
+        backend.scanner.warm_scan(self.context, self._names)
 
     def instructions(self):
         return None
@@ -101,24 +113,34 @@ class NativePause:
         if self._replacing:
             # The threads that park at a poll walk and plan their own stacks
             # on the way (SelfScan); the others are scanned in the pause.
-            self._requests = backend.scanner.request_self_scans(self._context)
+            self._requests = backend.scanner.request_self_scans(self.context)
         signals = backend.world.signals_sent
-        self._others = backend.world.stop(timeout=timeout)
+        self.others = backend.world.stop(timeout=timeout)
         self.stopped_async = backend.world.signals_sent - signals
 
     def abandon(self):
         self._backend.scanner.end_self_scans(self._requests)
         self._requests = None
 
-    def scan(self):
+    def scan(self, *, mode=None):
+        """The stopped stacks' :class:`osrjit.fastscan.ScanPlan`. ``mode``
+        (probes): ``"python"`` or ``"native"`` walks every stack with that
+        walker, ``"self"`` uses the threads' own scans where they answered;
+        default: the answers when every thread scanned itself, else the
+        backend's walker."""
         backend = self._backend
         backend.hijacker.settle_self_applies(stopped=True)
         backend.drain(settle=False)
         scanner = backend.scanner
-        if self._replacing:
-            others = self._others
-            scan = (scanner.collect_self_scanned(others, self._context)
-                    or scanner.collect_frames(self._names, others, self._context))
+        if mode is not None:
+            others = self.others
+            context = self.context if mode == "self" else None
+            scan = scanner.collect_frames(self._names, self.others, context,
+                                          mode="python" if mode == "python" else "native")
+        elif self._replacing:
+            others = self.others
+            scan = (scanner.collect_self_scanned(others, self.context)
+                    or scanner.collect_frames(self._names, others, self.context))
         else:
             me = threading.get_ident()
             others = [t for t in backend.registry.snapshot() if t[0] != me]
@@ -139,7 +161,7 @@ class NativePause:
         patching.apply_patches(now, self._memory)
 
     def hijack(self, scan):
-        self._batches = self._backend.hijacker.hijack(scan, self._context)
+        self._batches = self._backend.hijacker.hijack(scan, self.context)
 
     def finish(self):
         self._backend.commit()

@@ -219,7 +219,7 @@ class Scanner:
         plan.quiet = not executing
         return plan
 
-    def collect_frames(self, names, others=(), context=None) -> fastscan.ScanPlan:
+    def collect_frames(self, names, others=(), context=None, *, mode=None) -> fastscan.ScanPlan:
         """Frames of versions of ``names`` on every stopped thread's stack.
 
         ``context``: from :meth:`context` (made here if None).
@@ -227,12 +227,15 @@ class Scanner:
         tuples ``(version, frame map, slot, pc, thread ident)`` (``slot`` None
         for a frame already hijacked: its slot holds the stub) or, from the
         native scan, as per-thread arrays. Nothing is written.
-        Recomputes :attr:`Version.executing` for every old version: a frame of
-        it that is not suspended at a site (an innermost frame interrupted by
-        the runtime's signal, or a call that is not a site), or an entry
-        address of it in a signal-stopped thread's registers, keeps it loaded.
+        The plan's ``executing``: every old version a frame runs outside a
+        site (an innermost frame interrupted by the runtime's signal, or a
+        call that is not a site), or whose entry address a signal-stopped
+        thread holds in a register (the runtime keeps those loaded).
         ``others``: ``(ident, ThreadState, name)`` of the stopped other threads.
+        ``mode``: ``"python"`` or ``"native"`` to walk with (default: the
+        backend's ``walker`` option; tests compare both on one stop).
         """
+        mode = mode or self.mode
         executing = set()
         plan = fastscan.ScanPlan()
         found = plan.tuples
@@ -248,7 +251,7 @@ class Scanner:
             return cache[0]
         is_old = self.functions.is_old
 
-        if self.mode == "native":
+        if mode == "native":
             if context is None:
                 context = self.context(names)
             index, tables = context.index, context.tables
@@ -274,7 +277,7 @@ class Scanner:
                 done = scan.answer(tables, ident)
                 if done is not None:
                     self.self_scans_used += 1
-            if done is None and self.mode == "native" and anchor_scan is not None:
+            if done is None and mode == "native" and anchor_scan is not None:
                 if not translated:
                     anchor_scan.translate(translation.snapshot())
                     translated.append(True)
@@ -301,7 +304,7 @@ class Scanner:
         def classify(regs, ident, caller_frame, state=None):
             def reference():
                 return unwinder.walk(regs, memory(), self.space, caller_frame=caller_frame)
-            if self.mode == "native":
+            if mode == "native":
                 result, arrays = fastscan.plan_native(
                     hijacker, native_walker, regs, caller_frame=caller_frame, index=index,
                     tables=tables, replaced=names, is_old=is_old, thread=ident,
@@ -344,7 +347,7 @@ class Scanner:
                 elif status in (threads.PARKED, threads.OUTSIDE):
                     from_anchor(state, ident, status == threads.PARKED)
 
-        if self.mode == "native":
+        if mode == "native":
             scan(None)
         else:
             unwinder.with_captured_registers(scan)

@@ -174,6 +174,9 @@ def self_apply_scenario():
             arrived.set()
             return 0
         rt.on_hook(arrive)
+        # The spinner always reaches its poll (never the signal, however
+        # loaded the machine): it scans itself at every stop.
+        rt.native_backend.world.grace = 5.0
         work = rt.function("work")
         results = []
         stop = threading.Event()
@@ -211,8 +214,9 @@ def self_apply_scenario():
             arrived.clear()
             arrived.wait(30)
             pause = backend.pause(names)           # a probe: nothing published
-            pause.stop(timeout=5)
-            if any(scan.block.state == HS_SCANNED for scan in pause.context.self_scans.values()):
+            pause.stop(timeout=10)
+            if (any(scan.block.state == HS_SCANNED for scan in pause.context.self_scans.values())
+                    or attempt == 19):
                 break
             pause.release()
         try:

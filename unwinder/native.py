@@ -17,8 +17,10 @@ signal handler can call it. The layering mirrors the rest of the package
   *unknown*, and the FDE around a pc is compiled when a walk first reaches it
   (libc and libpython compiled whole take 0.2 s and 0.5 s here; a first walk
   through them compiles about 20 FDEs in under 2 ms).
-* **walk** (``osrjit_native_walk``, LLVM IR below, compiled once per process
-  into its own LLJIT): module lookup by binary search over sorted module
+* **walk** (``osrjit_native_walk``, hand-written LLVM IR in
+  ``unwinder/native_walk.ll``, rendered and compiled once per process into its
+  own LLJIT by :mod:`unwinder.native_code`; layouts and constants in
+  :mod:`unwinder.native_abi`): module lookup by binary search over sorted module
   ranges, row lookup by binary search (with a last-hit hint), then one step::
 
       lookup_pc  = pc − 1 for a caller frame; pc for the innermost frame or the
@@ -66,12 +68,11 @@ The function only reads ``tables`` and ``tr``, reads stack memory inside the
 bounds, writes ``state`` and ``out[0 .. max_frames)``, calls no function and uses
 under 300 bytes of stack: it is async-signal-safe.
 """
+
 import bisect
 import collections
 import contextlib
 import ctypes
-import enum
-import io
 import itertools
 import struct
 import threading
@@ -79,180 +80,31 @@ import time
 from array import array
 from dataclasses import dataclass
 
-from .errors import CFIError, ModuleError, UnwindError
+from .errors import CFIError, ModuleError, NativeWalkerError, UnwindError
 from .memory import ProcessMemory
 from .modules import CodeObject, read_proc_maps
+from .native_abi import (CARRIED_REGISTERS, FRAME_EXACT, FRAME_HAS_RA_SLOT, FRAME_SIGNAL,
+                         FRAME_TRANSLATED, HANDOFF_END_REASONS, INFO_END_SHIFT, INFO_MODULE_SHIFT,
+                         MAX_SLOT_CODE, RA_CARRIED, RULE_GAP, RULE_PYTHON, RULE_SIGNAL,
+                         RULE_UNKNOWN, SAME_VALUE_CODE, SLOT_BYTES, STATE_EXACT, STATE_HAS_PREV,
+                         STATE_TRANSLATED, TERMINAL_END_REASONS, UNDEFINED_CODE, WALK_REGISTERS,
+                         EndReason, ModuleEntry, OutFrame, RowTable, RuleRecord, TablesHeader,
+                         TranslationHeader, TranslationPair, WalkState)
+from .native_code import NATIVE_WALK_TYPE, WALK_SYMBOL, NativeCode, native_walk_address, walker_ir
 from .rules import RuleKind, decode_fde
 from .space import AddressSpace
 from .walk import (DEFAULT_MAX_FRAMES, END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO,
                    END_STEP_LIMIT, step)
-from .x86_64 import RA, RBP, RBX, R12, R13, R14, R15, RSP
+from .x86_64 import RA, RSP
 
 _MASK64 = (1 << 64) - 1
 
 
-class NativeWalkerError(UnwindError):
-    """The native walker could not be built or was used wrongly (bad bounds, closed walker)."""
-
-
-# --------------------------------------------------------------------------
-# Record layouts (must match the LLVM types in _IR_HEAD)
-# --------------------------------------------------------------------------
-
-#: Registers whose caller values a rule record describes, in record slot order
-#: (DWARF numbers): the return address, then the callee-saved registers.
-CARRIED_REGISTERS = (RA, RBX, RBP, R12, R13, R14, R15)
-
-#: Rule flag: no FDE covers this range ("no unwind info").
-RULE_GAP = 0x01
-#: Rule flag: the row needs the Python walker (expression, or a rule the
-#: record cannot express).
-RULE_PYTHON = 0x02
-#: Rule flag: the FDE's CIE has augmentation 'S' (a signal frame); its caller
-#: is looked up at its exact pc.
-RULE_SIGNAL = 0x04
-#: Rule flag: not compiled yet (a growing table): the walk stops with NO_TABLE
-#: so that Python compiles the FDE there and resumes.
-RULE_UNKNOWN = 0x08
-
-#: Register code "same value": ``caller.r = callee.r``.
-SAME_VALUE_CODE = 0
-#: Register code "undefined": the caller's value is unrecoverable.
-UNDEFINED_CODE = -128
-#: Largest ``|code|`` of a stack slot: offsets within ±127·8 = ±1016 bytes of the CFA.
-MAX_SLOT_CODE = 127
-
-
-class RuleRecord(ctypes.Structure):
-    """One compiled row, 16 bytes::
-
-        u8  flags          RULE_GAP | RULE_PYTHON | RULE_SIGNAL | RULE_UNKNOWN
-        u8  cfa_register   DWARF register number 0..16
-        u16 reserved
-        i32 cfa_offset     bytes: cfa = regs[cfa_register] + cfa_offset
-        i8  codes[8]       per CARRIED_REGISTERS slot (8th unused): 0 same value,
-                           −128 undefined, n: saved at cfa + 8·n
-    """
-    _fields_ = [("flags", ctypes.c_uint8), ("cfa_register", ctypes.c_uint8),
-                ("reserved", ctypes.c_uint16), ("cfa_offset", ctypes.c_int32),
-                ("codes", ctypes.c_int8 * 8)]
-
-
-class RowTable(ctypes.Structure):
-    """One immutable version of a module's rows, 32 bytes: ``starts`` points at
-    ``n_rows`` u64 absolute row starts (sorted), ``rules`` at ``n_rows``
-    :class:`RuleRecord`; row i is in force on ``[starts[i], starts[i+1])``."""
-    _fields_ = [("starts", ctypes.c_void_p), ("rules", ctypes.c_void_p),
-                ("n_rows", ctypes.c_uint64), ("reserved", ctypes.c_uint64)]
-
-
-class ModuleEntry(ctypes.Structure):
-    """One executable range of a module, 32 bytes. ``start``/``end``: absolute,
-    half-open. ``table``: the module's current :class:`RowTable`, swapped with
-    one 8-byte store when the table grows (NULL = none yet: the walk stops
-    with ``NO_TABLE``). ``module_id``: caller's tag (the entry's index)."""
-    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64),
-                ("table", ctypes.c_void_p), ("module_id", ctypes.c_uint64)]
-
-
-class TablesHeader(ctypes.Structure):
-    """The walker's view of an address space, 32 bytes: ``modules`` points at
-    ``n_modules`` :class:`ModuleEntry` sorted by ``start`` (non-overlapping)."""
-    _fields_ = [("modules", ctypes.c_void_p), ("n_modules", ctypes.c_uint64),
-                ("generation", ctypes.c_uint64), ("reserved", ctypes.c_uint64)]
-
-
-class TranslationHeader(ctypes.Structure):
-    """Return-address translation, 24 bytes: a return address equal to
-    ``stub_address`` read from slot ``s`` becomes ``original`` when the pair
-    ``(s, original)`` is among the ``n_pairs`` u64 pairs at ``pairs`` (sorted by slot)."""
-    _fields_ = [("stub_address", ctypes.c_uint64), ("pairs", ctypes.c_void_p),
-                ("n_pairs", ctypes.c_uint64)]
-
-
-class WalkState(ctypes.Structure):
-    """The frame the walk is at (in and out), 176 bytes.
-
-    ``regs[r]``: value of DWARF register r (0..16; ``regs[16]`` is the pc)
-    where bit r of ``known`` is set. ``flags``: STATE_EXACT (look the pc up as
-    is), STATE_TRANSLATED (the pc came from the translation table),
-    STATE_HAS_PREV (``prev_cfa`` is the CFA of the previous frame). Out:
-    ``end_reason`` (:class:`EndReason`) and ``end_module`` (entry index where
-    the walk stopped, −1 if none). After a stop that emitted no frame for it
-    (NO_INFO, NO_TABLE, NEEDS_PYTHON, OUT_OF_BOUNDS, CFA_REGISTER_UNKNOWN) and
-    after MAX_FRAMES the state is the next frame to do, so a walk can resume.
-    """
-    _fields_ = [("regs", ctypes.c_uint64 * 17), ("known", ctypes.c_uint64),
-                ("flags", ctypes.c_uint64), ("prev_cfa", ctypes.c_uint64),
-                ("end_reason", ctypes.c_uint64), ("end_module", ctypes.c_int64)]
-
-
-assert WalkState.known.offset == 136 and WalkState.prev_cfa.offset == 152
-
-class OutFrame(ctypes.Structure):
-    """One frame the walker produced, 32 bytes: ``pc`` (absolute), ``cfa``,
-    ``ra_slot`` (0 when RA is not saved on the stack) and ``info``: bits 0–7
-    FRAME_* flags, bits 8–15 the :class:`EndReason` of the last frame, bits
-    32–63 the :class:`ModuleEntry` index of the module."""
-    _fields_ = [("pc", ctypes.c_uint64), ("cfa", ctypes.c_uint64),
-                ("ra_slot", ctypes.c_uint64), ("info", ctypes.c_uint64)]
-
-
-for _cls, _size in ((RuleRecord, 16), (RowTable, 32), (ModuleEntry, 32), (TablesHeader, 32),
-                    (TranslationHeader, 24), (WalkState, 176), (OutFrame, 32)):
-    assert ctypes.sizeof(_cls) == _size, (_cls, ctypes.sizeof(_cls))
-
-STATE_EXACT = 1
-STATE_TRANSLATED = 2
-STATE_HAS_PREV = 4
-
-FRAME_SIGNAL = 1        # the frame's own FDE is a signal frame ('S')
-FRAME_TRANSLATED = 2    # pc came from the translation table (the slot held the stub)
-FRAME_EXACT = 4         # looked up at pc, not pc − 1
-FRAME_HAS_RA_SLOT = 8   # ra_slot is valid
-
+#: A :class:`RuleRecord` as bytes: flags, cfa_register, reserved, cfa_offset, codes[8].
 _RECORD = struct.Struct("<BBHi8b")
-#: bytes.translate table: flag byte -> 1 if FRAME_TRANSLATED else 0.
-_TRANSLATED_MARKS = bytes(1 if b & 2 else 0 for b in range(256))
-_OUT = struct.Struct("<4Q")
-assert _RECORD.size == 16 and _OUT.size == 32
+_RECORD_BYTES = ctypes.sizeof(RuleRecord)
+assert _RECORD.size == _RECORD_BYTES and RuleRecord.flags.offset == 0
 
-
-class EndReason(enum.IntEnum):
-    """Why ``osrjit_native_walk`` returned."""
-    NONE = 0
-    #: The caller's return address is undefined (outermost frame). Frame emitted.
-    RA_UNDEFINED = 1
-    #: The caller's return address is 0. Frame emitted.
-    RA_ZERO = 2
-    #: This frame's CFA is not above the previous one. Frame emitted.
-    CFA_NOT_INCREASING = 3
-    #: ``max_frames`` frames written; the state is the next frame.
-    MAX_FRAMES = 4
-    #: The lookup pc is in no module, or in a gap between FDEs. No frame emitted.
-    NO_INFO = 5
-    #: The row needs the Python walker (expression etc.). No frame emitted.
-    NEEDS_PYTHON = 6
-    #: A CFA or stack read fell outside ``[stack_lo, stack_hi)``. No frame emitted.
-    OUT_OF_BOUNDS = 7
-    #: The CFA register's value is not known in this frame. No frame emitted.
-    CFA_REGISTER_UNKNOWN = 8
-    #: The module has no table yet, or the row is RULE_UNKNOWN (``end_module``
-    #: says which module). No frame emitted.
-    NO_TABLE = 9
-
-
-#: End reasons the native walk reports on a frame it emitted, as the Python
-#: walker words them.
-_TERMINAL = {EndReason.RA_UNDEFINED: END_RA_UNDEFINED, EndReason.RA_ZERO: END_RA_ZERO,
-             EndReason.CFA_NOT_INCREASING: END_CFA_NOT_INCREASING}
-_HANDOFF = frozenset((EndReason.NO_INFO, EndReason.NEEDS_PYTHON, EndReason.OUT_OF_BOUNDS,
-                      EndReason.CFA_REGISTER_UNKNOWN))
-
-
-# --------------------------------------------------------------------------
-# Compile: FDE rows -> (start, record) arrays
-# --------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class NativeRule:
@@ -264,7 +116,7 @@ class NativeRule:
     flags: int
     cfa_register: int = 0
     cfa_offset: int = 0
-    codes: tuple = (0,) * 7
+    codes: tuple = (SAME_VALUE_CODE,) * len(CARRIED_REGISTERS)
 
     @property
     def is_gap(self):
@@ -281,8 +133,8 @@ class NativeRule:
     @property
     def ra_offset(self):
         """Bytes from the CFA to the return-address slot, or None if RA is not on the stack."""
-        code = self.codes[0]
-        return None if code in (SAME_VALUE_CODE, UNDEFINED_CODE) else 8 * code
+        code = self.codes[RA_CARRIED]
+        return None if code in (SAME_VALUE_CODE, UNDEFINED_CODE) else SLOT_BYTES * code
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,10 +170,11 @@ class TableStats:
     errors: tuple = ()
 
 
-_GAP = (RULE_GAP, 0, 0, (0,) * 7)
-_UNKNOWN = (RULE_UNKNOWN, 0, 0, (0,) * 7)
-_PYTHON = (RULE_PYTHON, 0, 0, (0,) * 7)
-_PYTHON_SIGNAL = (RULE_PYTHON | RULE_SIGNAL, 0, 0, (0,) * 7)
+_NO_CODES = (SAME_VALUE_CODE,) * len(CARRIED_REGISTERS)
+_GAP = (RULE_GAP, 0, 0, _NO_CODES)
+_UNKNOWN = (RULE_UNKNOWN, 0, 0, _NO_CODES)
+_PYTHON = (RULE_PYTHON, 0, 0, _NO_CODES)
+_PYTHON_SIGNAL = (RULE_PYTHON | RULE_SIGNAL, 0, 0, _NO_CODES)
 _CODE_OPS = {RuleKind.SAME_VALUE: SAME_VALUE_CODE, RuleKind.UNDEFINED: UNDEFINED_CODE}
 _END = 1 << 64          # one past the last address
 
@@ -337,7 +190,7 @@ def encode_row(row, is_signal_frame=False):
     signal = RULE_SIGNAL if is_signal_frame else 0
     python = _PYTHON_SIGNAL if signal else _PYTHON
     cfa = row.cfa
-    if (cfa.expression is not None or not 0 <= cfa.register <= 16
+    if (cfa.expression is not None or not 0 <= cfa.register < WALK_REGISTERS
             or not -(1 << 31) <= cfa.offset < (1 << 31)):
         return python
     codes = []
@@ -352,7 +205,7 @@ def encode_row(row, is_signal_frame=False):
             if rule.kind is not RuleKind.OFFSET:
                 return python                   # register / val_offset / expressions
             off = rule.offset
-            if off % 8 or not 0 < abs(off) <= 8 * MAX_SLOT_CODE:
+            if off % SLOT_BYTES or not 0 < abs(off) <= SLOT_BYTES * MAX_SLOT_CODE:
                 return python                   # not a whole slot within ±1016 bytes
             code = off // 8
         codes.append(code)
@@ -560,7 +413,7 @@ class ModuleTable:
         (empty if nothing changed); the caller keeps them alive as long as
         native code may read them."""
         i = bisect.bisect_right(self._starts, pc) - 1
-        if i < 0 or not self._records[16 * i] & RULE_UNKNOWN:
+        if i < 0 or not self._records[_RECORD_BYTES * i] & RULE_UNKNOWN:
             return []
         t0 = time.perf_counter()
         select_from, select_to, item = _hdr_region(self._eh, pc)
@@ -574,7 +427,7 @@ class ModuleTable:
             new.append((select_to, _UNKNOWN))         # else row i + 1 starts there
         starts, records = _pack(new)
         self._starts[i:i + 1] = starts
-        self._records[16 * i:16 * (i + 1)] = records
+        self._records[_RECORD_BYTES * i:_RECORD_BYTES * (i + 1)] = records
         self._regions += 1
         self._fdes += had_fde
         self._source_rows += len(rows)
@@ -605,7 +458,7 @@ class ModuleTable:
     @property
     def stats(self):
         n = len(self._starts)
-        flags = self._records[0::16]
+        flags = self._records[0::_RECORD_BYTES]
         return TableStats(
             growing=self.growing, regions=self._regions, fdes=self._fdes,
             source_rows=self._source_rows, rows=n,
@@ -615,8 +468,8 @@ class ModuleTable:
             errors=tuple(self._errors))
 
     def _rule(self, i):
-        flags, reg, _reserved, off, *codes = _RECORD.unpack_from(self._records, 16 * i)
-        return NativeRule(flags, reg, off, tuple(codes[:7]))
+        flags, reg, _reserved, off, *codes = _RECORD.unpack_from(self._records, _RECORD_BYTES * i)
+        return NativeRule(flags, reg, off, tuple(codes[:len(CARRIED_REGISTERS)]))
 
     def rows(self):
         """Every row as a :class:`TableRow` (absolute starts)."""
@@ -648,603 +501,12 @@ def compile_module_table(module):
     return ModuleTable.whole(module)
 
 
-# --------------------------------------------------------------------------
-# The walker, in LLVM IR
-# --------------------------------------------------------------------------
 
-_IR_HEAD = r"""
-%Rule = type { i8, i8, i16, i32, [8 x i8] }
-%RowTable = type { ptr, ptr, i64, i64 }
-%ModuleEntry = type { i64, i64, ptr, i64 }
-%Tables = type { ptr, i64, i64, i64 }
-%Translation = type { i64, ptr, i64 }
-%State = type { [17 x i64], i64, i64, i64, i64, i64 }
-%OutFrame = type { i64, i64, i64, i64 }
-
-declare void @llvm.memcpy.inline.p0.p0.i64(ptr, ptr, i64, i1)
-
-; i64 osrjit_native_walk(tables, translation or null, state, out, max_frames, stack_lo, stack_hi)
-; Locals live in allocas; mem2reg/SROA turns them into SSA values.
-define i64 @osrjit_native_walk(ptr %tables, ptr %tr, ptr %state, ptr %out, i64 %max,
-                               i64 %lo, i64 %hi) nounwind uwtable {
-entry:
-  %regs = alloca [17 x i64], align 8
-  %n.v = alloca i64, align 8
-  %known.v = alloca i64, align 8
-  %flags.v = alloca i64, align 8
-  %prev.v = alloca i64, align 8
-  %mhint.v = alloca i64, align 8
-  %rhint.v = alloca i64, align 8
-  %reason.v = alloca i64, align 8
-  %endmod.v = alloca i64, align 8
-  %mi.v = alloca i64, align 8
-  %j.v = alloca i64, align 8
-  %a.v = alloca i64, align 8
-  %b.v = alloca i64, align 8
-  %reason.e = alloca i64, align 8
-  call void @llvm.memcpy.inline.p0.p0.i64(ptr align 8 %regs, ptr align 8 %state, i64 136, i1 false)
-  %known.p = getelementptr inbounds %State, ptr %state, i64 0, i32 1
-  %known0 = load i64, ptr %known.p, align 8
-  store i64 %known0, ptr %known.v, align 8
-  %flags.p = getelementptr inbounds %State, ptr %state, i64 0, i32 2
-  %flags0 = load i64, ptr %flags.p, align 8
-  store i64 %flags0, ptr %flags.v, align 8
-  %prev.p = getelementptr inbounds %State, ptr %state, i64 0, i32 3
-  %prev0 = load i64, ptr %prev.p, align 8
-  store i64 %prev0, ptr %prev.v, align 8
-  store i64 0, ptr %n.v, align 8
-  store i64 0, ptr %mhint.v, align 8
-  store i64 0, ptr %rhint.v, align 8
-  store i64 -1, ptr %endmod.v, align 8
-  store i64 0, ptr %reason.v, align 8
-  %mods = load ptr, ptr %tables, align 8
-  %nmods.p = getelementptr inbounds %Tables, ptr %tables, i64 0, i32 1
-  %nmods = load i64, ptr %nmods.p, align 8
-  %has.tr = icmp ne ptr %tr, null
-  br i1 %has.tr, label %tr.load, label %tr.none
-
-tr.load:
-  %stub.l = load i64, ptr %tr, align 8
-  %pairs.pp = getelementptr inbounds %Translation, ptr %tr, i64 0, i32 1
-  %pairs.l = load ptr, ptr %pairs.pp, align 8
-  %npairs.p = getelementptr inbounds %Translation, ptr %tr, i64 0, i32 2
-  %npairs.l = load i64, ptr %npairs.p, align 8
-  br label %args
-
-tr.none:
-  br label %args
-
-args:
-  %stub = phi i64 [ %stub.l, %tr.load ], [ 0, %tr.none ]
-  %pairs = phi ptr [ %pairs.l, %tr.load ], [ null, %tr.none ]
-  %npairs = phi i64 [ %npairs.l, %tr.load ], [ 0, %tr.none ]
-  ; span = hi − lo bytes; a read of 8 bytes at a is allowed iff a − lo <= span − 8
-  ; (unsigned), a CFA c iff c − lo <= span.
-  %span = sub i64 %hi, %lo
-  %rdlimit = sub i64 %span, 8
-  %inverted = icmp ult i64 %hi, %lo
-  %tiny = icmp ult i64 %span, 8
-  %nobounds = or i1 %inverted, %tiny
-  br i1 %nobounds, label %end.oob, label %args.max
-
-args.max:
-  %nomax = icmp sle i64 %max, 0
-  br i1 %nomax, label %end.max, label %args.mods
-
-args.mods:
-  %nomods = icmp eq i64 %nmods, 0
-  br i1 %nomods, label %end.noinfo, label %loop
-
-; ---- one frame per iteration ------------------------------------------------
-loop:
-  %pc.p = getelementptr inbounds [17 x i64], ptr %regs, i64 0, i64 16
-  %pc = load i64, ptr %pc.p, align 8
-  %flags = load i64, ptr %flags.v, align 8
-  %known = load i64, ptr %known.v, align 8
-  %exact.b = and i64 %flags, 1
-  %exact = icmp ne i64 %exact.b, 0
-  %pcm1 = add i64 %pc, -1
-  ; lookup_pc = pc for the innermost/signal-interrupted frame, pc − 1 for a caller
-  %lookup = select i1 %exact, i64 %pc, i64 %pcm1
-  %mh = load i64, ptr %mhint.v, align 8
-  %hm.start.p = getelementptr inbounds %ModuleEntry, ptr %mods, i64 %mh, i32 0
-  %hm.start = load i64, ptr %hm.start.p, align 8
-  %hm.end.p = getelementptr inbounds %ModuleEntry, ptr %mods, i64 %mh, i32 1
-  %hm.end = load i64, ptr %hm.end.p, align 8
-  %hm.size = sub i64 %hm.end, %hm.start
-  %hm.rel = sub i64 %lookup, %hm.start
-  %hm.in = icmp ult i64 %hm.rel, %hm.size
-  br i1 %hm.in, label %mod.hit, label %mod.search
-
-mod.hit:
-  store i64 %mh, ptr %mi.v, align 8
-  br label %mod.found
-
-; upper_bound over module starts: first index whose start > lookup
-mod.search:
-  store i64 0, ptr %a.v, align 8
-  store i64 %nmods, ptr %b.v, align 8
-  br label %ms.cond
-
-ms.cond:
-  %ms.a = load i64, ptr %a.v, align 8
-  %ms.b = load i64, ptr %b.v, align 8
-  %ms.more = icmp ult i64 %ms.a, %ms.b
-  br i1 %ms.more, label %ms.body, label %ms.done
-
-ms.body:
-  %ms.sum = add i64 %ms.a, %ms.b
-  %ms.mid = lshr i64 %ms.sum, 1
-  %ms.start.p = getelementptr inbounds %ModuleEntry, ptr %mods, i64 %ms.mid, i32 0
-  %ms.start = load i64, ptr %ms.start.p, align 8
-  %ms.le = icmp ule i64 %ms.start, %lookup
-  %ms.mid1 = add i64 %ms.mid, 1
-  %ms.a2 = select i1 %ms.le, i64 %ms.mid1, i64 %ms.a
-  %ms.b2 = select i1 %ms.le, i64 %ms.b, i64 %ms.mid
-  store i64 %ms.a2, ptr %a.v, align 8
-  store i64 %ms.b2, ptr %b.v, align 8
-  br label %ms.cond
-
-ms.done:
-  %ms.none = icmp eq i64 %ms.a, 0
-  br i1 %ms.none, label %end.noinfo, label %ms.check
-
-ms.check:
-  %ms.i = add i64 %ms.a, -1
-  %ms.end.p = getelementptr inbounds %ModuleEntry, ptr %mods, i64 %ms.i, i32 1
-  %ms.end = load i64, ptr %ms.end.p, align 8
-  %ms.in = icmp ult i64 %lookup, %ms.end
-  br i1 %ms.in, label %ms.ok, label %end.noinfo
-
-ms.ok:
-  store i64 %ms.i, ptr %mi.v, align 8
-  br label %mod.found
-
-mod.found:
-  %mi = load i64, ptr %mi.v, align 8
-  store i64 %mi, ptr %endmod.v, align 8
-  ; the module's current RowTable: one pointer, swapped whole when it grows
-  %tbl.p = getelementptr inbounds %ModuleEntry, ptr %mods, i64 %mi, i32 2
-  %tbl = load atomic ptr, ptr %tbl.p acquire, align 8
-  %notable = icmp eq ptr %tbl, null
-  br i1 %notable, label %end.notable, label %mod.rows
-
-mod.rows:
-  %starts = load ptr, ptr %tbl, align 8
-  %rules.p = getelementptr inbounds %RowTable, ptr %tbl, i64 0, i32 1
-  %rules = load ptr, ptr %rules.p, align 8
-  %nrows.p = getelementptr inbounds %RowTable, ptr %tbl, i64 0, i32 2
-  %nrows = load i64, ptr %nrows.p, align 8
-  %same.mod = icmp eq i64 %mi, %mh
-  br i1 %same.mod, label %rh.idx, label %row.search
-
-; last-hit hint: starts[rh] <= lookup < starts[rh + 1] (or rh is the last row)
-rh.idx:
-  %rh = load i64, ptr %rhint.v, align 8
-  %rh.ok = icmp ult i64 %rh, %nrows
-  br i1 %rh.ok, label %rh.lo, label %row.search
-
-rh.lo:
-  %rh.s0.p = getelementptr inbounds i64, ptr %starts, i64 %rh
-  %rh.s0 = load i64, ptr %rh.s0.p, align 8
-  %rh.le = icmp ule i64 %rh.s0, %lookup
-  br i1 %rh.le, label %rh.hi, label %row.search
-
-rh.hi:
-  %rh1 = add i64 %rh, 1
-  %rh.last = icmp eq i64 %rh1, %nrows
-  br i1 %rh.last, label %rh.hit, label %rh.next
-
-rh.next:
-  %rh.s1.p = getelementptr inbounds i64, ptr %starts, i64 %rh1
-  %rh.s1 = load i64, ptr %rh.s1.p, align 8
-  %rh.lt = icmp ult i64 %lookup, %rh.s1
-  br i1 %rh.lt, label %rh.hit, label %row.search
-
-rh.hit:
-  store i64 %rh, ptr %j.v, align 8
-  br label %row.found
-
-; upper_bound over row starts
-row.search:
-  store i64 0, ptr %a.v, align 8
-  store i64 %nrows, ptr %b.v, align 8
-  br label %rs.cond
-
-rs.cond:
-  %rs.a = load i64, ptr %a.v, align 8
-  %rs.b = load i64, ptr %b.v, align 8
-  %rs.more = icmp ult i64 %rs.a, %rs.b
-  br i1 %rs.more, label %rs.body, label %rs.done
-
-rs.body:
-  %rs.sum = add i64 %rs.a, %rs.b
-  %rs.mid = lshr i64 %rs.sum, 1
-  %rs.start.p = getelementptr inbounds i64, ptr %starts, i64 %rs.mid
-  %rs.start = load i64, ptr %rs.start.p, align 8
-  %rs.le = icmp ule i64 %rs.start, %lookup
-  %rs.mid1 = add i64 %rs.mid, 1
-  %rs.a2 = select i1 %rs.le, i64 %rs.mid1, i64 %rs.a
-  %rs.b2 = select i1 %rs.le, i64 %rs.b, i64 %rs.mid
-  store i64 %rs.a2, ptr %a.v, align 8
-  store i64 %rs.b2, ptr %b.v, align 8
-  br label %rs.cond
-
-rs.done:
-  %rs.none = icmp eq i64 %rs.a, 0
-  br i1 %rs.none, label %end.noinfo, label %rs.ok
-
-rs.ok:
-  %rs.j = add i64 %rs.a, -1
-  store i64 %rs.j, ptr %j.v, align 8
-  br label %row.found
-
-row.found:
-  %j = load i64, ptr %j.v, align 8
-  store i64 %mi, ptr %mhint.v, align 8
-  store i64 %j, ptr %rhint.v, align 8
-  %rule = getelementptr inbounds %Rule, ptr %rules, i64 %j
-  %rflags8 = load i8, ptr %rule, align 1
-  %rflags = zext i8 %rflags8 to i64
-  ; GAP | PYTHON | UNKNOWN: the native code cannot do this frame
-  %special.b = and i64 %rflags, 11
-  %special = icmp ne i64 %special.b, 0
-  br i1 %special, label %rule.gap, label %rule.cfa
-
-rule.gap:
-  %gap.b = and i64 %rflags, 1
-  %gap = icmp ne i64 %gap.b, 0
-  br i1 %gap, label %end.noinfo, label %rule.unknown
-
-rule.unknown:
-  %unk.b = and i64 %rflags, 8
-  %unk = icmp ne i64 %unk.b, 0
-  br i1 %unk, label %end.notable, label %end.python
-
-rule.cfa:
-  %creg.p = getelementptr inbounds %Rule, ptr %rule, i64 0, i32 1
-  %creg8 = load i8, ptr %creg.p, align 1
-  %creg = zext i8 %creg8 to i64
-  %creg.bad = icmp ugt i64 %creg, 16
-  br i1 %creg.bad, label %end.python, label %rule.cfa.known
-
-rule.cfa.known:
-  %cbit.s = lshr i64 %known, %creg
-  %cbit = and i64 %cbit.s, 1
-  %cunknown = icmp eq i64 %cbit, 0
-  br i1 %cunknown, label %end.cfaunknown, label %rule.cfa.value
-
-rule.cfa.value:
-  %cbase.p = getelementptr inbounds [17 x i64], ptr %regs, i64 0, i64 %creg
-  %cbase = load i64, ptr %cbase.p, align 8
-  %coff.p = getelementptr inbounds %Rule, ptr %rule, i64 0, i32 3
-  %coff32 = load i32, ptr %coff.p, align 4
-  %coff = sext i32 %coff32 to i64
-  ; cfa = regs[cfa_register] + cfa_offset
-  %cfa = add i64 %cbase, %coff
-  %cfa.rel = sub i64 %cfa, %lo
-  %cfa.in = icmp ule i64 %cfa.rel, %span
-  br i1 %cfa.in, label %r0.begin, label %end.oob
-"""
-
-_IR_REGISTER = r"""
-; ---- caller's DWARF register {d} (record code slot {k}) ----
-r{k}.begin:
-  %c{k}.p = getelementptr inbounds %Rule, ptr %rule, i64 0, i32 4, i64 {k}
-  %c{k} = load i8, ptr %c{k}.p, align 1
-  %c{k}.same = icmp eq i8 %c{k}, 0
-  br i1 %c{k}.same, label %r{k}.same, label %r{k}.notsame
-
-r{k}.same:
-  ; code 0: caller.r = callee.r (known iff known in the callee)
-  %old{k}.p = getelementptr inbounds [17 x i64], ptr %regs, i64 0, i64 {d}
-  %old{k} = load i64, ptr %old{k}.p, align 8
-  %oldbit{k}.s = lshr i64 %known, {d}
-  %oldbit{k} = and i64 %oldbit{k}.s, 1
-  br label %r{k}.done
-
-r{k}.notsame:
-  %c{k}.undef = icmp eq i8 %c{k}, -128
-  br i1 %c{k}.undef, label %r{k}.done, label %r{k}.load
-
-r{k}.load:
-  ; code n: caller.r = *(cfa + 8·n), if the 8 bytes lie in [lo, hi)
-  %off{k}.s = sext i8 %c{k} to i64
-  %off{k} = shl i64 %off{k}.s, 3
-  %addr{k} = add i64 %cfa, %off{k}
-  %rel{k} = sub i64 %addr{k}, %lo
-  %ok{k} = icmp ule i64 %rel{k}, %rdlimit
-  br i1 %ok{k}, label %r{k}.read, label %end.oob
-
-r{k}.read:
-  %ap{k} = inttoptr i64 %addr{k} to ptr
-  %ld{k} = load i64, ptr %ap{k}, align 1
-  br label %r{k}.done
-
-r{k}.done:
-  %v{k} = phi i64 [ %old{k}, %r{k}.same ], [ 0, %r{k}.notsame ], [ %ld{k}, %r{k}.read ]
-  %bit{k} = phi i64 [ %oldbit{k}, %r{k}.same ], [ 0, %r{k}.notsame ], [ 1, %r{k}.read ]
-  %slot{k} = phi i64 [ 0, %r{k}.same ], [ 0, %r{k}.notsame ], [ %addr{k}, %r{k}.read ]
-  %isload{k} = phi i64 [ 0, %r{k}.same ], [ 0, %r{k}.notsame ], [ 1, %r{k}.read ]
-  br label %{next}
-"""
-
-_IR_TAIL = r"""
-; ---- every read succeeded: emit the frame, then the Python walker's end tests
-frame:
-  %n = load i64, ptr %n.v, align 8
-  %sig.b = lshr i64 %rflags, 2
-  %sig = and i64 %sig.b, 1
-  %trn = and i64 %flags, 2
-  %exact.i = shl i64 %exact.b, 2
-  %hasslot = shl i64 %isload0, 3
-  %mod.bits = shl i64 %mi, 32
-  %info1 = or i64 %sig, %trn
-  %info2 = or i64 %info1, %exact.i
-  %info3 = or i64 %info2, %hasslot
-  %info = or i64 %info3, %mod.bits
-  %o.pc = getelementptr inbounds %OutFrame, ptr %out, i64 %n, i32 0
-  store i64 %pc, ptr %o.pc, align 8
-  %o.cfa = getelementptr inbounds %OutFrame, ptr %out, i64 %n, i32 1
-  store i64 %cfa, ptr %o.cfa, align 8
-  %o.slot = getelementptr inbounds %OutFrame, ptr %out, i64 %n, i32 2
-  store i64 %slot0, ptr %o.slot, align 8
-  %o.info = getelementptr inbounds %OutFrame, ptr %out, i64 %n, i32 3
-  store i64 %info, ptr %o.info, align 8
-  %prev = load i64, ptr %prev.v, align 8
-  %hasprev.b = and i64 %flags, 4
-  %hasprev = icmp ne i64 %hasprev.b, 0
-  %notabove = icmp ule i64 %cfa, %prev
-  %notinc = and i1 %hasprev, %notabove
-  br i1 %notinc, label %end.notinc, label %t.raundef
-
-t.raundef:
-  %raundef = icmp eq i64 %bit0, 0
-  br i1 %raundef, label %end.raundef, label %t.razero
-
-t.razero:
-  %razero = icmp eq i64 %v0, 0
-  br i1 %razero, label %end.razero, label %t.stub
-
-; a return address equal to the stub, read from a slot: binary-search the slot
-t.stub:
-  %isstub = icmp eq i64 %v0, %stub
-  %fromslot = icmp ne i64 %isload0, 0
-  %trytr = and i1 %isstub, %fromslot
-  br i1 %trytr, label %ts.start, label %commit
-
-ts.start:
-  store i64 0, ptr %a.v, align 8
-  store i64 %npairs, ptr %b.v, align 8
-  br label %ts.cond
-
-ts.cond:
-  %ts.a = load i64, ptr %a.v, align 8
-  %ts.b = load i64, ptr %b.v, align 8
-  %ts.more = icmp ult i64 %ts.a, %ts.b
-  br i1 %ts.more, label %ts.body, label %ts.done
-
-ts.body:
-  %ts.sum = add i64 %ts.a, %ts.b
-  %ts.mid = lshr i64 %ts.sum, 1
-  %ts.k = shl i64 %ts.mid, 1
-  %ts.slot.p = getelementptr inbounds i64, ptr %pairs, i64 %ts.k
-  %ts.slot = load i64, ptr %ts.slot.p, align 8
-  %ts.le = icmp ule i64 %ts.slot, %slot0
-  %ts.mid1 = add i64 %ts.mid, 1
-  %ts.a2 = select i1 %ts.le, i64 %ts.mid1, i64 %ts.a
-  %ts.b2 = select i1 %ts.le, i64 %ts.b, i64 %ts.mid
-  store i64 %ts.a2, ptr %a.v, align 8
-  store i64 %ts.b2, ptr %b.v, align 8
-  br label %ts.cond
-
-ts.done:
-  %ts.none = icmp eq i64 %ts.a, 0
-  br i1 %ts.none, label %commit, label %ts.check
-
-ts.check:
-  %ts.i = add i64 %ts.a, -1
-  %ts.ki = shl i64 %ts.i, 1
-  %ts.found.p = getelementptr inbounds i64, ptr %pairs, i64 %ts.ki
-  %ts.found = load i64, ptr %ts.found.p, align 8
-  %ts.eq = icmp eq i64 %ts.found, %slot0
-  br i1 %ts.eq, label %ts.hit, label %commit
-
-ts.hit:
-  %ts.ko = add i64 %ts.ki, 1
-  %ts.orig.p = getelementptr inbounds i64, ptr %pairs, i64 %ts.ko
-  %ts.orig = load i64, ptr %ts.orig.p, align 8
-  br label %commit
-
-; the caller becomes the current frame
-commit:
-  %ra = phi i64 [ %v0, %t.stub ], [ %v0, %ts.done ], [ %v0, %ts.check ], [ %ts.orig, %ts.hit ]
-  %trbit = phi i64 [ 0, %t.stub ], [ 0, %ts.done ], [ 0, %ts.check ], [ 2, %ts.hit ]
-{commit_stores}
-  %cfa.slot = getelementptr inbounds [17 x i64], ptr %regs, i64 0, i64 7
-  store i64 %cfa, ptr %cfa.slot, align 8
-  store i64 %ra, ptr %pc.p, align 8
-{known_bits}
-  store i64 %known.next, ptr %known.v, align 8
-  ; flags' = EXACT if this frame is a signal frame | TRANSLATED | HAS_PREV
-  %flags.n1 = or i64 %sig, %trbit
-  %flags.next = or i64 %flags.n1, 4
-  store i64 %flags.next, ptr %flags.v, align 8
-  store i64 %cfa, ptr %prev.v, align 8
-  %n.next = add i64 %n, 1
-  store i64 %n.next, ptr %n.v, align 8
-  %full = icmp eq i64 %n.next, %max
-  br i1 %full, label %end.max, label %loop
-
-; ---- ends that emitted the current frame
-end.notinc:
-  store i64 3, ptr %reason.e, align 8
-  br label %end.emitted
-
-end.raundef:
-  store i64 1, ptr %reason.e, align 8
-  br label %end.emitted
-
-end.razero:
-  store i64 2, ptr %reason.e, align 8
-  br label %end.emitted
-
-end.emitted:
-  %re = load i64, ptr %reason.e, align 8
-  %re.bits = shl i64 %re, 8
-  %info.end = or i64 %info, %re.bits
-  store i64 %info.end, ptr %o.info, align 8
-  %n.e = add i64 %n, 1
-  store i64 %n.e, ptr %n.v, align 8
-  store i64 %re, ptr %reason.v, align 8
-  br label %finish
-
-; ---- ends that leave the state at the frame not done
-end.max:
-  store i64 4, ptr %reason.v, align 8
-  br label %finish
-
-end.noinfo:
-  store i64 5, ptr %reason.v, align 8
-  br label %finish
-
-end.python:
-  store i64 6, ptr %reason.v, align 8
-  br label %finish
-
-end.oob:
-  store i64 7, ptr %reason.v, align 8
-  br label %finish
-
-end.cfaunknown:
-  store i64 8, ptr %reason.v, align 8
-  br label %finish
-
-end.notable:
-  store i64 9, ptr %reason.v, align 8
-  br label %finish
-
-finish:
-  call void @llvm.memcpy.inline.p0.p0.i64(ptr align 8 %state, ptr align 8 %regs, i64 136, i1 false)
-  %f.known = load i64, ptr %known.v, align 8
-  store i64 %f.known, ptr %known.p, align 8
-  %f.flags = load i64, ptr %flags.v, align 8
-  store i64 %f.flags, ptr %flags.p, align 8
-  %f.prev = load i64, ptr %prev.v, align 8
-  store i64 %f.prev, ptr %prev.p, align 8
-  %f.reason = load i64, ptr %reason.v, align 8
-  %f.reason.p = getelementptr inbounds %State, ptr %state, i64 0, i32 4
-  store i64 %f.reason, ptr %f.reason.p, align 8
-  %f.mod = load i64, ptr %endmod.v, align 8
-  %f.mod.p = getelementptr inbounds %State, ptr %state, i64 0, i32 5
-  store i64 %f.mod, ptr %f.mod.p, align 8
-  %f.n = load i64, ptr %n.v, align 8
-  ret i64 %f.n
-}
-"""
-
-WALK_SYMBOL = "osrjit_native_walk"
-
-
-def walker_ir():
-    """The LLVM IR module text of ``osrjit_native_walk`` (one function, C ABI)."""
-    parts = [_IR_HEAD]
-    for k, reg in enumerate(CARRIED_REGISTERS):
-        nxt = f"r{k + 1}.begin" if k + 1 < len(CARRIED_REGISTERS) else "frame"
-        parts.append(_IR_REGISTER.format(k=k, d=reg, next=nxt))
-    stores = []
-    for k, reg in enumerate(CARRIED_REGISTERS[1:], start=1):
-        stores.append(f"  %st{k}.p = getelementptr inbounds [17 x i64], ptr %regs, i64 0, "
-                      f"i64 {reg}\n  store i64 %v{k}, ptr %st{k}.p, align 8")
-    # known' = RSP | RA·bit0 | Σ bit_k << reg_k: the caller knows RSP (= CFA),
-    # its return address when defined, and each callee-saved register the rule
-    # restores or keeps; every other register is unknown in a caller.
-    bits = [f"  %kb0 = shl i64 %bit0, {RA}", f"  %kacc0 = or i64 %kb0, {1 << RSP}"]
-    for k, reg in enumerate(CARRIED_REGISTERS[1:], start=1):
-        bits.append(f"  %kb{k} = shl i64 %bit{k}, {reg}")
-        bits.append(f"  %kacc{k} = or i64 %kacc{k - 1}, %kb{k}")
-    bits.append(f"  %known.next = or i64 %kacc{len(CARRIED_REGISTERS) - 1}, 0")
-    parts.append(_IR_TAIL.replace("{commit_stores}", "\n".join(stores))
-                 .replace("{known_bits}", "\n".join(bits)))
-    return "".join(parts)
-
-
-#: ``osrjit_native_walk`` as a ctypes prototype (the call releases the GIL).
-NATIVE_WALK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                    ctypes.c_uint64, ctypes.c_uint64)
-#: The same, keeping the GIL (what :class:`NativeWalker` calls): a walk never
-#: blocks, and giving the GIL away for microseconds lets another thread take
-#: it for up to the interpreter's switch interval (5 ms) — in the middle of a
-#: stop-the-world, whose pause that would be.
-_WALK_CALL_TYPE = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                    ctypes.c_uint64, ctypes.c_uint64)
-
-
-class _NativeCode:
-    """The compiled walker: one LLJIT per process, never unloaded.
-
-    Lifetime: the LLJIT and the resource tracker are kept for the life of the
-    process (native callers may hold :attr:`address`), so there is no close.
-    The object is registered with :meth:`AddressSpace.current_process` so a
-    thread interrupted inside the walker can itself be unwound.
-    """
-
-    _instance = None
-    _lock = threading.Lock()
-
-    def __init__(self):
-        import llvmlite.binding as llvm
-        from .elf import open_elf
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        tm = llvm.Target.from_default_triple().create_target_machine(
-            reloc="pic", codemodel="small", opt=3)
-        try:
-            mod = llvm.parse_assembly(f'target triple = "{tm.triple}"\n' + walker_ir())
-            mod.data_layout = str(tm.target_data)
-            mod.verify()
-            pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
-            pb.getModulePassManager().run(mod, pb)
-            mod.verify()
-        except RuntimeError as e:
-            raise NativeWalkerError(f"cannot compile the native walker: {e}") from e
-        self.ir_optimized = str(mod)
-        self.obj = tm.emit_object(mod)
-        self.tm = tm
-        self.lljit = llvm.create_lljit_compiler(tm)
-        self.tracker = (llvm.JITLibraryBuilder().add_object_img(self.obj)
-                        .export_symbol(WALK_SYMBOL).link(self.lljit, "unwinder.native-walk"))
-        self.address = self.tracker[WALK_SYMBOL]
-        self.function = _WALK_CALL_TYPE(self.address)
-        elf = open_elf(io.BytesIO(self.obj))
-        sym = elf.get_section_by_name(".symtab").get_symbol_by_name(WALK_SYMBOL)[0]
-        text = self.address - sym["st_value"]
-        self.handle = AddressSpace.current_process().add_code_object(
-            self.obj, {".text": text}, name="unwinder.native-walk")
-
-    @classmethod
-    def get(cls):
-        with cls._lock:
-            if cls._instance is None:
-                cls._instance = cls()
-            return cls._instance
-
-
-def native_walk_address():
-    """Absolute address of ``osrjit_native_walk`` (compiles it on first use)."""
-    return _NativeCode.get().address
-
-
-# --------------------------------------------------------------------------
-# Return-address translation
-# --------------------------------------------------------------------------
 
 class TranslationArrays:
     """One immutable native version of a :class:`ReturnAddressTable`: the
-    :class:`TranslationHeader` at :attr:`address` and the pairs it points to,
-    alive as long as this object."""
+    :class:`TranslationHeader` at :attr:`address` and the :class:`TranslationPair`
+    array (sorted by slot) it points to, alive as long as this object."""
 
     def __init__(self, stub_address, mapping):
         flat = array("Q")
@@ -1254,8 +516,9 @@ class TranslationArrays:
         n = len(mapping)
         self.stub_address = stub_address
         self.mapping = dict(mapping)
-        self.pairs = (ctypes.c_uint64 * max(2 * n, 2)).from_buffer_copy(
-            flat.tobytes() if n else bytes(16))
+        # At least one pair, so that the header always points at memory.
+        self.pairs = (TranslationPair * max(n, 1)).from_buffer_copy(
+            flat.tobytes() if n else bytes(ctypes.sizeof(TranslationPair)))
         self.header = TranslationHeader(stub_address, ctypes.addressof(self.pairs), n)
         self.address = ctypes.addressof(self.header)
 
@@ -1338,9 +601,14 @@ class ReturnAddressTable:
             return self._arrays
 
 
-# --------------------------------------------------------------------------
-# Frames and the walker
-# --------------------------------------------------------------------------
+_TERMINAL = TERMINAL_END_REASONS
+_HANDOFF = HANDOFF_END_REASONS
+#: An :class:`OutFrame` as bytes: pc, cfa, ra_slot, info.
+_OUT = struct.Struct("<4Q")
+assert _OUT.size == ctypes.sizeof(OutFrame)
+#: bytes.translate table: FRAME_* flag byte -> 1 if FRAME_TRANSLATED else 0.
+_TRANSLATED_MARKS = bytes(1 if b & FRAME_TRANSLATED else 0 for b in range(256))
+
 
 @dataclass(frozen=True, slots=True)
 class NativeFrame:
@@ -1468,7 +736,7 @@ class NativeWalker:
         if not (isinstance(chunk_frames, int) and chunk_frames > 0):
             raise NativeWalkerError(f"chunk_frames must be a positive int, got {chunk_frames!r}")
         self.space = space if space is not None else AddressSpace.current_process()
-        self._code = _NativeCode.get()
+        self._code = NativeCode.get()
         self._lock = threading.RLock()
         self._tables = {}          # id(module) -> ModuleTable
         self._retired = []         # replaced native objects, freed when nothing runs
@@ -1704,9 +972,9 @@ class NativeWalker:
             for i, (pc, cfa, slot, info) in enumerate(_OUT.iter_unpack(raw), base):
                 frames.append(NativeFrame(
                     pc, cfa, slot if info & FRAME_HAS_RA_SLOT else None, i,
-                    pc if info & FRAME_EXACT else (pc - 1) & _MASK64, modules[info >> 32],
+                    pc if info & FRAME_EXACT else (pc - 1) & _MASK64, modules[info >> INFO_MODULE_SHIFT],
                     bool(info & FRAME_SIGNAL), stub if info & FRAME_TRANSLATED else None,
-                    _TERMINAL.get((info >> 8) & 0xFF)))
+                    _TERMINAL.get((info >> INFO_END_SHIFT) & 0xFF)))
         if limited and frames[-1].end_reason is None:
             last = frames[-1]
             frames[-1] = NativeFrame(last.pc, last.cfa, last.ra_slot, last.index, last.lookup_pc,
@@ -1738,11 +1006,11 @@ class NativeWalker:
             cfas += words[1::4].tolist()
             slots += words[2::4].tolist()
             if stub is not None:
-                # Byte 0 of each info word holds the FRAME_* flags: mark the
+                # The low byte of each info word holds the FRAME_* flags: mark the
                 # translated ones and find them without a per-frame loop.
-                marks = raw[3 * 8::_OUT.size].translate(_TRANSLATED_MARKS)
+                marks = raw[OutFrame.info.offset::_OUT.size].translate(_TRANSLATED_MARKS)
                 translated += itertools.compress(range(base, base + len(marks)), marks)
-            end = _TERMINAL.get((words[-1] >> 8) & 0xFF)
+            end = _TERMINAL.get((words[-1] >> INFO_END_SHIFT) & 0xFF)
         if limited and end is None:
             end = END_STEP_LIMIT
         return FrameArrays(tuple(pcs), tuple(cfas), tuple(slots), frozenset(translated),
@@ -1762,7 +1030,7 @@ class NativeWalker:
         raw = b"".join(seg[0] for seg in segments)
         end = None
         if raw:
-            end = _TERMINAL.get((int.from_bytes(raw[-8:], "little") >> 8) & 0xFF)
+            end = _TERMINAL.get((int.from_bytes(raw[-8:], "little") >> INFO_END_SHIFT) & 0xFF)
         if limited and end is None:
             end = END_STEP_LIMIT
         return raw, end
@@ -1783,7 +1051,7 @@ class NativeWalker:
         if state.end_reason not in _TERMINAL or not n:
             return None
         return (ctypes.addressof(out), n,
-                _TERMINAL.get((out[n - 1].info >> 8) & 0xFF))
+                _TERMINAL.get((out[n - 1].info >> INFO_END_SHIFT) & 0xFF))
 
     def _begin(self, regs, innermost_is_caller, stack_bounds):
         """Check ``regs`` and ``stack_bounds``, refresh the tables if the space
@@ -1874,7 +1142,7 @@ class NativeWalker:
             regs = dict(original)
         else:
             known = state.known
-            regs = {r: state.regs[r] for r in range(17) if known >> r & 1}
+            regs = {r: state.regs[r] for r in range(WALK_REGISTERS) if known >> r & 1}
         exact = bool(state.flags & STATE_EXACT)
         frame, caller = step(regs, memory, self.space, caller_frame=not exact)
         end = frame.end_reason
@@ -1911,12 +1179,12 @@ def _load_state(state, regs, flags, prev_cfa):
     keys = tuple(regs)
     known = _KNOWN_BITS.get(keys)
     if known is None:
-        known = sum(1 << r for r in keys if isinstance(r, int) and 0 <= r <= 16)
+        known = sum(1 << r for r in keys if isinstance(r, int) and 0 <= r < WALK_REGISTERS)
         if len(_KNOWN_BITS) < 64:
             _KNOWN_BITS[keys] = known
     # One pack into the structure's buffer (a walk starts in a stopped world:
     # ctypes field assignments cost several times as much).
-    values = list(map(regs.get, _DWARF_0_16, _ZEROS_17))
+    values = list(map(regs.get, _REGISTER_NUMBERS, _NO_VALUES))
     try:
         _STATE_HEAD.pack_into(state, 0, *values, known, flags, prev_cfa)
     except struct.error:        # a value outside 0 .. 2**64 - 1: keep its low 64 bits
@@ -1927,9 +1195,10 @@ def _load_state(state, regs, flags, prev_cfa):
 #: ``tuple(regs)`` -> bit mask of the DWARF numbers 0..16 in it (key sets repeat).
 _KNOWN_BITS = {}
 #: WalkState.regs, known, flags, prev_cfa.
-_STATE_HEAD = struct.Struct("<20Q")
-_DWARF_0_16 = range(17)
-_ZEROS_17 = (0,) * 17
+_STATE_HEAD = struct.Struct(f"<{WALK_REGISTERS + 3}Q")
+assert _STATE_HEAD.size == WalkState.end_reason.offset
+_REGISTER_NUMBERS = range(WALK_REGISTERS)
+_NO_VALUES = (0,) * WALK_REGISTERS
 
 
 def state_from_regs(regs, *, innermost_is_caller=False):

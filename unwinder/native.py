@@ -93,7 +93,7 @@ __all__ = [
     "WalkState", "OutFrame", "RuleRecord", "ModuleEntry", "TablesHeader", "TranslationHeader",
     "NATIVE_WALK_TYPE", "CARRIED_REGISTERS", "native_walk_address", "walker_ir",
     "state_from_regs", "stack_bounds_of", "module_eh_frame",
-    # also importable from here, as before: the ABI's constants
+    # the ABI constants and the native code's symbol
     "TranslationPair", "RULE_NOT_NATIVE", "RA_CARRIED", "WALK_REGISTERS", "SLOT_BYTES",
     "SAME_VALUE_CODE", "UNDEFINED_CODE", "MAX_SLOT_CODE", "STATE_EXACT", "STATE_TRANSLATED",
     "STATE_HAS_PREV", "NO_MODULE", "FRAME_SIGNAL", "FRAME_TRANSLATED", "FRAME_EXACT",

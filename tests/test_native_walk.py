@@ -434,7 +434,8 @@ def test_bad_input_raises_from_the_unwinder_hierarchy():
     with pytest.raises(NativeWalkerError):
         ReturnAddressTable(0)
     assert issubclass(NativeWalkerError, UnwindError)
-    from unwinder.native import NativeWalker, _check_bounds, state_from_regs
+    from unwinder.native import NativeWalker, state_from_regs
+    from unwinder.native_walker import _check_bounds
     with pytest.raises(NativeWalkerError):
         NativeWalker(AddressSpace(), chunk_frames=0)
     with pytest.raises(NativeWalkerError):

@@ -47,3 +47,7 @@ class NativeSourceError(UnwindError):
     """A hand-written ``.ll``/``.s`` file could not be rendered: a missing or
     unused placeholder, a layout LLVM would not share (see
     :mod:`unwinder.nativesrc`). Always a bug in the package, never bad input."""
+
+
+class NativeWalkerError(UnwindError):
+    """The native walker could not be built or was used wrongly (bad bounds, closed walker)."""

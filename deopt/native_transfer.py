@@ -68,16 +68,16 @@ freed.
 """
 from __future__ import annotations
 
-import array
 import ctypes
-import itertools
-import operator
 from dataclasses import dataclass
 
+from unwinder import nativesrc
 from unwinder.compiled import (OP_COPY, OP_GENERAL, OP_LOAD, OP_SAME, OP_UNDEF, OP_VALUE)
 from unwinder.x86_64 import CALLEE_SAVED, R12, R13, R14, R15, RA, RBP, RBX, RSP
 
-from .errors import DeoptError
+from .native_lifo import (HANDED, PENDING, TAKEN, LifoEntry, NativeTransferError,
+                          ThreadBlock, ThreadLifo)
+from .plan import STATE_SLOTS
 from .stackmaps import LocationKind
 from .stub import EXIT_STATE_TO_ENTRY_RSP, ExitState, TransferPlan
 
@@ -85,7 +85,7 @@ __all__ = [
     "DISPATCH_SYMBOL", "STATE_SLOTS", "PENDING", "TAKEN", "HANDED",
     "LifoEntry", "Descriptor", "ThreadBlock", "Target", "NativeFramePlan", "Unsupported",
     "compile_frame_map", "version_transfer_ir", "dispatch_module_ir", "permutation",
-    "ThreadLifo", "NativeTransferError",
+    "ThreadLifo", "NativeTransferError", "dispatch_ir", "NATIVE_SOURCES",
 ]
 
 _MASK64 = (1 << 64) - 1
@@ -97,32 +97,6 @@ _MASK64 = (1 << 64) - 1
 #: when the Python transfer must run (the stack and the slot are untouched
 #: then; the entry, if there was one, is marked HANDED).
 DISPATCH_SYMBOL = "osrjit_ntx_dispatch"
-
-#: 8-byte slots of a thread's state buffer: ``state[0]`` is the call result,
-#: so a frame map with up to ``STATE_SLOTS − 1`` live values can be transferred.
-STATE_SLOTS = 256
-
-#: :attr:`LifoEntry.status` values. Only the dispatcher moves an entry out of
-#: PENDING, and only on the entry's own thread.
-PENDING = 0
-#: Transferred natively: the record must be dropped by Python (drain).
-TAKEN = 1
-#: Handed to the Python transfer (no native target): Python takes the record itself.
-HANDED = 2
-
-
-class NativeTransferError(DeoptError):
-    """Native transfer code could not be generated for a version (its frames
-    then take the Python transfer; see ``NativeTransferPath.build_errors``)."""
-
-
-class LifoEntry(ctypes.Structure):
-    """One hijacked slot of a thread (32 bytes). ``slot`` / ``original_ra``:
-    absolute addresses; ``descriptor``: address of its frame map's :class:`Descriptor`."""
-    _fields_ = [("slot", ctypes.c_uint64),
-                ("original_ra", ctypes.c_uint64),
-                ("descriptor", ctypes.c_uint64),
-                ("status", ctypes.c_int64)]
 
 
 class Descriptor(ctypes.Structure):
@@ -136,35 +110,6 @@ class Descriptor(ctypes.Structure):
                 ("index", ctypes.c_int64),
                 ("target", ctypes.c_uint64),
                 ("version", ctypes.c_int64)]
-
-
-class ThreadBlock(ctypes.Structure):
-    """A thread's LIFO header, transfer plan and state buffer.
-
-    ``top``: entries ``[0, top)`` may be PENDING, ``entries[top − 1]`` is the
-    innermost; ``entries``: address of the :class:`LifoEntry` array;
-    ``capacity``: its length (Python only). Counters, written by the owner
-    thread only: ``searches`` (records found below the top), ``misses``
-    (slots not in the LIFO: Python transfer), ``handed`` (records without a
-    native target: Python transfer). ``plan``/``state``: what the stub and the
-    resume entry read (reused by the thread's next transfer).
-    """
-    _fields_ = [("top", ctypes.c_int64),
-                ("entries", ctypes.c_uint64),
-                ("capacity", ctypes.c_int64),
-                ("searches", ctypes.c_int64),
-                ("misses", ctypes.c_int64),
-                ("handed", ctypes.c_int64),
-                ("plan", TransferPlan),
-                ("state", ctypes.c_uint64 * STATE_SLOTS)]
-
-
-# The dispatcher's IR uses these offsets; checked at import.
-assert ctypes.sizeof(LifoEntry) == 32 and LifoEntry.status.offset == 24
-assert ctypes.sizeof(Descriptor) == 32 and Descriptor.target.offset == 16
-assert [ThreadBlock.entries.offset, ThreadBlock.searches.offset, ThreadBlock.misses.offset,
-        ThreadBlock.handed.offset, ThreadBlock.plan.offset, ThreadBlock.state.offset] == \
-    [8, 24, 32, 40, 48, 160]
 
 
 def _target_type(count):
@@ -445,365 +390,22 @@ def version_transfer_ir(symbol, plans):
     return "\n".join(out) + "\n"
 
 
-_DISPATCH_IR = """
-define ptr @{sym}(ptr %exit, ptr %block, ptr %status) nounwind {{
-entry:
-  %noblock = icmp eq ptr %block, null
-  br i1 %noblock, label %none, label %look
-none:
-  ret ptr null
-look:
-  %slotp = getelementptr inbounds i8, ptr %exit, i64 {slot_off}
-  %slot = ptrtoint ptr %slotp to i64
-  %top = load i64, ptr %block, align 8
-  %entries.p = getelementptr inbounds i8, ptr %block, i64 8
-  %entries = load ptr, ptr %entries.p, align 8
-  %empty = icmp eq i64 %top, 0
-  br i1 %empty, label %miss, label %checktop
-checktop:
-  %ti = sub i64 %top, 1
-  %te.o = mul i64 %ti, 32
-  %te = getelementptr inbounds i8, ptr %entries, i64 %te.o
-  %te.slot = load i64, ptr %te, align 8
-  %te.st.p = getelementptr inbounds i8, ptr %te, i64 24
-  %te.st = load i64, ptr %te.st.p, align 8
-  %te.m1 = icmp eq i64 %te.slot, %slot
-  %te.m2 = icmp eq i64 %te.st, 0
-  %te.m = and i1 %te.m1, %te.m2
-  br i1 %te.m, label %found, label %search
-search:
-  %i = phi i64 [ %ti, %checktop ], [ %in, %next ]
-  %more = icmp sgt i64 %i, 0
-  br i1 %more, label %probe, label %miss
-probe:
-  %in = sub i64 %i, 1
-  %e.o = mul i64 %in, 32
-  %e = getelementptr inbounds i8, ptr %entries, i64 %e.o
-  %e.slot = load i64, ptr %e, align 8
-  %e.st.p = getelementptr inbounds i8, ptr %e, i64 24
-  %e.st = load i64, ptr %e.st.p, align 8
-  %e.m1 = icmp eq i64 %e.slot, %slot
-  %e.m2 = icmp eq i64 %e.st, 0
-  %e.m = and i1 %e.m1, %e.m2
-  br i1 %e.m, label %searched, label %next
-next:
-  br label %search
-searched:
-  %sc.p = getelementptr inbounds i8, ptr %block, i64 24
-  %sc = load i64, ptr %sc.p, align 8
-  %sc1 = add i64 %sc, 1
-  store i64 %sc1, ptr %sc.p, align 8
-  br label %found
-found:
-  %fe = phi ptr [ %te, %checktop ], [ %e, %searched ]
-  %fe.st = getelementptr inbounds i8, ptr %fe, i64 24
-  %desc.p = getelementptr inbounds i8, ptr %fe, i64 16
-  %desc = load ptr, ptr %desc.p, align 8
-  %target.p = getelementptr inbounds i8, ptr %desc, i64 16
-  %target = load atomic ptr, ptr %target.p acquire, align 8
-  %notarget = icmp eq ptr %target, null
-  br i1 %notarget, label %hand, label %go
-hand:
-  store atomic i64 {handed}, ptr %fe.st release, align 8
-  %hc.p = getelementptr inbounds i8, ptr %block, i64 40
-  %hc = load i64, ptr %hc.p, align 8
-  %hc1 = add i64 %hc, 1
-  store i64 %hc1, ptr %hc.p, align 8
-  br label %pop
-go:
-  %ra.p = getelementptr inbounds i8, ptr %fe, i64 8
-  %ra = load i64, ptr %ra.p, align 8
-  store i64 %ra, ptr %slotp, align 8
-  %code = load ptr, ptr %desc, align 8
-  %index.p = getelementptr inbounds i8, ptr %desc, i64 8
-  %index = load i64, ptr %index.p, align 8
-  %plan = getelementptr inbounds i8, ptr %block, i64 {plan_off}
-  %state = getelementptr inbounds i8, ptr %block, i64 {state_off}
-  call void %code(ptr %exit, i64 %index, i64 %ra, ptr %target, ptr %plan, ptr %state)
-  %status.i = ptrtoint ptr %status to i64
-  %sp.p = getelementptr inbounds i8, ptr %plan, i64 {status_off}
-  store i64 %status.i, ptr %sp.p, align 8
-  ; The last access to per-version memory was above: from here on Python
-  ; may free the old version's transfer code.
-  store atomic i64 {taken}, ptr %fe.st release, align 8
-  br label %pop
-pop:
-  %result = phi ptr [ %plan, %go ], [ null, %hand ]
-  br label %poploop
-poploop:
-  %t = phi i64 [ %top, %pop ], [ %tn, %popcheck ]
-  %nonempty = icmp sgt i64 %t, 0
-  br i1 %nonempty, label %popcheck, label %popdone
-popcheck:
-  %tn = sub i64 %t, 1
-  %pe.o = mul i64 %tn, 32
-  %pe.st.o = add i64 %pe.o, 24
-  %pe.st.p = getelementptr inbounds i8, ptr %entries, i64 %pe.st.o
-  %pe.st = load i64, ptr %pe.st.p, align 8
-  %gone = icmp ne i64 %pe.st, 0
-  br i1 %gone, label %poploop, label %popdone
-popdone:
-  store i64 %t, ptr %block, align 8
-  ret ptr %result
-miss:
-  %mc.p = getelementptr inbounds i8, ptr %block, i64 32
-  %mc = load i64, ptr %mc.p, align 8
-  %mc1 = add i64 %mc, 1
-  store i64 %mc1, ptr %mc.p, align 8
-  ret ptr null
-}}
-"""
+# --------------------------------------------------------------------------
+# The dispatcher (hand-written)
+# --------------------------------------------------------------------------
+
+def dispatch_ir():
+    """``native_dispatch.ll`` rendered: the dispatcher (:data:`DISPATCH_SYMBOL`)."""
+    return nativesrc.render_file(
+        __package__, "native_dispatch.ll",
+        structs=[ThreadBlock, TransferPlan, LifoEntry, Descriptor, ExitState],
+        values={"DISPATCH_SYMBOL": DISPATCH_SYMBOL, "PENDING": PENDING, "TAKEN": TAKEN,
+                "HANDED": HANDED})
 
 
 def dispatch_module_ir(triple):
     """Textual IR of a module holding only the dispatcher (:data:`DISPATCH_SYMBOL`)."""
-    body = _DISPATCH_IR.format(
-        sym=DISPATCH_SYMBOL, slot_off=ExitState.slot.offset, plan_off=ThreadBlock.plan.offset,
-        state_off=ThreadBlock.state.offset, status_off=TransferPlan.status_ptr.offset,
-        taken=TAKEN, handed=HANDED)
-    return f'target triple = "{triple}"\n' + body
+    return f'target triple = "{triple}"\n' + dispatch_ir()
 
 
-# --------------------------------------------------------------------------
-# One thread's LIFO, Python side
-# --------------------------------------------------------------------------
-
-class ThreadLifo:
-    """Owns one thread's :class:`ThreadBlock` and entry array.
-
-    ``token``: the runtime's handle of the thread (opaque here; kept alive with
-    this object). The native array is the only record of the entries: its
-    first :attr:`size` :class:`LifoEntry` were written by the last
-    :meth:`commit`; :meth:`drain` reports, by slot, those the dispatcher has
-    moved out of PENDING since; :meth:`commit` (world stopped only) rewrites
-    the array from the still-pending entries and the ones queued since
-    (:meth:`push` one by one, :meth:`push_entries` as ready-made native
-    records).
-    """
-
-    def __init__(self, token=None):
-        self.token = token
-        self.block = ThreadBlock()
-        self.address = ctypes.addressof(self.block)
-        self._array = None
-        #: Entries written by the last commit.
-        self.size = 0
-        self._seen = bytearray()   # 1: status already reported by drain()
-        self._new = []             # (slot, original_ra, descriptor) pushed one by one
-        self._raw_new = []         # LifoEntry bytes, highest slot first, per push_entries()
-        self._pending = 0          # entries reserve()d above size, not settled yet
-
-    def __len__(self):
-        """Entries written that drain() has not yet seen leave PENDING, plus
-        pushes and reserved entries."""
-        return (self._seen.count(0) + len(self._new) + self._pending
-                + sum(len(r) for r in self._raw_new) // _ENTRY_SIZE)
-
-    def push(self, record, descriptor_address):
-        """Queue ``record`` (``slot``, ``original_ra``) for the next :meth:`commit`."""
-        self._new.append((record.slot, record.original_ra, descriptor_address))
-
-    def push_entries(self, raw):
-        """Queue ready-made :class:`LifoEntry` records (``bytes``, PENDING,
-        highest slot first) for the next :meth:`commit`."""
-        if len(raw) % _ENTRY_SIZE:
-            raise NativeTransferError(f"{len(raw)} bytes are not whole LIFO entries")
-        if raw:
-            self._raw_new.append(bytes(raw))
-
-    def _raw(self):
-        return ctypes.string_at(ctypes.addressof(self._array), self.size * _ENTRY_SIZE)
-
-    def append(self, fill, n, highest_slot):
-        """Write up to ``n`` new entries straight into the native array, world stopped.
-
-        ``fill(address) -> written`` writes that many :class:`LifoEntry`
-        records (PENDING, highest slot first, every slot at most
-        ``highest_slot``, absolute) at ``address``. They go on top of the
-        entries written before when every entry drain() has not yet seen
-        leave PENDING lies above ``highest_slot`` (the new frames are
-        deeper), or at the bottom when there is none; nothing needs sorting
-        then, nor a copy. Returns ``written``, or None when that does not
-        hold or pushes are queued: then use :meth:`push_entries` and
-        :meth:`commit`. Entries written here need no :meth:`commit`.
-        """
-        room = self.reserve(n, highest_slot)
-        if room is None:
-            return None
-        written = fill(room[0])
-        self._pending = written
-        self.settle()
-        self.block.top = self.size
-        return written
-
-    def reserve(self, n, highest_slot):
-        """Room for ``n`` new entries on top, for another thread of control to
-        write later (world stopped): the conditions of :meth:`append`, else
-        None (see :meth:`append`).
-        Until :meth:`settle` the array holds only the entries below them (a
-        drain does not look at the room) and ``block.top`` is theirs. Returns
-        ``(address, top)``: ``top`` is what ``block.top`` becomes once they
-        are written."""
-        if self._new or self._raw_new or self._pending:
-            return None
-        seen = self._seen
-        live = seen.rfind(0) if self.size else -1
-        if live >= 0:
-            top_slot = int.from_bytes(ctypes.string_at(
-                ctypes.addressof(self._array) + live * _ENTRY_SIZE, 8), "little")
-            if top_slot <= highest_slot:
-                return None
-            base = self.size          # after every entry drain() has not reported yet
-        else:
-            base = 0                  # drain() reported every entry: start afresh
-            self.size = 0
-            self._seen = bytearray()
-        self._reserve(base + n)
-        self.block.top = base
-        self._pending = n
-        return ctypes.addressof(self._array) + base * _ENTRY_SIZE, base + n
-
-    def unreserve(self):
-        """Give back the room :meth:`reserve` made (nothing was written there)."""
-        self._pending = 0
-
-    def settle(self):
-        """The :meth:`reserve` d entries were written (and ``block.top`` set):
-        from now on they are entries like the others."""
-        n, self._pending = self._pending, 0
-        self.size += n
-        self._seen.extend(bytes(n))
-
-    def _reserve(self, n):
-        """Make the array hold at least ``n`` entries, keeping the first :attr:`size`."""
-        if self._array is not None and len(self._array) >= n:
-            return
-        array_ = (LifoEntry * max(16, 2 * n))()
-        if self.size:
-            _memmove(array_, self._array, self.size * _ENTRY_SIZE)
-        self._array = array_
-        self.block.entries = ctypes.addressof(array_)
-        self.block.capacity = len(array_)
-
-    def drain(self):
-        """``(taken, handed)``: slots whose entries left PENDING since the last drain.
-
-        ``taken``: transferred natively (the caller drops them from its hijack
-        table); ``handed``: given to the Python transfer (which took them).
-        Safe while threads run: only statuses are read.
-        """
-        n = self.size
-        seen = self._seen
-        if n == 0 or seen.count(0) == 0:
-            return [], []
-        raw = self._raw()
-        marks = raw[24::_ENTRY_SIZE]              # low byte of each status
-        moved = marks.translate(_MOVED)           # 1: not PENDING
-        if moved == seen:
-            return [], []
-        words = memoryview(raw).cast("Q")
-        taken, handed = [], []
-        for i in itertools.compress(range(n), map(operator.ne, moved, seen)):
-            seen[i] = 1
-            (taken if marks[i] == TAKEN else handed).append(words[4 * i])
-        return taken, handed
-
-    def entries(self):
-        """``[(slot, original_ra, descriptor)]`` of the entries written and
-        not yet seen leave PENDING, in native order (tests, debugging)."""
-        if not self.size:
-            return []
-        words = memoryview(self._raw()).cast("Q")
-        return [(words[4 * i], words[4 * i + 1], words[4 * i + 2])
-                for i in range(self.size) if not self._seen[i]]
-
-    def commit(self, reorder=None, drain=True):
-        """Rewrite the native LIFO: pending entries plus new pushes, innermost on top.
-
-        World stopped only (no thread may be in a transfer). Drains first and
-        returns that drain's ``(taken, handed)`` (see :meth:`drain`): the
-        caller must account for them like for any drain. With nothing queued
-        the array is left as it is.
-        ``reorder(list) -> list`` (tests) may permute or drop entries of the
-        sorted list ``[(slot, original_ra, descriptor)]``; a dropped entry is
-        no longer native: its transfer falls back to Python.
-        ``drain=False``: the caller drained while the world was already
-        stopped (no entry can have moved since): with nothing queued the
-        statuses are not read again and ``([], [])`` is returned (an array
-        that is rewritten is always drained first).
-        """
-        queued = self._new or self._raw_new or reorder is not None
-        if not queued and not drain:
-            return [], []
-        drained = self.drain()
-        if self._pending:
-            # Room reserved for entries another thread of control writes:
-            # nothing is merged meanwhile (pushes never meet a reservation).
-            if self._new or self._raw_new:
-                raise NativeTransferError("entries pushed to a LIFO with reserved room")
-            return drained
-        if not queued:
-            return drained
-        pieces = []
-        if self.size and self._seen.count(0):
-            raw = self._raw()
-            if self._seen.count(1) == 0:
-                pieces.append(raw)
-            else:
-                pieces.append(b"".join(raw[i * _ENTRY_SIZE:(i + 1) * _ENTRY_SIZE]
-                                       for i in range(self.size) if not self._seen[i]))
-        pieces += self._raw_new
-        self._raw_new = []
-        new, self._new = self._new, []
-        # Highest slot first: the innermost frame (lowest slot) returns first.
-        # Every piece is sorted; joined they are when each one starts below
-        # where the previous one ended.
-        ordered = not new and reorder is None and all(
-            _first_slot(b) < _last_slot(a) for a, b in zip(pieces, pieces[1:]))
-        if ordered:
-            data = b"".join(pieces)
-        else:
-            keep = new
-            for piece in pieces:
-                w = memoryview(piece).cast("Q")
-                keep += zip(w[0::4], w[1::4], w[2::4])
-            keep.sort(key=lambda e: e[0], reverse=True)
-            if reorder is not None:
-                keep = list(reorder(keep))
-            words = array.array("Q")
-            for slot, ra, desc in keep:
-                words.extend((slot, ra, desc, PENDING))
-            data = words.tobytes()
-        n = len(data) // _ENTRY_SIZE
-        block = self.block
-        if self._array is None or len(self._array) < n:
-            self.size = 0             # the old entries are all in data
-            self._reserve(n)
-        if n:
-            _memmove(self._array, data, len(data))
-        block.top = n
-        self.size = n
-        self._seen = bytearray(n)
-        return drained
-
-    @property
-    def pending(self):
-        """Whether an entry may still be PENDING (or a push is waiting for commit)."""
-        return len(self) > 0
-
-
-_ENTRY_SIZE = ctypes.sizeof(LifoEntry)
-#: memmove keeping the GIL (``ctypes.memmove`` gives it away, and a commit
-#: runs while the world is stopped: it must not wait for another thread).
-_memmove = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_size_t)(ctypes._memmove_addr)
-#: bytes.translate table: status low byte -> 1 unless PENDING.
-_MOVED = bytes(0 if b == PENDING else 1 for b in range(256))
-
-
-def _first_slot(raw):
-    return int.from_bytes(raw[:8], "little")
-
-
-def _last_slot(raw):
-    return int.from_bytes(raw[-_ENTRY_SIZE:-_ENTRY_SIZE + 8], "little")
+NATIVE_SOURCES = {"native_dispatch.ll": dispatch_ir}

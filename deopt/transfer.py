@@ -1,19 +1,23 @@
 """The transfer: an old frame at a site → the state for the new version's resume entry.
 
 One routine, shaped like LuaJIT's ``lj_snap_restore``: it takes the register
-file the stub saved and the frame map of the site, reads every live value
-(:func:`read_live_values`, like ``snap_restoreval``: constant, register, stack
-slot), and returns where to resume. Both the Python transfer and the emulated
-backend use it; registers and memory arrive as plain ints and a
-:class:`~unwinder.memory.Memory`.
+file the stub saved and the :class:`~deopt.plan.FramePlan` of the site,
+reads every live value (:func:`read_live_values`, like ``snap_restoreval``:
+constant, register, stack slot), unwinds the frame by the plan's rules
+(:func:`unwind_frame`) and returns where to resume. Both the Python transfer
+and the emulated backend use it; registers and memory arrive as plain ints and
+a :class:`~unwinder.memory.Memory`. The native transfer
+(:mod:`deopt.native_transfer`) is generated from the same plans.
 
 Frame replacement, in formulas (``E`` = the RSP the stub was entered with =
-the old frame's RSP right after its call)::
+the old frame's RSP right after its call; the sources are the plan's, see
+:mod:`deopt.plan`)::
 
-    regs        = {RSP: E, RIP: original_ra, RBX/RBP/R12–R15: as saved by the stub}
-    values[n]   = location(n) evaluated with regs             (frame map)
-    cfa, caller = unwinder.step(regs)                         (the old frame's CFI)
-    state       = [RAX] + [values[n] for n in new_site.live]  (8-byte slots)
+    regs        = {RSP: E, RA: original_ra, RBX/RBP/R12–R15: as saved by the stub}
+    values[n]   = plan.values[n] evaluated with regs
+    cfa         = plan.cfa evaluated with regs
+    caller.r    = plan.caller[r] evaluated with regs and cfa
+    state       = [regs[plan.result]] + [values[n] for n in new_site.live]  (8-byte slots)
     resume with   RSP = cfa − 8  (the caller's return address on top),
                   callee-saved registers = caller's, RDI = site id, RSI = state
 
@@ -23,11 +27,14 @@ caller's own return was hijacked too).
 """
 from dataclasses import dataclass
 
-import unwinder
+from unwinder import MemoryReadError, UnwindError
+from unwinder.walk import END_RA_UNDEFINED, END_RA_ZERO
 from unwinder.x86_64 import CALLEE_SAVED, RA, RAX, RSP
 
 from .errors import TransferError
-from .stackmaps import LocationKind
+from .plan import (Address, CfaFromExpression, CfaFromRegister, CfaPlus, Constant, InMemory,
+                   InRegister, Recovered, SameAs, SavedAt, Unavailable, Undefined, permutation,
+                   plan_frame, unavailable_message)
 
 _MASK64 = (1 << 64) - 1
 
@@ -67,38 +74,97 @@ def _read_sized(memory, address, size):
     return int.from_bytes(data, "little", signed=False)
 
 
-def read_live_values(frame_map, regs, memory):
-    """Values of the frame map's live slots in the frame whose registers are ``regs``.
+def read_live_values(plan, regs, memory):
+    """Values of the live slots of ``plan`` (a :class:`~deopt.plan.FramePlan`)
+    in the frame whose registers are ``regs``, in frame-map order.
 
     ``regs`` are the frame's own registers at the site's return address
-    (DWARF numbers). Returns ``{name: value}`` with values as unsigned 64-bit
-    ints (narrower values zero-extended; the resume entry reads the low bytes).
-    A Register location naming a register the frame does not have at its
-    return point (a caller-saved one) is a :class:`TransferError`.
+    (DWARF numbers). Values are unsigned 64-bit ints (narrower values
+    zero-extended; the resume entry reads the low bytes). A value in a
+    register the frame does not have at its return point (a caller-saved
+    one) is a :class:`TransferError`.
     """
-    out = {}
-    for slot in frame_map.values:
-        loc = slot.location
-        kind = loc.kind
-        if kind in (LocationKind.CONSTANT, LocationKind.CONSTANT_INDEX):
-            value = loc.value
+    fm = plan.frame_map
+    out = []
+    for slot, source in zip(fm.values, plan.values):
+        if isinstance(source, Constant):
+            out.append(source.bits)
+            continue
+        base = None if isinstance(source, Unavailable) else regs.get(source.register)
+        if base is None:
+            raise TransferError(f"{fm}: {unavailable_message(slot.name, source.register)}")
+        if isinstance(source, InRegister):
+            value = base
+        elif isinstance(source, Address):
+            # The value is an address in the old frame (an alloca), which
+            # dies with the frame; frames built by osrjit.ir never carry one.
+            value = base + source.offset
         else:
-            base = regs.get(loc.dwarf_reg)
-            if base is None:
-                raise TransferError(f"{frame_map}: value {slot.name!r} lives in DWARF register "
-                                    f"{loc.dwarf_reg}, which is not known at the return address")
-            if kind is LocationKind.REGISTER:
-                value = base
-            elif kind is LocationKind.DIRECT:
-                # The value is an address in the old frame (an alloca), which
-                # dies with the frame; frames built by osrjit.ir never carry one.
-                value = (base + loc.offset) & _MASK64
-            elif kind is LocationKind.INDIRECT:
-                value = _read_sized(memory, (base + loc.offset) & _MASK64, loc.size)
-            else:  # pragma: no cover - the parser admits only the five kinds
-                raise TransferError(f"unknown location kind {kind!r}")
-        out[slot.name] = value & _MASK64
-    return out
+            assert isinstance(source, InMemory)
+            value = _read_sized(memory, (base + source.offset) & _MASK64, source.size_bytes)
+        out.append(value & _MASK64)
+    return tuple(out)
+
+
+def unwind_frame(plan, regs, memory):
+    """``(cfa, caller_regs)`` of the frame whose registers are ``regs``, by the
+    plan's rules; ``caller_regs``: DWARF number -> value for RBX, RBP,
+    R12–R15. Raises :class:`TransferError` when the frame cannot be unwound,
+    or its caller's return address is not at ``cfa − 8``."""
+    fm = plan.frame_map
+    if plan.cfa is None:
+        raise TransferError(f"{fm}: no unwind row for the old frame at {regs[RA]:#x} "
+                            "(would guess by frame-pointer)")
+    read_u64 = memory.read_u64
+    end = None
+    try:
+        cfa = _cfa(plan.cfa, regs, read_u64)
+        ra = _caller_value(plan.return_address, cfa, regs, read_u64)
+        caller = {reg: _caller_value(source, cfa, regs, read_u64) for reg, source in plan.caller}
+    except MemoryReadError as e:
+        end = f"cannot read stack memory at {e.address:#x}"
+    except UnwindError as e:
+        end = str(e)
+    else:
+        if ra is None:
+            end = END_RA_UNDEFINED
+        elif ra == 0:
+            end = END_RA_ZERO
+    if end is not None:
+        raise TransferError(f"{fm}: cannot unwind the old frame: {end}")
+    source = plan.return_address
+    ra_slot = (cfa + source.offset) & _MASK64 if isinstance(source, SavedAt) else None
+    if ra_slot != cfa - 8:
+        raise TransferError(f"{fm}: the caller's return address is at {ra_slot}, "
+                            f"not at CFA - 8 = {cfa - 8:#x}")
+    return cfa, caller
+
+
+def _cfa(source, regs, read_u64):
+    if isinstance(source, CfaFromExpression):
+        return source.row.cfa_value(regs, read_u64)
+    assert isinstance(source, CfaFromRegister)
+    base = regs.get(source.register)
+    if base is None:
+        raise UnwindError(f"CFA register {source.register} is unknown in this frame")
+    return (base + source.offset) & _MASK64
+
+
+def _caller_value(source, cfa, regs, read_u64):
+    """The caller's value of a register restored from ``source`` (None: unknown)."""
+    if isinstance(source, SavedAt):
+        return read_u64((cfa + source.offset) & _MASK64)
+    if isinstance(source, CfaPlus):
+        return (cfa + source.offset) & _MASK64
+    if isinstance(source, SameAs):
+        return regs.get(source.register)
+    if isinstance(source, Recovered):
+        value = source.row.recover(source.register, cfa, regs, read_u64)
+        if value is None and source.otherwise is not None:
+            value = regs.get(source.otherwise)
+        return value
+    assert isinstance(source, Undefined)
+    return None
 
 
 def plan_transfer(record, target, saved, memory, space):
@@ -106,35 +172,33 @@ def plan_transfer(record, target, saved, memory, space):
 
     ``saved``: the registers the stub saved (DWARF numbers: RAX, RBX, RBP,
     R12–R15) and RSP = ``E``. ``target``: the :class:`ResumeTarget`.
-    ``memory``/``space``: the unwinder's view of the thread's memory and code.
-    Raises :class:`TransferError` when the frame cannot be rebuilt (the caller
-    then lets it return into the old code, which therefore stays loaded).
+    ``memory``/``space``: the unwinder's view of the thread's memory and code
+    (the frame's plan is :func:`deopt.plan.plan_frame` of its frame map in
+    ``space``). Raises :class:`TransferError` when the frame cannot be rebuilt
+    (the caller then lets it return into the old code, which therefore stays
+    loaded).
     """
-    fm = record.frame_map
+    return restore_frame(plan_frame(record.frame_map, space), record, target, saved, memory)
+
+
+def restore_frame(plan, record, target, saved, memory):
+    """:func:`plan_transfer` with the frame's :class:`~deopt.plan.FramePlan` given."""
+    fm = plan.frame_map
     regs = {r: saved[r] for r in CALLEE_SAVED if r in saved}
     regs[RSP] = saved[RSP]
     regs[RA] = record.original_ra
-    values = read_live_values(fm, regs, memory)
-    missing = [n for n in target.live if n not in values]
-    if missing:
+    values = read_live_values(plan, regs, memory)
+    perm = permutation(fm, target.live)
+    if perm is None:
+        missing = [n for n in target.live if n not in fm.names]
         raise TransferError(f"{fm}: the new version needs {missing}, which the old frame "
                             "does not record")
-    state = (saved.get(RAX, 0) & _MASK64,) + tuple(values[n] for n in target.live)
-    try:
-        frame, caller = unwinder.step(regs, memory, space, caller_frame=True)
-    except unwinder.UnwindError as e:
-        raise TransferError(f"{fm}: cannot unwind the old frame: {e}") from e
-    if caller is None:
-        raise TransferError(f"{fm}: cannot unwind the old frame: {frame.end_reason}")
-    if frame.fallback is not None:
-        raise TransferError(f"{fm}: no unwind row for the old frame at {record.original_ra:#x} "
-                            f"(would guess by {frame.fallback})")
-    if frame.ra_slot != frame.cfa - 8:
-        raise TransferError(f"{fm}: the caller's return address is at {frame.ra_slot}, "
-                            f"not at CFA - 8 = {frame.cfa - 8:#x}")
-    caller_regs = {r: caller.get(r, regs.get(r)) for r in CALLEE_SAVED}
-    return Transfer(rsp=frame.cfa - 8, rip=target.resume_entry, site_id=target.site_id,
-                    state=state, caller_regs=caller_regs, cfa=frame.cfa)
+    state = (saved.get(plan.result, 0) & _MASK64,) + tuple(values[i] for i in perm)
+    cfa, caller = unwind_frame(plan, regs, memory)
+    # A register whose caller value is unknown keeps the frame's own.
+    caller_regs = {r: regs.get(r) if caller.get(r) is None else caller[r] for r in CALLEE_SAVED}
+    return Transfer(rsp=cfa - 8, rip=target.resume_entry, site_id=target.site_id,
+                    state=state, caller_regs=caller_regs, cfa=cfa)
 
 
 @dataclass(frozen=True)

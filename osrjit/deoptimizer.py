@@ -33,6 +33,7 @@ import llvmlite.binding as llvm
 
 import unwinder
 from deopt import native_transfer as ntx
+from deopt import plan as frame_plan
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
@@ -172,9 +173,9 @@ def _store_u64(address, value):
 class _VersionTransfer:
     """The native transfer code of one version and the descriptors of its frame maps.
 
-    ``plans[k]``: the :class:`~deopt.native_transfer.NativeFramePlan` of frame
-    map ``k`` (``version.frame_maps[k]``) or an
-    :class:`~deopt.native_transfer.Unsupported`. ``descriptors[k]``: what a
+    ``plans[k]``: the :class:`~deopt.plan.FramePlan` of frame map ``k``
+    (``version.frame_maps[k]``); it has a native case unless its
+    ``native_error`` says why not. ``descriptors[k]``: what a
     LIFO entry points at. ``targets[k]``: the
     :class:`~deopt.native_transfer.Target` ``descriptors[k].target`` holds
     (None: NULL). Replaced targets are kept in ``retired`` (a transfer that
@@ -197,7 +198,7 @@ class _VersionTransfer:
         self.targets = [None] * len(plans)
         self.retired = []
         self.index_by_ra = {fm.return_address: k for k, fm in enumerate(self.frame_maps)
-                            if isinstance(plans[k], ntx.NativeFramePlan)}
+                            if plans[k].native}
         self.native_cases = frozenset(self.index_by_ra.values())
 
     def descriptor_address(self, k):
@@ -293,13 +294,12 @@ class NativeTransferPath:
         """
         if version.id in self._versions or version.id in self.build_errors:
             return
-        plans = [ntx.compile_frame_map(fm, self._space) for fm in version.frame_maps]
+        plans = [frame_plan.plan_frame(fm, self._space) for fm in version.frame_maps]
         symbol = f"osrjit_ntx_v{version.id}"
         try:
-            text = ntx.version_transfer_ir(
-                symbol, [p if isinstance(p, ntx.NativeFramePlan) else None for p in plans])
             tm = self._codegen_tm()
-            obj = tm.emit_object(self._module(f'target triple = "{tm.triple}"\n' + text))
+            text = ntx.version_transfer_ir(symbol, plans, tm.triple)
+            obj = tm.emit_object(self._module(text))
         except RuntimeError as e:
             self.build_errors[version.id] = ntx.NativeTransferError(
                 f"{version.name} v{version.id}: {e}")

@@ -22,28 +22,34 @@ import pytest
 
 from childproc import run_child
 from deopt import native_transfer as ntx
+from deopt import plan as frame_plan
 from deopt.framemaps import FrameMap, LiveSlot
+from deopt.plan import (CfaFromRegister, Constant, InMemory, InRegister, SameAs, SavedAt,
+                        plan_frame)
 from deopt.stackmaps import Location, LocationKind as K
 from unwinder.compiled import (CARRIED, OP_COPY, OP_GENERAL, OP_LOAD, OP_SAME, OP_UNDEF,
                                OP_VALUE, StepPlan)
-from unwinder.x86_64 import R12, R13, R14, R15, RA, RAX, RBP, RBX, RCX, RSP
+from unwinder.x86_64 import CALLEE_SAVED, R12, R13, R14, R15, RA, RAX, RBP, RBX, RCX, RSP
 
 import test_replace as tr
 import test_threads as tt
 
 
 # --------------------------------------------------------------------------
-# Frame maps compiled for native code (pure: no code runs)
+# Frame plans, and what native code can run (pure: no code runs)
 # --------------------------------------------------------------------------
 
 class FakeSpace:
-    """An address space with one unwind row for every pc (``unwind_entry``)."""
+    """An address space with one unwind row for every pc (``unwind_entry``),
+    or, given ``rows``, the row ``rows[pc]`` (None, or no such pc: none)."""
 
-    def __init__(self, plan):
+    def __init__(self, plan=None, rows=None):
         self.plan = plan
+        self.rows = rows
 
     def unwind_entry(self, pc):
-        return None if self.plan is None else (self.plan, False, None)
+        plan = self.plan if self.rows is None else self.rows.get(pc)
+        return None if plan is None else (plan, False, None)
 
     def find_module(self, pc, refresh=True):
         return None
@@ -64,15 +70,16 @@ def _frame_map(locations, return_address=0x1000, site_id=7):
     return FrameMap("f", 1, site_id, "call", return_address, values, True)
 
 
-def test_an_rsp_based_frame_map_compiles_to_a_native_plan():
+def test_an_rsp_based_frame_map_plans_a_native_transfer():
     fm = _frame_map([Location(K.INDIRECT, 8, RSP, 8), Location(K.CONSTANT, 8, 0, -1),
                      Location(K.REGISTER, 8, RBX, 0), Location(K.INDIRECT, 4, RBP, -4)])
-    plan = ntx.compile_frame_map(fm, FakeSpace(_step_plan(rules={RBX: (OP_LOAD, -16)})))
-    assert isinstance(plan, ntx.NativeFramePlan)
-    assert plan.values == (("load", RSP, 8, 8), ("const", 2 ** 64 - 1), ("reg", RBX),
-                           ("load", RBP, -4, 4))
-    assert plan.cfa == (RSP, 32)
-    assert dict(plan.caller)[RBX] == ("load", -16) and dict(plan.caller)[R12] == ("own", R12)
+    plan = plan_frame(fm, FakeSpace(_step_plan(rules={RBX: (OP_LOAD, -16)})))
+    assert plan.native and plan.native_error is None
+    assert plan.values == (InMemory(RSP, 8, 8), Constant(2 ** 64 - 1), InRegister(RBX),
+                           InMemory(RBP, -4, 4))
+    assert plan.cfa == CfaFromRegister(RSP, 32)
+    assert plan.return_address == SavedAt(-8) and plan.result == RAX
+    assert dict(plan.caller)[RBX] == SavedAt(-16) and dict(plan.caller)[R12] == SameAs(R12)
 
 
 @pytest.mark.parametrize("plan,locations,why", [
@@ -85,13 +92,13 @@ def test_an_rsp_based_frame_map_compiles_to_a_native_plan():
     (_step_plan(), [Location(K.INDIRECT, 8, RAX, 8)], "not known at the return address"),
 ])
 def test_what_native_code_cannot_express_is_left_to_the_python_transfer(plan, locations, why):
-    out = ntx.compile_frame_map(_frame_map(locations), FakeSpace(plan))
-    assert isinstance(out, ntx.Unsupported) and why in out.reason
+    out = plan_frame(_frame_map(locations), FakeSpace(plan))
+    assert not out.native and why in out.native_error
 
 
 def test_too_many_live_values_for_the_state_buffer_are_left_to_python():
     fm = _frame_map([Location(K.CONSTANT, 8, 0, i) for i in range(ntx.STATE_SLOTS)])
-    assert "at most" in ntx.compile_frame_map(fm, FakeSpace(_step_plan())).reason
+    assert "at most" in plan_frame(fm, FakeSpace(_step_plan())).native_error
 
 
 def test_permutation_maps_the_new_sites_order_onto_the_old_frame():
@@ -108,7 +115,7 @@ def test_the_transfer_option_is_checked():
 
 
 # --------------------------------------------------------------------------
-# Generated code against the Python transfer, on a synthetic frame
+# Generated code against the Python transfer, case by case
 # --------------------------------------------------------------------------
 
 # Every location kind and every unwind rule the generated code handles.
@@ -126,24 +133,28 @@ SYNTHETIC_LOCATIONS = [
 # R12 is a value rule, R13 a copy of R14, R14 same value, R15 undefined.
 SYNTHETIC_RULES = {RBX: (OP_LOAD, -24), RBP: (OP_LOAD, -16), R12: (OP_VALUE, 8),
                    R13: (OP_COPY, R14), R14: (OP_SAME, 0), R15: (OP_UNDEF, 0)}
+#: The synthetic stack: 128 words, the ExitState at its start, E = start + 80.
+STACK_WORDS = 128
+#: The hijacked frames' original return address (DWARF register 16).
+ORIGINAL_RA = 0xBEEF
 
 
-def _synthetic_frame():
-    """A fake stack: ExitState at its start (E = base + 80), the old frame above.
+def _synthetic_frame(seed=0):
+    """A fake stack: ExitState at its start (E = base + 80), the old frame above,
+    every other word pseudo-random (``seed``).
 
     Returns (buffer, exit address, E, saved registers by DWARF number).
     """
     from deopt.stub import ExitState
-    words = (ctypes.c_uint64 * 64)()
+    rng = random.Random(seed)
+    words = (ctypes.c_uint64 * STACK_WORDS)(*(rng.getrandbits(64) | 1
+                                              for _ in range(STACK_WORDS)))
     base = ctypes.addressof(words)
     E = base + 80
-    es = ExitState.from_address(base)
     rbp = E + 64                                   # CFA = rbp + 16 = E + 80
     saved = {RAX: 0x4242, RBX: 0x1111, RBP: rbp, R12: 0x1212, R13: 0x1313, R14: 0x1414,
              R15: 0x1515}
-    for reg, name in ((RAX, "rax"), (RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"),
-                      (R14, "r14"), (R15, "r15")):
-        setattr(es, name, saved[reg])
+    _set_exit_state(ExitState.from_address(base), saved)
 
     def put(address, value):
         ctypes.c_uint64.from_address(address).value = value
@@ -159,66 +170,175 @@ def _synthetic_frame():
     return words, base, E, saved
 
 
-def synthetic_equivalence_scenario():
-    """Run the generated code for a synthetic frame; compare with plan_transfer."""
+def _set_exit_state(es, saved):
+    for reg, name in ((RAX, "rax"), (RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"),
+                      (R14, "r14"), (R15, "r15")):
+        setattr(es, name, saved[reg])
+
+
+class Case:
+    """One frame map of the version under test: its locations, its unwind row
+    (a StepPlan, or None), the callee-saved registers the stub saved for it
+    (``("E", n)``: the address ``E + n`` in the synthetic stack; else a
+    value; missing: the synthetic frame's) and the new site's live names."""
+
+    def __init__(self, locations, row, live, regs=None):
+        self.locations, self.row, self.live, self.regs = locations, row, live, regs or {}
+
+
+def random_case(rng):
+    """A frame map the native transfer can run, with everything drawn from
+    ``rng``: values of every kind and size over registers that point into
+    the synthetic stack, a CFA based on one of them, every rule kind."""
+    pointers = rng.sample(list(CALLEE_SAVED), rng.randint(0, 4))
+    regs = {r: ("E", 8 * rng.randint(8, 60)) if r in pointers else rng.getrandbits(64)
+            for r in CALLEE_SAVED}
+    position = {RSP: 0, **{r: regs[r][1] for r in pointers}}     # bytes above E
+    bases = [RSP] + pointers
+    cfa_register = rng.choice(bases)
+    cfa_offset = 8 * rng.randint(16, 70) - position[cfa_register]
+    rules = {}
+    for reg in CALLEE_SAVED:
+        rules[reg] = rng.choice([(OP_LOAD, -8 * rng.randint(2, 8)),
+                                 (OP_VALUE, 8 * rng.randint(-4, 4)),
+                                 (OP_COPY, rng.choice((RSP, RA, RAX, RCX) + CALLEE_SAVED)),
+                                 (OP_SAME, 0), (OP_UNDEF, 0)])
+    known = (RSP, RA) + CALLEE_SAVED
+    locations = []
+    for _ in range(rng.randint(0, 12)):
+        kind = rng.choice(list(K))
+        if kind is K.INDIRECT:
+            locations.append(Location(K.INDIRECT, rng.choice((1, 2, 4, 8, 16)),
+                                      rng.choice(bases), rng.randint(-48, 48)))
+        elif kind is K.REGISTER:
+            locations.append(Location(K.REGISTER, 8, rng.choice(known), 0))
+        elif kind is K.DIRECT:
+            locations.append(Location(K.DIRECT, 8, rng.choice(known), rng.randint(-99, 99)))
+        elif kind is K.CONSTANT:
+            locations.append(Location(K.CONSTANT, 8, 0, rng.randint(-2 ** 31, 2 ** 31 - 1)))
+        else:
+            locations.append(Location(K.CONSTANT_INDEX, 8, 0, 0, constant=rng.getrandbits(64)))
+    names = [f"v{i}" for i in range(len(locations))]
+    live = rng.sample(names, rng.randint(0, len(names)))
+    return Case(locations, _step_plan(cfa_register, cfa_offset, rules), live, regs)
+
+
+def equivalence_scenario(cases):
+    """One version whose frame map ``k`` is ``cases[k]`` (None: no frame map
+    there): its generated code run on every case that has a native case, and
+    the Python transfer on every case, both on the synthetic stack. Returns
+    per index ``{"native": ..., "ref": ...}`` (a plan's fields; ``ref`` is an
+    error's text when the Python transfer refuses) and ``"E"``."""
     import unwinder
     from deopt.hijack import HijackRecord
-    from deopt.stub import TransferPlan
+    from deopt.stub import ExitState, TransferPlan
     from deopt.transfer import ResumeTarget, plan_transfer
     from jitutil import load_ir
 
-    fm = _frame_map(SYNTHETIC_LOCATIONS)
-    space = FakeSpace(_step_plan(cfa_register=RBP, cfa_offset=16, rules=SYNTHETIC_RULES))
-    plan = ntx.compile_frame_map(fm, space)
-    assert isinstance(plan, ntx.NativeFramePlan), plan
-    # Case 0 missing, case 1 the synthetic frame, case 2 an empty RSP-based one.
-    empty = ntx.compile_frame_map(_frame_map([]), FakeSpace(_step_plan()))
-    loaded = load_ir(ntx.version_transfer_ir("vt", [None, plan, empty]), ["vt"])
+    frame_maps = {k: _frame_map(c.locations, return_address=0x1000 + 16 * k, site_id=100 + k)
+                  for k, c in enumerate(cases) if c is not None}
+    space = FakeSpace(rows={fm.return_address - 1: cases[k].row
+                            for k, fm in frame_maps.items()})
+    plans = [None if c is None else plan_frame(frame_maps[k], space)
+             for k, c in enumerate(cases)]
+    loaded = load_ir(ntx.version_transfer_ir("vt", plans), ["vt"])
     fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64,
                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)(
         loaded.addresses["vt"])
-    words, base, E, saved = _synthetic_frame()
-    live = ["v4", "v0", "v3", "v7", "v1", "v2", "v5", "v6"]      # the new site's order
-    target = ntx.Target(0xFEED, 7, ntx.permutation(fm, live))
-    out = {}
-    for index in (1, 2):
-        p, state = TransferPlan(), (ctypes.c_uint64 * 16)()
-        p.xmm0[3] = 9
-        p.rax = 5
-        fn(base, index, 0xBEEF, target.address, ctypes.addressof(p), ctypes.addressof(state))
-        out[index] = {"rsp": p.rsp, "rip": p.rip, "rdi": p.rdi, "rsi": p.rsi, "rax": p.rax,
-                      "xmm0": bytes(p.xmm0), "state": list(state[:1 + len(live)]),
+    words, base, E, synthetic = _synthetic_frame()
+    out = {"E": E}
+    for k, fm in frame_maps.items():
+        case = cases[k]
+        saved = dict(synthetic)
+        for reg, value in case.regs.items():
+            saved[reg] = E + value[1] if isinstance(value, tuple) else value
+        _set_exit_state(ExitState.from_address(base), saved)
+        resume = ResumeTarget(0xFEED0 + k, 100 + k, tuple(case.live))
+        try:
+            ref = plan_transfer(HijackRecord(E - 8, ORIGINAL_RA, fm, None), resume, saved,
+                                unwinder.ProcessMemory(), space)
+        except Exception as e:  # noqa: BLE001 - reported, compared by the test
+            ref = f"{type(e).__name__}: {e}"
+        else:
+            ref = {"rsp": ref.rsp, "rip": ref.rip, "rdi": ref.site_id,
+                   "state": list(ref.state), "regs": dict(ref.caller_regs)}
+        native = None
+        if plans[k].native:
+            target = ntx.Target(resume.resume_entry, resume.site_id,
+                                ntx.permutation(fm, case.live))
+            p, state = TransferPlan(), (ctypes.c_uint64 * 16)()
+            p.xmm0[3] = 9
+            p.rax = 5
+            fn(base, k, ORIGINAL_RA, target.address, ctypes.addressof(p),
+               ctypes.addressof(state))
+            native = {"rsp": p.rsp, "rip": p.rip, "rdi": p.rdi,
+                      "state": list(state[:1 + len(case.live)]),
                       "regs": {r: getattr(p, n) for r, n in ((RBX, "rbx"), (RBP, "rbp"),
                                                               (R12, "r12"), (R13, "r13"),
                                                               (R14, "r14"), (R15, "r15"))},
-                      "state_address": ctypes.addressof(state)}
-    record = HijackRecord(E - 8, 0xBEEF, fm, None)
-    ref = plan_transfer(record, ResumeTarget(0xFEED, 7, tuple(live)), saved,
-                        unwinder.ProcessMemory(), space)
-    out["ref"] = {"rsp": ref.rsp, "rip": ref.rip, "rdi": ref.site_id, "state": list(ref.state),
-                  "regs": dict(ref.caller_regs)}
-    out["E"] = E
+                      "rsi_is_state": p.rsi == ctypes.addressof(state), "rax": p.rax,
+                      "xmm0": bytes(p.xmm0)}
+        out[k] = {"native": native, "ref": ref, "native_error": plans[k].native_error}
     del loaded
     return out
 
 
+def _same_as_reference(got):
+    """Assert that a case's native plan is the Python transfer's, field by field."""
+    native, ref = got["native"], got["ref"]
+    assert isinstance(ref, dict), ref
+    for key in ("state", "regs", "rsp", "rip", "rdi"):
+        assert native[key] == ref[key], key
+    assert native["rsi_is_state"] and native["rax"] == 0 and native["xmm0"] == bytes(16)
+
+
 def test_generated_code_rebuilds_a_frame_exactly_like_the_python_transfer():
-    out = run_child(synthetic_equivalence_scenario)
-    got, ref, E = out[1], out["ref"], out["E"]
-    assert got["state"] == ref["state"]
+    synthetic = Case(SYNTHETIC_LOCATIONS,
+                     _step_plan(cfa_register=RBP, cfa_offset=16, rules=SYNTHETIC_RULES),
+                     ["v4", "v0", "v3", "v7", "v1", "v2", "v5", "v6"])
+    empty = Case([], _step_plan(), [])
+    # Case 0 missing, case 1 the synthetic frame, case 2 an empty RSP-based one.
+    out = run_child(equivalence_scenario, [None, synthetic, empty])
+    E = out["E"]
+    _same_as_reference(out[1])
+    got = out[1]["native"]
     assert got["state"][0] == 0x4242                        # RAX: the call's result
     # live = v4 (RSP = E), v0, v3 (RBX), v7, v1, v2 (a byte), v5 (RBP + 16), v6 (-1).
     assert got["state"][1:] == [E, 0x1122334455667788, 0x1111, 0x8000000000000001,
                                 0xDEADBEEF, 0x9C, E + 80, 2 ** 64 - 1]
-    assert got["regs"] == ref["regs"]
     assert got["regs"] == {RBX: 0xCA11E4B8, RBP: 0xCA11E4B9, R12: E + 80 + 8, R13: 0x1414,
                            R14: 0x1414, R15: 0x1515}
-    assert (got["rsp"], got["rip"], got["rdi"]) == (ref["rsp"], ref["rip"], ref["rdi"])
     assert got["rsp"] == E + 80 - 8
-    assert got["rsi"] == got["state_address"] and got["rax"] == 0 and got["xmm0"] == bytes(16)
     # The empty RSP-based frame: CFA = E + 32, callee-saved registers its own.
-    assert out[2]["rsp"] == E + 24 and out[2]["state"][0] == 0x4242
-    assert out[2]["regs"][R14] == 0x1414
+    _same_as_reference(out[2])
+    assert out[2]["native"]["rsp"] == E + 24 and out[2]["native"]["state"] == [0x4242]
+    assert out[2]["native"]["regs"][R14] == 0x1414
+
+
+def test_generated_code_and_the_python_transfer_agree_on_every_frame_map_of_a_version():
+    rng = random.Random(20261203)
+    cases = [random_case(rng) for _ in range(60)]
+    # Frame maps that get no native case, between the others: the Python
+    # transfer refuses the first three and rebuilds the last one.
+    refused = [Case([Location(K.REGISTER, 8, RCX, 0)], _step_plan(), ["v0"]),
+               Case([], _step_plan(rules={RA: (OP_LOAD, -16)}), []),
+               Case([], None, []),
+               Case([Location(K.INDIRECT, 0, RSP, 8)], _step_plan(), ["v0"])]
+    for i, case in enumerate(refused):
+        cases.insert(7 * i + 3, case)
+    out = run_child(equivalence_scenario, cases)
+    for k, case in enumerate(cases):
+        got = out[k]
+        if case in refused:
+            assert got["native"] is None and got["native_error"]
+            continue
+        assert got["native_error"] is None, (k, got["native_error"])
+        _same_as_reference(got)
+    ref_of = [out[cases.index(c)]["ref"] for c in refused]
+    assert "not known at the return address" in ref_of[0]
+    assert "not at CFA - 8" in ref_of[1]
+    assert "no unwind row" in ref_of[2]
+    assert ref_of[3]["state"][1:] == [0]                   # a 0-byte value reads as 0
 
 
 # --------------------------------------------------------------------------
@@ -236,7 +356,7 @@ def dispatcher_scenario():
     from deopt.stub import ExitState
 
     tm = target_machine()
-    empty = ntx.compile_frame_map(_frame_map([]), FakeSpace(_step_plan()))
+    empty = plan_frame(_frame_map([]), FakeSpace(_step_plan()))
     vt = load_ir(ntx.version_transfer_ir("vt", [empty]), ["vt"])
     disp = load_ir(ntx.dispatch_module_ir(tm.triple), [ntx.DISPATCH_SYMBOL])
     dispatch = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -508,19 +628,21 @@ def test_a_frame_without_a_native_target_is_handed_to_python_like_the_python_tra
 
 def unsupported_scenario(depth):
     """Frame maps of hook sites get no native case: those frames take the Python transfer."""
+    import dataclasses
     from osrjit.abi import SiteKind
-    real = ntx.compile_frame_map
+    real = frame_plan.plan_frame
 
     def no_hooks(fm, space):
+        plan = real(fm, space)
         if fm.kind is SiteKind.HOOK:
-            return ntx.Unsupported("test: no hook sites")
-        return real(fm, space)
+            return dataclasses.replace(plan, native_error="test: no hook sites")
+        return plan
 
-    ntx.compile_frame_map = no_hooks
+    frame_plan.plan_frame = no_hooks
     try:
         out = native_sum_scenario(depth)
     finally:
-        ntx.compile_frame_map = real
+        frame_plan.plan_frame = real
     return out
 
 

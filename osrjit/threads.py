@@ -92,11 +92,12 @@ assert [int(s) for s in ThreadStatus] == list(range(len(STATUS_NAMES)))
 #: Statuses in which a thread runs no JIT code and its stack can be walked.
 STOPPED = frozenset((DETACHED, OUTSIDE, PARKED, PARKED_SIGNAL))
 
+#: Bits of the safepoint flag word: stop the world; call the Python safepoint service.
 FLAG_STOP = 1
+FLAG_USER = 2
 #: Seconds :meth:`World.stop` polls the threads' statuses yielding the CPU
 #: (a sleep costs ~60 µs of timer slack) before it polls every 20 µs.
 SPIN_SECONDS = 0.0002
-FLAG_USER = 2
 
 # futex(2) on the flag word, through syscall(2) (Linux x86-64).
 _SYS_FUTEX = 202

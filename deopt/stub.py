@@ -43,6 +43,8 @@ original address when no transfer is possible.
 """
 import ctypes
 
+from unwinder import nativesrc
+
 #: The stub's entry: the value written into hijacked return-address slots.
 STUB_SYMBOL = "osrjit_deopt_stub"
 #: A ``ret`` inside the stub's FDE, used to return into old code after all.
@@ -60,7 +62,8 @@ EXIT_STATE_TO_ENTRY_RSP = 80
 
 
 class ExitState(ctypes.Structure):
-    """The block the stub pushes. Must match the stub's pushes (asserted below)."""
+    """The block the stub pushes, lowest address first. The pushes in
+    ``stub.s`` are written by hand (its CFI takes these offsets): asserted below."""
     _fields_ = [
         ("xmm0", ctypes.c_uint8 * 16),
         ("r15", ctypes.c_uint64),
@@ -75,110 +78,50 @@ class ExitState(ctypes.Structure):
 
 
 class TransferPlan(ctypes.Structure):
-    """What the stub loads before ``mov rsp, plan.rsp; jmp *plan.rip``.
-
-    Must match the stub's loads (offsets asserted below).
-    """
+    """What the stub loads before ``mov rsp, plan.rsp; jmp *plan.rip``
+    (``stub.s`` takes the offsets from here)."""
     _fields_ = [
-        ("rsp", ctypes.c_uint64),    # 0
-        ("rip", ctypes.c_uint64),    # 8
-        ("rdi", ctypes.c_uint64),    # 16
-        ("rsi", ctypes.c_uint64),    # 24
-        ("rax", ctypes.c_uint64),    # 32
-        ("rbx", ctypes.c_uint64),    # 40
-        ("rbp", ctypes.c_uint64),    # 48
-        ("r12", ctypes.c_uint64),    # 56
-        ("r13", ctypes.c_uint64),    # 64
-        ("r14", ctypes.c_uint64),    # 72
-        ("r15", ctypes.c_uint64),    # 80
-        ("status_ptr", ctypes.c_uint64),  # 88: the stub stores STATUS_RESUMED here
-        ("xmm0", ctypes.c_uint8 * 16),  # 96
+        ("rsp", ctypes.c_uint64),
+        ("rip", ctypes.c_uint64),
+        ("rdi", ctypes.c_uint64),
+        ("rsi", ctypes.c_uint64),
+        ("rax", ctypes.c_uint64),
+        ("rbx", ctypes.c_uint64),
+        ("rbp", ctypes.c_uint64),
+        ("r12", ctypes.c_uint64),
+        ("r13", ctypes.c_uint64),
+        ("r14", ctypes.c_uint64),
+        ("r15", ctypes.c_uint64),
+        ("status_ptr", ctypes.c_uint64),  # the stub stores STATUS_RESUMED here
+        ("xmm0", ctypes.c_uint8 * 16),
     ]
 
 
-# "This must match the stub" (LuaJIT's ExitState rule), checked at import.
+# "This must match the stub" (LuaJIT's ExitState rule), checked at import:
+# from E down the stub makes room for the slot (8 bytes), pushes RAX, RBX,
+# RBP, R12-R15 (8 each) and makes room for XMM0 (16).
+assert [(name, getattr(ExitState, name).offset) for name, _ in ExitState._fields_] == [
+    ("xmm0", 0), ("r15", 16), ("r14", 24), ("r13", 32), ("r12", 40), ("rbp", 48),
+    ("rbx", 56), ("rax", 64), ("slot", 72)]
 assert ctypes.sizeof(ExitState) == EXIT_STATE_TO_ENTRY_RSP
-assert [ExitState.xmm0.offset, ExitState.r15.offset, ExitState.rbx.offset,
-        ExitState.rax.offset, ExitState.slot.offset] == [0, 16, 56, 64, 72]
-assert ctypes.sizeof(TransferPlan) == 112
-assert [TransferPlan.rsp.offset, TransferPlan.rip.offset, TransferPlan.rdi.offset,
-        TransferPlan.rsi.offset, TransferPlan.rax.offset, TransferPlan.rbx.offset,
-        TransferPlan.rbp.offset, TransferPlan.r12.offset, TransferPlan.r15.offset,
-        TransferPlan.xmm0.offset] == [0, 8, 16, 24, 32, 40, 48, 56, 80, 96]
+nativesrc.check_layout(TransferPlan)
 
 TRANSFER_FUNCTION_TYPE = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.POINTER(ExitState))
 
-# AT&T syntax; every push has its CFI so unwinders see the old frame's
-# callee-saved registers in the block.
-_STUB_ASM = f"""
-.text
-.globl {STUB_SYMBOL}
-.globl {RETURN_SYMBOL}
-.p2align 4
-osrjit_deopt_stub_pad:
-.cfi_startproc
-.cfi_undefined %rip
-nop
-.type {STUB_SYMBOL},@function
-{STUB_SYMBOL}:
-.cfi_def_cfa_offset 0
-.cfi_offset %rip, -8
-subq $8, %rsp
-.cfi_def_cfa_offset 8
-pushq %rax
-.cfi_def_cfa_offset 16
-pushq %rbx
-.cfi_def_cfa_offset 24
-.cfi_offset %rbx, -24
-pushq %rbp
-.cfi_def_cfa_offset 32
-.cfi_offset %rbp, -32
-pushq %r12
-.cfi_def_cfa_offset 40
-.cfi_offset %r12, -40
-pushq %r13
-.cfi_def_cfa_offset 48
-.cfi_offset %r13, -48
-pushq %r14
-.cfi_def_cfa_offset 56
-.cfi_offset %r14, -56
-pushq %r15
-.cfi_def_cfa_offset 64
-.cfi_offset %r15, -64
-subq $16, %rsp
-.cfi_def_cfa_offset 80
-movdqu %xmm0, (%rsp)
-movq %rsp, %rdi
-movq {TRANSFER_CELL_SYMBOL}@GOTPCREL(%rip), %r11
-callq *(%r11)
-movq %rax, %r11
-movdqu 96(%r11), %xmm0
-movq 32(%r11), %rax
-movq 40(%r11), %rbx
-movq 48(%r11), %rbp
-movq 56(%r11), %r12
-movq 64(%r11), %r13
-movq 72(%r11), %r14
-movq 80(%r11), %r15
-movq 16(%r11), %rdi
-movq 24(%r11), %rsi
-movq 88(%r11), %r10
-movq 0(%r11), %rsp
-.cfi_def_cfa %rsp, 8
-.cfi_restore %rbx
-.cfi_restore %rbp
-.cfi_restore %r12
-.cfi_restore %r13
-.cfi_restore %r14
-.cfi_restore %r15
-movq 8(%r11), %r11
-movq ${STATUS_RESUMED}, (%r10)
-jmpq *%r11
-{RETURN_SYMBOL}:
-retq
-.cfi_endproc
-.size {STUB_SYMBOL}, .-{STUB_SYMBOL}
-"""
+
+def stub_asm():
+    """The stub's AT&T assembly (``stub.s``), rendered: offsets from
+    :class:`ExitState` and :class:`TransferPlan`, the symbols and
+    :data:`STATUS_RESUMED` from this module."""
+    return nativesrc.render_file(__package__, "stub.s", structs=[ExitState, TransferPlan],
+                                 type_header=False, values={
+                                     "STUB": STUB_SYMBOL, "RETURN": RETURN_SYMBOL,
+                                     "TRANSFER_CELL": TRANSFER_CELL_SYMBOL,
+                                     "STATUS_RESUMED": STATUS_RESUMED,
+                                     "EXIT_STATE_BYTES": EXIT_STATE_TO_ENTRY_RSP})
+
+
+NATIVE_SOURCES = {"stub.s": stub_asm}
 
 
 def stub_module_ir(triple):
@@ -188,8 +131,5 @@ def stub_module_ir(triple):
     :data:`TRANSFER_CELL_SYMBOL` imported as the address of a pointer-sized
     cell holding the transfer function's address.
     """
-    lines = [f'target triple = "{triple}"']
-    for line in _STUB_ASM.strip().splitlines():
-        lines.append('module asm "' + line.replace("\\", "\\\\").replace('"', '\\22') + '"')
-    lines.append(f"@{TRANSFER_CELL_SYMBOL} = external global ptr")
-    return "\n".join(lines) + "\n"
+    return (f'target triple = "{triple}"\n' + nativesrc.module_asm(stub_asm())
+            + f"@{TRANSFER_CELL_SYMBOL} = external global ptr\n")

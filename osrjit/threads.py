@@ -3,24 +3,28 @@
 Every thread that runs JIT code has a :class:`ThreadState` — a small native
 block that JIT code finds through a pthread key — holding its *status* and,
 while it is not running JIT code, an *anchor*: the registers of the last
-native frame it left JIT code from (HotSpot's "last Java frame"):
+native frame it left JIT code from (HotSpot's "last Java frame"). The
+statuses (:class:`ThreadStatus`):
 
-=================  ======================================================
-``DETACHED`` 0     never entered JIT code, or exited
-``IN_JIT`` 1       running JIT code (never holds the GIL in this state)
-``OUTSIDE`` 2      in the host (a hook, Python, the error service) or idle;
-                   its JIT frames, if any, are frozen below the anchor
-``PARKED`` 3       stopped at a safepoint poll; anchor = the slow path's frame
-``TRANSFERRING`` 4 inside a deopt transfer (short; the stopper waits for it)
-``PARKED_SIGNAL`` 5 stopped by the runtime's signal; registers in the ucontext
-``SCANNING`` 6     at a poll, scanning its own stack for the stopper as it
-                   parks, or writing its own hijacks as it leaves (short;
-                   the stopper waits for it and never signals it)
-=================  ======================================================
+==================  =====================================================
+``DETACHED``        never entered JIT code, or exited
+``IN_JIT``          running JIT code (never holds the GIL in this state)
+``OUTSIDE``         in the host (a hook, Python, the error service) or idle;
+                    its JIT frames, if any, are frozen below the anchor
+``PARKED``          stopped at a safepoint poll; anchor = the slow path's frame
+``TRANSFERRING``    inside a deopt transfer (short; the stopper waits for it)
+``PARKED_SIGNAL``   stopped by the runtime's signal; registers in the ucontext
+``SCANNING``        at a poll, scanning its own stack for the stopper as it
+                    parks, or writing its own hijacks as it leaves (short;
+                    the stopper waits for it and never signals it)
+==================  =====================================================
 
-All transitions are native code from the *support library*, LLVM IR linked
-into the runtime's LLJIT like any version (plus one leaf in ``module asm``
-that saves the anchor):
+All transitions are native code from the *support library*, linked into the
+runtime's LLJIT like any version: hand-written IR (``threads_support.ll``)
+and one assembly leaf that saves the anchor (``threads_anchor.s``), both
+rendered from :class:`ThreadState`, :class:`ThreadStatus` and the flag bits
+(:mod:`unwinder.nativesrc`), plus wrappers and entry thunks generated with
+llvmlite's ``IRBuilder``:
 
 * ``osrjit_entry_<sig>(slot, args...)`` — the entry thunk Python calls:
   saves the previous anchor, enters (``IN_JIT``; waits while the world is
@@ -54,373 +58,235 @@ import ctypes.util
 import os
 import threading
 import time
+from enum import IntEnum
 
 import llvmlite.binding as llvm
+from llvmlite import ir
 
+from deopt.stub import STATUS_RESUMED
+from unwinder import nativesrc
+from unwinder.x86_64 import (CALLEE_SAVED, R8, R9, R10, R11, R12, R13, R14, R15, RA, RAX, RBP,
+                             RBX, RCX, RDI, RDX, REGISTER_NAMES, RIP, RSI, RSP)
+
+from .abi import ERROR_SYMBOL, HOOK_SYMBOL
 from .errors import OsrJitError, SafepointTimeout
+from .ir import DOUBLE, I32, I64, PTR, VOID
 
-DETACHED, IN_JIT, OUTSIDE, PARKED, TRANSFERRING, PARKED_SIGNAL, SCANNING = range(7)
-STATUS_NAMES = ("DETACHED", "IN_JIT", "OUTSIDE", "PARKED", "TRANSFERRING", "PARKED_SIGNAL",
-                "SCANNING")
+
+class ThreadStatus(IntEnum):
+    """A thread's status word (:attr:`ThreadState.status`; see the module docstring)."""
+    DETACHED = 0
+    #: The deopt stub stores this value itself once RSP is on the rebuilt frame.
+    IN_JIT = STATUS_RESUMED
+    OUTSIDE = 2
+    PARKED = 3
+    TRANSFERRING = 4
+    PARKED_SIGNAL = 5
+    SCANNING = 6
+
+
+DETACHED, IN_JIT, OUTSIDE, PARKED, TRANSFERRING, PARKED_SIGNAL, SCANNING = ThreadStatus
+#: Status value -> name (statuses are 0, 1, 2, ... so a tuple indexes them).
+STATUS_NAMES = tuple(s.name for s in ThreadStatus)
+assert [int(s) for s in ThreadStatus] == list(range(len(STATUS_NAMES)))
 #: Statuses in which a thread runs no JIT code and its stack can be walked.
 STOPPED = frozenset((DETACHED, OUTSIDE, PARKED, PARKED_SIGNAL))
 
+#: Bits of the safepoint flag word: stop the world; call the Python safepoint service.
 FLAG_STOP = 1
+FLAG_USER = 2
 #: Seconds :meth:`World.stop` polls the threads' statuses yielding the CPU
 #: (a sleep costs ~60 µs of timer slack) before it polls every 20 µs.
 SPIN_SECONDS = 0.0002
-FLAG_USER = 2
 
+# futex(2) on the flag word, through syscall(2) (Linux x86-64).
 _SYS_FUTEX = 202
 _FUTEX_WAIT_PRIVATE = 128
 _FUTEX_WAKE_PRIVATE = 129
+_FUTEX_WAKE_ALL = 2**31 - 1          # INT_MAX waiters
 
-# DWARF register numbers (the anchor uses the unwinder's capture layout:
-# 17 slots indexed by DWARF number).
-_RBX, _RBP, _RSP, _R12, _R13, _R14, _R15, _RIP = 3, 6, 7, 12, 13, 14, 15, 16
+#: An anchor has one u64 slot per DWARF register number 0..RA (the unwinder's
+#: register-file layout, :class:`unwinder.capture.RegisterFile`).
+ANCHOR_SLOTS = RA + 1
+#: The registers an anchor holds (DWARF numbers): the callee-saved ones, RSP
+#: after the return and the return address. ``osrjit_save_anchor`` stores them.
+ANCHOR_REGISTERS = (*CALLEE_SAVED, RSP, RA)
 
 
 class ThreadState(ctypes.Structure):
-    """The native per-thread block. Layout shared with the support library IR:
-    ``status`` at 0, ``anchor`` (17 u64 by DWARF number) at 8, ``ucontext`` at
-    144, ``transfer_block`` at 152: address of the thread's
+    """The native per-thread block; the support library's ``%ThreadState``
+    is derived from it.
+
+    ``status``: a :class:`ThreadStatus`, first, so that the block's address is
+    the status word's (the runtime hands it to the deopt stub). ``anchor``:
+    :data:`ANCHOR_SLOTS` u64 by DWARF number, :data:`ANCHOR_REGISTERS` filled
+    (all zero: no anchor). ``ucontext``: address of a signal-parked thread's
+    ``ucontext_t``, 0 otherwise. ``transfer_block``: address of the thread's
     :class:`deopt.native_transfer.ThreadBlock` (its hijack LIFO), 0 if none;
-    written only while the world is stopped, read by ``osrjit_transfer``;
-    ``handshake`` at 160: address of the block the park path hands to
+    written only while the world is stopped, read by ``osrjit_transfer``.
+    ``handshake``: address of the block the park path hands to
     ``osrjit_park_scan`` (see :class:`osrjit.fastscan.SelfScan`), 0 if none."""
     _fields_ = [("status", ctypes.c_int64),
-                ("anchor", ctypes.c_uint64 * 17),
+                ("anchor", ctypes.c_uint64 * ANCHOR_SLOTS),
                 ("ucontext", ctypes.c_uint64),
                 ("transfer_block", ctypes.c_uint64),
                 ("handshake", ctypes.c_uint64)]
 
 
-assert ctypes.sizeof(ThreadState) == 168
-assert ThreadState.anchor.offset == 8 and ThreadState.ucontext.offset == 144
-assert ThreadState.transfer_block.offset == 152 and ThreadState.handshake.offset == 160
+assert ThreadState.status.offset == 0
+nativesrc.check_layout(ThreadState)
 
-ANCHOR_OFFSET = 8
-UCONTEXT_OFFSET = 144
-TRANSFER_BLOCK_OFFSET = 152
-HANDSHAKE_OFFSET = 160
+
+def anchor_slot_offset(regno):
+    """Byte offset in a :class:`ThreadState` of DWARF register ``regno``'s anchor slot."""
+    return ThreadState.anchor.offset + ctypes.sizeof(ctypes.c_uint64) * regno
+
 
 # glibc x86-64 ucontext_t: uc_flags 8, uc_link 8, uc_stack 24, then
-# mcontext_t.gregs[23] (REG_R8 = 0 ... REG_RIP = 16).
+# mcontext_t.gregs[23], in the order REG_R8 = 0 ... REG_RIP = 16.
 _UC_GREGS = 40
-_GREG_TO_DWARF = {0: 8, 1: 9, 2: 10, 3: 11, 4: 12, 5: 13, 6: 14, 7: 15, 8: 5, 9: 4,
-                  10: 6, 11: 3, 12: 1, 13: 0, 14: 2, 15: 7, 16: 16}
-
-_SAVE_ANCHOR_ASM = """
-.text
-.globl osrjit_save_anchor
-.p2align 4
-.type osrjit_save_anchor,@function
-osrjit_save_anchor:
-.cfi_startproc
-movq %rbx, 24(%rdi)
-movq %rbp, 48(%rdi)
-leaq 8(%rsp), %rax
-movq %rax, 56(%rdi)
-movq %r12, 96(%rdi)
-movq %r13, 104(%rdi)
-movq %r14, 112(%rdi)
-movq %r15, 120(%rdi)
-movq (%rsp), %rax
-movq %rax, 128(%rdi)
-retq
-.cfi_endproc
-.size osrjit_save_anchor, .-osrjit_save_anchor
-"""
-
-SUPPORT_IR = r"""
-@osrjit_safepoint_flag = external global i64
-@osrjit_tls_key = external global i64
-@osrjit_py_hook = external global ptr
-@osrjit_py_safepoint = external global ptr
-@osrjit_py_error = external global ptr
-@osrjit_py_transfer = external global ptr
-@osrjit_native_transfer = external global ptr
-@osrjit_park_scan = external global ptr
-@osrjit_park_apply = external global ptr
-
-declare ptr @pthread_getspecific(i32)
-declare i64 @syscall(i64, ...)
-declare void @osrjit_save_anchor(ptr)
-
-define ptr @osrjit_current_thread() uwtable {
-  %k = load i64, ptr @osrjit_tls_key
-  %k32 = trunc i64 %k to i32
-  %t = call ptr @pthread_getspecific(i32 %k32)
-  ret ptr %t
-}
-
-; Block while the STOP bit is set (futex on the flag's low 32 bits).
-define void @osrjit_wait_released() uwtable {
-entry:
-  br label %loop
-loop:
-  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
-  %stop = and i64 %f, 1
-  %c = icmp eq i64 %stop, 0
-  br i1 %c, label %done, label %wait
-wait:
-  %f32 = trunc i64 %f to i32
-  %r = call i64 (i64, ...) @syscall(i64 202, ptr @osrjit_safepoint_flag, i32 128, i32 %f32, ptr null)
-  br label %loop
-done:
-  ret void
-}
-
-define void @osrjit_enter(ptr %ts) uwtable {
-entry:
-  br label %loop
-loop:
-  %old = atomicrmw xchg ptr %ts, i64 1 seq_cst
-  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
-  %stop = and i64 %f, 1
-  %c = icmp eq i64 %stop, 0
-  br i1 %c, label %done, label %wait
-wait:
-  store atomic i64 2, ptr %ts release, align 8
-  call void @osrjit_wait_released()
-  br label %loop
-done:
-  ret void
-}
-
-define void @osrjit_leave(ptr %ts) uwtable {
-  store atomic i64 2, ptr %ts release, align 8
-  ret void
-}
-
-define void @osrjit_set_flag(i64 %bits) uwtable {
-  %o = atomicrmw or ptr @osrjit_safepoint_flag, i64 %bits seq_cst
-  ret void
-}
-
-define void @osrjit_clear_flag(i64 %bits) uwtable {
-  %nb = xor i64 %bits, -1
-  %o = atomicrmw and ptr @osrjit_safepoint_flag, i64 %nb seq_cst
-  %r = call i64 (i64, ...) @syscall(i64 202, ptr @osrjit_safepoint_flag, i32 129, i32 2147483647)
-  ret void
-}
-
-define i64 @osrjit_load_status(ptr %ts) uwtable {
-  %s = load atomic i64, ptr %ts seq_cst, align 8
-  ret i64 %s
-}
-
-define void @osrjit_safepoint_slow() uwtable {
-entry:
-  %ts = call ptr @osrjit_current_thread()
-  %has = icmp ne ptr %ts, null
-  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
-  %stop = and i64 %f, 1
-  %want = icmp ne i64 %stop, 0
-  %park = and i1 %has, %want
-  br i1 %park, label %parking, label %user
-parking:
-  %anchor = getelementptr i8, ptr %ts, i64 8
-  call void @osrjit_save_anchor(ptr %anchor)
-  %hsp = getelementptr i8, ptr %ts, i64 160
-  %hs = load atomic ptr, ptr %hsp acquire, align 8
-  %hashs = icmp ne ptr %hs, null
-  %ps = load ptr, ptr @osrjit_park_scan
-  %hasps = icmp ne ptr %ps, null
-  %scan = and i1 %hashs, %hasps
-  br i1 %scan, label %selfscan, label %parked
-selfscan:
-  ; SCANNING: the stopper waits for it and does not signal it (not IN_JIT).
-  store atomic i64 6, ptr %ts seq_cst, align 8
-  call void %ps(ptr %hs, ptr @osrjit_safepoint_flag)
-  br label %parked
-parked:
-  store atomic i64 3, ptr %ts release, align 8
-  call void @osrjit_wait_released()
-  %pa = load ptr, ptr @osrjit_park_apply
-  %haspa = icmp ne ptr %pa, null
-  %apply = and i1 %hashs, %haspa
-  br i1 %apply, label %claim, label %resume
-claim:
-  ; Write what the stopper left for this thread (its own hijacks) before it
-  ; runs JIT code. Busy (SCANNING) first, then STOP: a stopper that set STOP
-  ; either sees the busy status and waits, or this thread sees STOP and parks
-  ; again, leaving the block to that stopper (Dekker, as osrjit_enter).
-  %o = atomicrmw xchg ptr %ts, i64 6 seq_cst
-  %f2 = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
-  %stop2 = and i64 %f2, 1
-  %again = icmp ne i64 %stop2, 0
-  br i1 %again, label %reparked, label %applying
-reparked:
-  store atomic i64 3, ptr %ts release, align 8
-  call void @osrjit_wait_released()
-  br label %claim
-applying:
-  call void %pa(ptr %hs)
-  br label %resume
-resume:
-  call void @osrjit_enter(ptr %ts)
-  br label %user
-user:
-  %g = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
-  %u = and i64 %g, 2
-  %call = icmp ne i64 %u, 0
-  br i1 %call, label %out, label %done
-out:
-  br i1 %has, label %anchor2, label %svc
-anchor2:
-  %anchorb = getelementptr i8, ptr %ts, i64 8
-  call void @osrjit_save_anchor(ptr %anchorb)
-  store atomic i64 2, ptr %ts release, align 8
-  br label %svc
-svc:
-  %p = load ptr, ptr @osrjit_py_safepoint
-  call void %p()
-  br i1 %has, label %back, label %done
-back:
-  call void @osrjit_enter(ptr %ts)
-  br label %done
-done:
-  ret void
-}
-
-{SERVICE_WRAPPERS}
-; The native transfer (deopt.native_transfer), if installed, runs first:
-; ptr native(ptr exit, ptr transfer_block, ptr status) returns the plan, or
-; NULL (stack and slot untouched) to ask for the Python transfer.
-define ptr @osrjit_transfer(ptr %exit) uwtable {
-entry:
-  %ts = call ptr @osrjit_current_thread()
-  %has = icmp ne ptr %ts, null
-  br i1 %has, label %mark, label %svc
-mark:
-  %old = atomicrmw xchg ptr %ts, i64 4 seq_cst
-  %nt = load ptr, ptr @osrjit_native_transfer
-  %hasnt = icmp ne ptr %nt, null
-  br i1 %hasnt, label %native, label %svc
-native:
-  %bp = getelementptr i8, ptr %ts, i64 152
-  %block = load ptr, ptr %bp
-  %nplan = call ptr %nt(ptr %exit, ptr %block, ptr %ts)
-  %ok = icmp ne ptr %nplan, null
-  br i1 %ok, label %done, label %svc
-done:
-  ret ptr %nplan
-svc:
-  %p = load ptr, ptr @osrjit_py_transfer
-  %plan = call ptr %p(ptr %exit)
-  ret ptr %plan
-}
-
-define void @osrjit_signal_handler(i32 %sig, ptr %info, ptr %uc) uwtable {
-entry:
-  %ts = call ptr @osrjit_current_thread()
-  %has = icmp ne ptr %ts, null
-  br i1 %has, label %check, label %done
-check:
-  %s = load atomic i64, ptr %ts seq_cst, align 8
-  %injit = icmp eq i64 %s, 1
-  %f = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
-  %stop = and i64 %f, 1
-  %want = icmp ne i64 %stop, 0
-  %park = and i1 %injit, %want
-  br i1 %park, label %parking, label %done
-parking:
-  %ucp = getelementptr i8, ptr %ts, i64 144
-  %uci = ptrtoint ptr %uc to i64
-  store i64 %uci, ptr %ucp, align 8
-  br label %parked
-parked:
-  store atomic i64 5, ptr %ts seq_cst, align 8
-  call void @osrjit_wait_released()
-  ; Leave only the way osrjit_enter does: publish IN_JIT, then check STOP.
-  ; A stopper that saw PARKED_SIGNAL may be walking this stack right now:
-  ; then STOP is set and we park again before running any JIT code.
-  %old = atomicrmw xchg ptr %ts, i64 1 seq_cst
-  %f2 = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
-  %stop2 = and i64 %f2, 1
-  %again = icmp ne i64 %stop2, 0
-  br i1 %again, label %parked, label %resume
-resume:
-  store i64 0, ptr %ucp, align 8
-  br label %done
-done:
-  ret void
-}
-"""
-
-def _service_wrapper_ir(name, ret, param_type, cell):
-    """IR of a wrapper around a Python service: save the anchor, go OUTSIDE,
-    call the service through ``cell``, enter JIT code again (blocking while
-    the world is stopped)."""
-    result = "%r = " if ret != "void" else ""
-    ret_stmt = f"ret {ret} %r" if ret != "void" else "ret void"
-    return f"""
-define {ret} @{name}({param_type} %x) uwtable {{
-entry:
-  %ts = call ptr @osrjit_current_thread()
-  %has = icmp ne ptr %ts, null
-  br i1 %has, label %out, label %svc
-out:
-  %anchor = getelementptr i8, ptr %ts, i64 8
-  call void @osrjit_save_anchor(ptr %anchor)
-  store atomic i64 2, ptr %ts release, align 8
-  br label %svc
-svc:
-  %p = load ptr, ptr @{cell}
-  {result}call {ret} %p({param_type} %x)
-  br i1 %has, label %back, label %done
-back:
-  call void @osrjit_enter(ptr %ts)
-  br label %done
-done:
-  {ret_stmt}
-}}
-"""
+_GREG_TO_DWARF = dict(enumerate((R8, R9, R10, R11, R12, R13, R14, R15, RDI, RSI, RBP, RBX,
+                                 RDX, RAX, RCX, RSP, RIP)))
 
 
-SUPPORT_IR = SUPPORT_IR.replace("{SERVICE_WRAPPERS}", "".join((
-    _service_wrapper_ir("osrjit_hook", "i64", "i64", "osrjit_py_hook"),
-    _service_wrapper_ir("osrjit_error", "void", "i64", "osrjit_py_error"))))
+# -- native code ------------------------------------------------------------------
 
-_SIGNATURE_TYPES = {"i64": "i64", "i32": "i32", "i8": "i8", "i1": "i1", "double": "double",
-                    "ptr": "ptr", "void": "void"}
+def support_ir():
+    """The hand-written transitions (``threads_support.ll``), rendered."""
+    return nativesrc.render_file(__package__, "threads_support.ll", structs=[ThreadState], values={
+        # DETACHED is Python's alone: attaching and detaching are Python.
+        **{s.name: int(s) for s in ThreadStatus if s is not ThreadStatus.DETACHED},
+        "FLAG_STOP": FLAG_STOP, "FLAG_USER": FLAG_USER, "SYS_FUTEX": _SYS_FUTEX,
+        "FUTEX_WAIT_PRIVATE": _FUTEX_WAIT_PRIVATE, "FUTEX_WAKE_PRIVATE": _FUTEX_WAKE_PRIVATE,
+        "FUTEX_WAKE_ALL": _FUTEX_WAKE_ALL})
 
 
-def entry_thunk_ir(return_type, arity):
-    """IR of ``osrjit_entry_<ret>_<n>(ptr slot, i64 x n)``: the runtime's entry thunk."""
-    ret = _SIGNATURE_TYPES[return_type]
+def save_anchor_asm():
+    """``osrjit_save_anchor(ThreadState*)`` (``threads_anchor.s``), rendered:
+    ``ANCHOR_<REG>`` is :func:`anchor_slot_offset` of each of :data:`ANCHOR_REGISTERS`."""
+    return nativesrc.render_file(__package__, "threads_anchor.s", values={
+        f"ANCHOR_{REGISTER_NAMES[r].upper()}": anchor_slot_offset(r) for r in ANCHOR_REGISTERS})
+
+
+NATIVE_SOURCES = {"threads_support.ll": support_ir, "threads_anchor.s": save_anchor_asm}
+
+_I1 = ir.IntType(1)
+_I8 = ir.IntType(8)
+_SIGNATURE_TYPES = {"i64": I64, "i32": I32, "i8": _I8, "i1": _I1, "double": DOUBLE,
+                    "ptr": PTR, "void": VOID}
+#: Generated wrappers around Python services: (symbol, return type, service cell).
+_SERVICE_WRAPPERS = ((HOOK_SYMBOL, I64, "osrjit_py_hook"), (ERROR_SYMBOL, VOID, "osrjit_py_error"))
+
+
+class _Emitter:
+    """An ``IRBuilder`` for generated transitions, with the support library's
+    functions declared in its module."""
+
+    def __init__(self, module):
+        self.module = module
+        self.current_thread = ir.Function(module, ir.FunctionType(PTR, []), "osrjit_current_thread")
+        self.enter = ir.Function(module, ir.FunctionType(VOID, [PTR]), "osrjit_enter")
+        self.builder = None
+
+    def function(self, name, return_type, param_types):
+        """Start ``name`` (``uwtable``, so walkers unwind through it) at its entry block."""
+        fn = ir.Function(self.module, ir.FunctionType(return_type, param_types), name)
+        fn.attributes.add("uwtable")
+        self.builder = ir.IRBuilder(fn.append_basic_block("entry"))
+        return fn
+
+    def field(self, ts, name):
+        """Address of ThreadState field ``name`` of ``ts`` (ctypes offset)."""
+        return self.builder.gep(ts, [I64(getattr(ThreadState, name).offset)],
+                                source_etype=_I8, name=name)
+
+    def store_status(self, ts, status):
+        """``store atomic`` (release) of ``status`` into ``ts``'s status word."""
+        store = ir.instructions.StoreAtomicInstr(self.builder.block, I64(int(status)),
+                                                 self.field(ts, "status"), "release", 8)
+        # llvmlite's store_atomic wants a typed pointer; it has no public way
+        # to insert an instruction built by hand.
+        self.builder._insert(store)
+
+    def call_cell(self, cell, return_type, args):
+        """Call the function whose address the ``ptr`` at ``cell`` holds. (The
+        load names the callee's type through a typed pointer, which llvmlite
+        needs for the call; LLVM reads that type as ``ptr``.)"""
+        fn_type = ir.FunctionType(return_type, [a.type for a in args])
+        fn = self.builder.load(cell, typ=fn_type.as_pointer(), name="fn")
+        return self.builder.call(fn, args, name="" if return_type == VOID else "r")
+
+    def ret(self, value):
+        if value.type == VOID:
+            self.builder.ret_void()
+        else:
+            self.builder.ret(value)
+
+
+def service_wrappers_ir(triple):
+    """IR of the Python services' wrappers (:data:`_SERVICE_WRAPPERS`), each
+    ``ret name(i64 x)``: save the anchor, go ``OUTSIDE``, call the service
+    through its cell, enter JIT code again (blocking while the world is
+    stopped). A thread without a :class:`ThreadState` just calls the service."""
+    module = ir.Module("osrjit.support.services")
+    module.triple = triple
+    e = _Emitter(module)
+    save_anchor = ir.Function(module, ir.FunctionType(VOID, [PTR]), "osrjit_save_anchor")
+    for name, return_type, cell_name in _SERVICE_WRAPPERS:
+        cell = ir.GlobalVariable(module, PTR, cell_name)
+        fn = e.function(name, return_type, [I64])
+        fn.args[0].name = "x"
+        out, svc, back, done = (fn.append_basic_block(n) for n in ("out", "svc", "back", "done"))
+        b = e.builder
+        ts = b.call(e.current_thread, [], name="ts")
+        has = b.icmp_unsigned("!=", ts, ir.Constant(PTR, None), name="has")
+        b.cbranch(has, out, svc)
+        b.position_at_end(out)
+        b.call(save_anchor, [ts])
+        e.store_status(ts, OUTSIDE)
+        b.branch(svc)
+        b.position_at_end(svc)
+        result = e.call_cell(cell, return_type, [fn.args[0]])
+        b.cbranch(has, back, done)
+        b.position_at_end(back)
+        b.call(e.enter, [ts])
+        b.branch(done)
+        b.position_at_end(done)
+        e.ret(result)
+    return str(module)
+
+
+def entry_thunk_ir(return_type, arity, triple):
+    """``(name, IR)`` of ``osrjit_entry_<ret>_<n>(ptr slot, i64 x n)``, the
+    runtime's entry thunk: keep the thread's anchor (an entry nested in a
+    hook must not lose the outer one), enter (``IN_JIT``; waits while the
+    world is stopped), call the slot's current version, put the anchor back,
+    leave (``OUTSIDE``)."""
     name = f"osrjit_entry_{return_type}_{arity}"
-    params = ", ".join(["ptr %slot"] + [f"i64 %a{i}" for i in range(arity)])
-    args = ", ".join(f"i64 %a{i}" for i in range(arity))
-    call = f"call {ret} %fn({args})"
-    result = f"%r = {call}" if ret != "void" else call
-    ret_stmt = f"ret {ret} %r" if ret != "void" else "ret void"
-    return name, f"""
-declare ptr @osrjit_current_thread()
-declare void @osrjit_enter(ptr)
-declare void @llvm.memcpy.p0.p0.i64(ptr, ptr, i64, i1)
-
-define {ret} @{name}({params}) uwtable {{
-  %ts = call ptr @osrjit_current_thread()
-  %saved = alloca [17 x i64], align 8
-  %anchor = getelementptr i8, ptr %ts, i64 8
-  call void @llvm.memcpy.p0.p0.i64(ptr %saved, ptr %anchor, i64 136, i1 false)
-  call void @osrjit_enter(ptr %ts)
-  %fn = load ptr, ptr %slot
-  {result}
-  call void @llvm.memcpy.p0.p0.i64(ptr %anchor, ptr %saved, i64 136, i1 false)
-  store atomic i64 2, ptr %ts release, align 8
-  {ret_stmt}
-}}
-"""
-
-
-def _module_with_asm(ir_text, asm, triple):
-    lines = [f'target triple = "{triple}"']
-    for line in asm.strip().splitlines():
-        lines.append('module asm "' + line.replace("\\", "\\\\").replace('"', '\\22') + '"')
-    return "\n".join(lines) + "\n" + ir_text
+    module = ir.Module(name)
+    module.triple = triple
+    e = _Emitter(module)
+    anchor_type = ir.ArrayType(I64, ANCHOR_SLOTS)
+    anchor_bytes = I64(ThreadState.anchor.size)
+    memcpy = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, I64, _I1]),
+                         "llvm.memcpy.p0.p0.i64")
+    fn = e.function(name, _SIGNATURE_TYPES[return_type], [PTR] + [I64] * arity)
+    slot, *args = fn.args
+    slot.name = "slot"
+    for i, a in enumerate(args):
+        a.name = f"a{i}"
+    b = e.builder
+    ts = b.call(e.current_thread, [], name="ts")
+    saved = b.alloca(anchor_type, name="saved")
+    saved.align = 8
+    anchor = e.field(ts, "anchor")
+    b.call(memcpy, [saved, anchor, anchor_bytes, _I1(0)])
+    b.call(e.enter, [ts])
+    result = e.call_cell(slot, _SIGNATURE_TYPES[return_type], args)
+    b.call(memcpy, [anchor, saved, anchor_bytes, _I1(0)])
+    e.store_status(ts, OUTSIDE)
+    e.ret(result)
+    return name, str(module)
 
 
 # PyDLL: none of these blocks, and the stop-the-world calls some of them
@@ -480,6 +346,7 @@ class SupportLibrary:
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
                "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")
+
     def __init__(self, linker, space, flag):
         self._linker = linker
         self._space = space
@@ -491,8 +358,9 @@ class SupportLibrary:
         self._service_cells = {name: ctypes.c_void_p(0) for name in self.SERVICES}
         linker.keep(self._key_cell, *self._service_cells.values())
         tm = linker.tm
-        text = _module_with_asm(SUPPORT_IR, _SAVE_ANCHOR_ASM, tm.triple)
-        mod = llvm.parse_assembly(text)
+        mod = llvm.parse_assembly(f'target triple = "{tm.triple}"\n'
+                                  + nativesrc.module_asm(save_anchor_asm()) + support_ir())
+        mod.link_in(llvm.parse_assembly(service_wrappers_ir(tm.triple)))
         mod.verify()
         mod.data_layout = str(tm.target_data)
         obj = tm.emit_object(mod)
@@ -526,9 +394,9 @@ class SupportLibrary:
         with self._thunk_lock:
             address = self._thunks.get(key)
             if address is None:
-                name, text = entry_thunk_ir(return_type, arity)
                 tm = self._linker.tm
-                obj = self._linker.emit(f'target triple = "{tm.triple}"\n' + text)
+                name, text = entry_thunk_ir(return_type, arity, tm.triple)
+                obj = self._linker.emit(text)
                 thunk = self._linker.link(obj, f"osrjit.entry.{name}", exports=(name,),
                                           libraries=(self.library,),
                                           register=f"osrjit.entry.{name}", space=self._space)
@@ -632,9 +500,9 @@ def settled_status(state, timeout=1.0):
 def anchor_registers(state):
     """Registers of a thread's anchor (a caller frame), or None if it has none."""
     a = state.anchor
-    if not a[_RSP]:
+    if not a[RSP]:
         return None
-    return {r: a[r] for r in (_RBX, _RBP, _RSP, _R12, _R13, _R14, _R15, _RIP)}
+    return {r: a[r] for r in ANCHOR_REGISTERS}
 
 
 def ucontext_registers(state, memory):

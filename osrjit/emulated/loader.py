@@ -53,6 +53,7 @@ from elftools.elf.constants import SH_FLAGS
 from elftools.elf.relocation import RelocationSection
 
 from unwinder.elf import open_elf
+from unwinder.nativesrc import module_asm
 
 from osrjit.errors import EmulationError
 
@@ -475,10 +476,9 @@ def assemble(asm_text: str) -> bytes:
     import llvmlite.binding as llvm
 
     from osrjit.compiling import target_machine
-    escaped = (asm_text.replace("\\", "\\5C").replace('"', "\\22").replace("\n", "\\0A"))
     tm = target_machine(0)
     try:
-        mod = llvm.parse_assembly(f'module asm "{escaped}"\n')
+        mod = llvm.parse_assembly(module_asm(asm_text))
         mod.triple = tm.triple
         return tm.emit_object(mod)
     except RuntimeError as e:

@@ -39,7 +39,7 @@ is unmapped, so a fetch there faults and counts too.
 """
 from __future__ import annotations
 
-import struct
+import ctypes
 import weakref
 from dataclasses import dataclass
 
@@ -50,7 +50,7 @@ import llvmlite.binding as llvm
 import unwinder
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
-                        TRANSFER_CELL_SYMBOL, stub_module_ir)
+                        TRANSFER_CELL_SYMBOL, ExitState, TransferPlan, stub_module_ir)
 from deopt.transfer import return_through_stub
 from osrjit import abi, stackscan
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
@@ -63,13 +63,9 @@ __all__ = ["EmulatedBackend", "EmulatedFunction", "OldCodeFetch", "TRANSFER_HYPE
 #: Name of the hypercall the stub's transfer cell points at.
 TRANSFER_HYPERCALL = "osrjit_deopt_transfer"
 
-# ExitState as the stub pushes it (deopt.stub): xmm0, r15, r14, r13, r12, rbp, rbx, rax, slot.
-_EXIT_STATE = struct.Struct("<16s8Q")
-assert _EXIT_STATE.size == EXIT_STATE_TO_ENTRY_RSP
-# TransferPlan: rsp rip rdi rsi rax rbx rbp r12 r13 r14 r15 status_ptr, xmm0.
-_PLAN = struct.Struct("<12Q16s")
-assert _PLAN.size == 112
-_SAVED_ORDER = (R15, R14, R13, R12, RBP, RBX, RAX)
+#: The stub's saved registers (:class:`deopt.stub.ExitState` fields) by DWARF number.
+_SAVED = ((RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"), (R14, "r14"), (R15, "r15"),
+          (RAX, "rax"))
 #: Instructions run between checks while a thread is inside the deopt stub.
 STUB_STEP = 16
 
@@ -393,7 +389,7 @@ class EmulatedBackend:
     def _buffers_of(self, thread, n_state: int) -> tuple[int, int]:
         plan, state, slots = self._buffers.get(thread.id, (0, 0, 0))
         if plan == 0:
-            plan = self.machine.alloc_cell(_PLAN.size, 16)
+            plan = self.machine.alloc_cell(ctypes.sizeof(TransferPlan), 16)
         if slots < n_state:
             slots = max(32, 2 * n_state)
             state = self.machine.alloc_cell(8 * slots, 16)
@@ -404,18 +400,21 @@ class EmulatedBackend:
         """``TransferPlan* transfer(ExitState*)`` for the stub (RDI = the block)."""
         runtime = self._runtime()
         block = thread.arg(0)
-        xmm0, *values = _EXIT_STATE.unpack(machine.read(block, _EXIT_STATE.size))
-        saved = dict(zip(_SAVED_ORDER, values))
+        es = ExitState.from_buffer_copy(machine.read(block, ctypes.sizeof(ExitState)))
+        saved = {reg: getattr(es, name) for reg, name in _SAVED}
         out = return_through_stub(self.table, block + EXIT_STATE_TO_ENTRY_RSP, saved,
                                   runtime._resume_target, machine.memory, machine.space,
                                   self.return_address)
         plan, state = self._buffers_of(thread, len(out.state))
         for i, value in enumerate(out.state):
             machine.write_u64(state + 8 * i, value)
-        r = out.regs
-        machine.write(plan, _PLAN.pack(out.rsp, out.rip, out.rdi, state if out.ok else 0,
-                                       r[RAX], r[RBX], r[RBP], r[R12], r[R13], r[R14], r[R15],
-                                       self._status_cell, xmm0 if out.keep_xmm0 else bytes(16)))
+        p = TransferPlan(rsp=out.rsp, rip=out.rip, rdi=out.rdi, rsi=state if out.ok else 0,
+                         status_ptr=self._status_cell)
+        for reg, name in _SAVED:
+            setattr(p, name, out.regs[reg])
+        if out.keep_xmm0:
+            p.xmm0 = es.xmm0
+        machine.write(plan, bytes(p))
         runtime._after_transfer(out.record, out.ok, out.error)
         return plan
 

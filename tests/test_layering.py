@@ -30,23 +30,6 @@ PACKAGES = ("unwinder", "deopt", "osrjit")
 #: Package -> the packages it must not import (data flows osrjit -> deopt -> unwinder).
 FORBIDDEN = {"unwinder": ("deopt", "osrjit"), "deopt": ("osrjit",), "osrjit": ()}
 
-#: Import edges that still close a cycle, as (importer, imported): one lazy
-#: import per cycle family, the one that points the wrong way. The cycle test
-#: ignores exactly these edges; an entry whose import is gone, or no longer
-#: closes a cycle, fails ``test_known_cycle_edges_still_close_cycles`` (so the
-#: list only shrinks). To be emptied by fixing the imports.
-KNOWN_CYCLE_EDGES: tuple[tuple[str, str], ...] = ()
-
-#: Test modules that still import another test module, as (importer, imported);
-#: fails like KNOWN_CYCLE_EDGES when an entry is gone. To be emptied by moving
-#: the shared scenarios into a helper module.
-KNOWN_TEST_MODULE_IMPORTS: tuple[tuple[str, str], ...] = (
-    # SUM_V1/SUM_V2, CHAIN, fib/even_odd/loop_osr scenarios and their references
-    ("test_native_transfer", "test_replace"),
-    # workers_scenario, PAUSE
-    ("test_native_transfer", "test_threads"),
-)
-
 
 @dataclass(frozen=True)
 class Import:
@@ -149,19 +132,6 @@ def cycles(edges) -> list[list[str]]:
     return sorted(found)
 
 
-def reaches(edges, start: str, goal: str) -> bool:
-    """Whether a path of ``edges`` leads from ``start`` to ``goal``."""
-    seen, todo = set(), [start]
-    while todo:
-        v = todo.pop()
-        if v == goal:
-            return True
-        if v not in seen:
-            seen.add(v)
-            todo += [b for a, b in edges if a == v]
-    return False
-
-
 def _where(imports, component) -> str:
     inside = set(component)
     return "\n".join(f"  {i.importer} -> {i.imported} ({i.path.relative_to(ROOT)}:{i.line})"
@@ -186,23 +156,13 @@ def test_lower_packages_do_not_import_higher_ones():
 
 def test_no_import_cycles():
     imports = import_graph()
-    allowed = set(KNOWN_CYCLE_EDGES)
-    edges = {(i.importer, i.imported) for i in imports} - allowed
+    edges = {(i.importer, i.imported) for i in imports}
     found = cycles(edges)
     assert found == [], "import cycles:\n" + "\n".join(
         f"{' <-> '.join(c)}:\n{_where(imports, c)}" for c in found)
 
 
-def test_known_cycle_edges_still_close_cycles():
-    """Each allow-listed edge is still an import and its target still imports,
-    directly or not, its importer; otherwise the entry must leave the list."""
-    edges = {(i.importer, i.imported) for i in import_graph()}
-    stale = [(a, b) for a, b in KNOWN_CYCLE_EDGES
-             if (a, b) not in edges or not reaches(edges, b, a)]
-    assert stale == [], "fixed: remove these from KNOWN_CYCLE_EDGES"
-
-
-def test_modules_imported_by_test_modules():
+def test_test_modules_do_not_import_each_other():
     """No test module imports another one (lazy imports included)."""
     found = set()
     for path in sorted((ROOT / "tests").glob("*.py")):
@@ -215,9 +175,7 @@ def test_modules_imported_by_test_modules():
                 continue
             found |= {(path.stem, name.split(".")[0]) for name in names
                       if name.split(".")[0].startswith("test_")}
-    assert sorted(found - set(KNOWN_TEST_MODULE_IMPORTS)) == []
-    assert [e for e in KNOWN_TEST_MODULE_IMPORTS if e not in found] == [], \
-        "fixed: remove these from KNOWN_TEST_MODULE_IMPORTS"
+    assert sorted(found) == []
 
 
 def test_import_edges(tmp_path):
@@ -249,5 +207,3 @@ def test_cycle_finder():
     assert cycles({("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")}) == [["a", "b", "c"]]
     assert cycles({("a", "b"), ("b", "c")}) == []
     assert cycles({("a", "a")}) == [["a"]]
-    assert reaches({("a", "b"), ("b", "c")}, "a", "c")
-    assert not reaches({("a", "b"), ("b", "c")}, "c", "a")

@@ -27,12 +27,12 @@ from deopt.framemaps import FrameMap, LiveSlot
 from deopt.plan import (CfaFromRegister, Constant, InMemory, InRegister, SameAs, SavedAt,
                         plan_frame)
 from deopt.stackmaps import Location, LocationKind as K
+from scenarios_native import (CHAIN, PAUSE, SUM_V1, SUM_V2, even_odd_scenario,
+                              fib_mixed_reference, fib_scenario, loop_osr_scenario,
+                              workers_scenario)
 from unwinder.compiled import (CARRIED, OP_COPY, OP_GENERAL, OP_LOAD, OP_SAME, OP_UNDEF,
                                OP_VALUE, StepPlan)
 from unwinder.x86_64 import CALLEE_SAVED, R12, R13, R14, R15, RA, RAX, RBP, RBX, RCX, RSP
-
-import test_replace as tr
-import test_threads as tt
 
 
 # --------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def native_sum_scenario(depth, reorder=None, walker="python"):
     import osrjit
     out = {}
     with osrjit.Runtime(transfer="native", walker=walker) as rt:
-        rt.compile(tr.SUM_V1)
+        rt.compile(SUM_V1)
         v1 = rt.current("sum")
         ntx_path = rt.native_backend.deopt.native
         if reorder == "reversed":
@@ -454,7 +454,7 @@ def native_sum_scenario(depth, reorder=None, walker="python"):
 
         def on_hook(_):
             if "during" not in out:
-                rt.replace("sum", tr.SUM_V2)
+                rt.replace("sum", SUM_V2)
                 lifo = ntx_path.lifo_of(rt.native_backend.registry.current())
                 slots = [slot for slot, _ra, _desc in lifo.entries()]
                 out["lifo"] = (lifo.block.top, len(slots),
@@ -513,15 +513,15 @@ def test_frames_missing_from_the_lifo_take_the_python_transfer_counted(walker):
 
 @pytest.mark.parametrize("replace_at", [1, 17, 55])
 def test_fibonacci_replaced_mid_tree_transfers_natively(replace_at):
-    result, stats = run_child(tr.fib_scenario, 15, replace_at, "slot", "native")
-    assert result == tr.fib_mixed_reference(15, replace_at)
+    result, stats = run_child(fib_scenario, 15, replace_at, "slot", "native")
+    assert result == fib_mixed_reference(15, replace_at)
     _all_native(stats)
     assert stats["live_versions"] == {"fib": 1} and stats["freed_versions"] == 1
 
 
 @pytest.mark.parametrize("which", ["both", "odd"])
 def test_mutual_recursion_transfers_natively(which):
-    result, stats, again, _ = run_child(tr.even_odd_scenario, 40, which, "slot", "native")
+    result, stats, again, _ = run_child(even_odd_scenario, 40, which, "slot", "native")
     assert result == again == 1 + 100 * 20 + (10 * 20 if which == "both" else 0)
     _all_native(stats)
     assert stats["freed_versions"] == (2 if which == "both" else 1)
@@ -532,7 +532,7 @@ def chained_targets_scenario(depth):
     import osrjit
     out = {}
     with osrjit.Runtime(transfer="native") as rt:
-        rt.compile(tr.CHAIN.format(k=1))
+        rt.compile(CHAIN.format(k=1))
         v1 = rt.current("sum")
         ntx_path = rt.native_backend.deopt.native
 
@@ -542,11 +542,11 @@ def chained_targets_scenario(depth):
 
         def on_hook(n):
             if n == 60:
-                rt.replace("sum", tr.CHAIN.format(k=2))
+                rt.replace("sum", CHAIN.format(k=2))
                 out["v1_targets_v2"] = targets(v1) == {rt.current("sum").resume_entry}
             elif n == 30:
                 v2 = out["v2"] = rt.current("sum")
-                rt.replace("sum", tr.CHAIN.format(k=3))
+                rt.replace("sum", CHAIN.format(k=3))
                 v3 = rt.current("sum")
                 out["retargeted"] = (targets(v1) == {v3.resume_entry},
                                      targets(v2) == {v3.resume_entry})
@@ -573,7 +573,7 @@ def test_chained_versions_retarget_native_frames_to_the_newest():
 
 def test_loop_osr_at_a_poll_transfers_natively():
     n, at_poll = 100, 11
-    result, polls, stats = run_child(tr.loop_osr_scenario, n, at_poll, "native")
+    result, polls, stats = run_child(loop_osr_scenario, n, at_poll, "native")
     switched = at_poll - 1
     assert result == sum(range(switched)) + sum(2 * i for i in range(switched, n))
     _all_native(stats)
@@ -592,14 +592,14 @@ def lost_site_scenario(depth, transfer):
     import osrjit
     out = {}
     with osrjit.Runtime(transfer=transfer) as rt:
-        rt.compile(tr.SUM_V1)
+        rt.compile(SUM_V1)
         v1 = rt.current("sum")
         calls = [0]
 
         def on_hook(_):
             calls[0] += 1
             if calls[0] == 1:
-                rt.replace("sum", tr.SUM_V2)
+                rt.replace("sum", SUM_V2)
                 rt.compile(REDEFINED_WITHOUT_THE_CALL)
             return 0
 
@@ -660,7 +660,7 @@ def test_frames_the_native_transfer_cannot_express_take_the_python_transfer():
 # --------------------------------------------------------------------------
 
 def test_four_threads_sixty_replacements_native():
-    results, errors, stats, depths = run_child(tt.workers_scenario, 4, 1000, 60, 1, "native",
+    results, errors, stats, depths = run_child(workers_scenario, 4, 1000, 60, 1, "native",
                                                timeout=600)
     assert not errors and results
     assert all(d <= r <= 2 * d for d, r in results)
@@ -669,7 +669,7 @@ def test_four_threads_sixty_replacements_native():
     assert stats["freed_versions"] == 60 and stats["stops"] == 60
 
 
-# Like test_threads.WORK, with a short loop at the bottom: threads spend most
+# Like scenarios_native.WORK, with a short loop at the bottom: threads spend most
 # of their time unwinding (through native transfers once a replacement hijacked
 # their frames), where there is no poll. drive() stays in JIT code (no GIL
 # round trip per call) and counts the results that mixed two versions; a
@@ -704,7 +704,7 @@ def unwinding_threads_scenario(n_threads, depth, replacements, seed, grace):
     results, errors = [], []
     stop = threading.Event()
     with osrjit.Runtime(transfer="native") as rt:
-        rt.compile(tt.PAUSE + UNWIND.format(k=1))
+        rt.compile(PAUSE + UNWIND.format(k=1))
         rt.compile(DRIVE)
         rt.native_backend.world.grace = grace
         drive = rt.function("drive")
@@ -763,10 +763,10 @@ def test_python_is_still_the_default_transfer():
 def default_transfer_scenario():
     import osrjit
     with osrjit.Runtime() as rt:
-        rt.compile(tr.SUM_V1)
+        rt.compile(SUM_V1)
 
         def on_hook(_):
-            rt.replace("sum", tr.SUM_V2)
+            rt.replace("sum", SUM_V2)
             rt.on_hook(lambda x: 0)
             return 0
 

@@ -10,23 +10,11 @@ import threading
 import pytest
 
 from childproc import run_child
+from scenarios_native import (CHAIN, SUM_V1, SUM_V2, even_odd_scenario, fib_mixed_reference,
+                              fib_scenario, loop_osr_scenario)
 
 #: Every deopt scenario runs with both transfers (``Runtime(transfer=...)``).
 TRANSFERS = ["python", "native"]
-
-SUM_V1 = """
-def sum(n):
-    if n == 0:
-        return hook(0)
-    return n + sum(n - 1)
-"""
-SUM_V2 = """
-def sum(n):
-    if n == 0:
-        return hook(0)
-    return 2 * n + sum(n - 1)
-"""
-
 
 def _glibc_backtrace(limit=4096):
     buf = (ctypes.c_void_p * limit)()
@@ -89,54 +77,6 @@ def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack, calls, tr
     assert out["v1_loaded_after"] is False
 
 
-FIB_V1 = """
-def fib(n):
-    if n < 2:
-        return n + 0 * hook(n)
-    return fib(n - 1) + fib(n - 2)
-"""
-FIB_V2 = """
-def fib(n):
-    if n < 2:
-        return n + 0 * hook(n)
-    return fib(n - 1) + fib(n - 2) + 1
-"""
-
-
-def fib_scenario(n, replace_at, calls="slot", transfer="python"):
-    import osrjit
-    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
-        rt.compile(FIB_V1)
-        count = [0]
-
-        def on_hook(_):
-            count[0] += 1
-            if count[0] == replace_at:
-                rt.replace("fib", FIB_V2)
-            return 0
-
-        rt.on_hook(on_hook)
-        result = rt.function("fib")(n)
-        return result, rt.stats()
-
-
-def fib_mixed_reference(n, replace_at):
-    """The mixed run in Python: a frame adds 1 if it returns after the replacement."""
-    state = {"leaves": 0, "replaced": False}
-
-    def fib(n):
-        if n < 2:
-            state["leaves"] += 1
-            if state["leaves"] == replace_at:
-                state["replaced"] = True
-            return n
-        a = fib(n - 1)
-        b = fib(n - 2)
-        return a + b + (1 if state["replaced"] else 0)
-
-    return fib(n)
-
-
 @pytest.mark.parametrize("replace_at,calls", [(1, "slot"), (17, "slot"), (55, "slot"),
                                               (17, "direct")])
 @pytest.mark.parametrize("transfer", TRANSFERS)
@@ -147,53 +87,6 @@ def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at, calls, tr
     assert stats["pending_returns"] == 0 and stats["transfer_failures"] == 0
     assert stats["live_versions"] == {"fib": 1} and stats["freed_versions"] == 1
     assert stats["transfers"] == stats["hijacks"] > 0
-
-
-EVEN_ODD_V1 = """
-def even(n):
-    if n == 0:
-        return 1 + 0 * hook(n)
-    return odd(n - 1)
-
-def odd(n):
-    if n == 0:
-        return 0 + 0 * hook(n)
-    return even(n - 1)
-"""
-EVEN_V2 = """
-def even(n):
-    if n == 0:
-        return 1 + 0 * hook(n)
-    return odd(n - 1) + 10
-"""
-ODD_V2 = """
-def odd(n):
-    if n == 0:
-        return 0 + 0 * hook(n)
-    return even(n - 1) + 100
-"""
-
-
-def even_odd_scenario(n, which, calls="slot", transfer="python"):
-    import osrjit
-    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
-        rt.compile(EVEN_ODD_V1)
-
-        def on_hook(_):
-            if which == "both":
-                rt.replace(["even", "odd"], EVEN_V2 + ODD_V2)
-            else:
-                rt.replace("odd", ODD_V2)
-            return 0
-
-        rt.on_hook(on_hook)
-        first = rt.function("even")(n)
-        # A second run starts from scratch: every call, direct or through a
-        # slot, must now reach the new versions.
-        rt.on_hook(lambda x: 0)
-        links = [(r.kind.name, r.target == rt.current(site.callee).entry)
-                 for callee in ("even", "odd") for site, r in rt.native_backend.call_sites.resolutions(callee)]
-        return first, rt.stats(), rt.function("even")(n), links
 
 
 @pytest.mark.parametrize("which", ["both", "odd"])
@@ -217,15 +110,6 @@ def test_mutual_recursion_both_or_one_replaced(which, calls, transfer):
     else:
         assert stats["live_versions"] == {"even": 1, "odd": 1} and stats["freed_versions"] == 1
         assert stats["transfers"] == odds
-
-
-CHAIN = """
-def sum(n):
-    if n == 0:
-        return 0
-    hook(n)
-    return {k} * n + sum(n - 1)
-"""
 
 
 def chained_scenario(depth, transfer="python"):
@@ -310,43 +194,6 @@ def test_caller_of_a_looping_callee_is_freed_only_after_the_loop_returns(transfe
     assert seen and all(s == (True, 1, 2) for s in seen)
     assert stats["pending_returns"] == 0 and stats["freed_versions"] == 1
     assert not v1_loaded
-
-
-LOOP_V1 = """
-def loop(n):
-    i = 0
-    s = 0
-    while i < n:
-        s = s + i
-        i = i + 1
-    return s
-"""
-LOOP_V2 = """
-def loop(n):
-    i = 0
-    s = 0
-    while i < n:
-        s = s + 2 * i
-        i = i + 1
-    return s
-"""
-
-
-def loop_osr_scenario(n, at_poll, transfer="python"):
-    import osrjit
-    with osrjit.Runtime(transfer=transfer) as rt:
-        rt.compile(LOOP_V1)
-        polls = [0]
-
-        def on_safepoint():
-            polls[0] += 1
-            if polls[0] == at_poll:
-                rt.replace("loop", LOOP_V2)
-                rt.safepoint_flag = 0
-
-        rt.on_safepoint(on_safepoint)
-        rt.safepoint_flag = 1
-        return rt.function("loop")(n), polls[0], rt.stats()
 
 
 @pytest.mark.parametrize("transfer", TRANSFERS)

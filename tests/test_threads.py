@@ -13,59 +13,10 @@ import time
 import pytest
 
 from childproc import run_child
+from scenarios_native import PAUSE, WORK, workers_scenario
 
 #: Every deopt scenario runs with both transfers (``Runtime(transfer=...)``).
 TRANSFERS = ["python", "native"]
-
-WORK = """
-def work(n):
-    if n == 0:
-        return pause(100000)
-    return {k} + work(n - 1)
-"""
-# Keeps each thread deep in JIT code most of the time (a loop with polls at
-# the bottom of every recursion), so replacements catch frames mid-flight.
-PAUSE = """
-def pause(k):
-    i = 0
-    while i < k:
-        i = i + 1
-    return 0
-"""
-
-
-def workers_scenario(n_threads, depth, replacements, seed, transfer="python", walker="python"):
-    import osrjit
-    results = []
-    errors = []
-    stop = threading.Event()
-    with osrjit.Runtime(transfer=transfer, walker=walker) as rt:
-        rt.compile(PAUSE + WORK.format(k=1))
-        work = rt.function("work")
-
-        def worker(d):
-            try:
-                while not stop.is_set():
-                    results.append((d, work(d)))
-            except BaseException as e:  # noqa: BLE001
-                errors.append(repr(e))
-
-        threading.stack_size(64 << 20)
-        rng = random.Random(seed)
-        depths = [rng.randint(depth, 10 * depth) for _ in range(n_threads)]
-        ts = [threading.Thread(target=worker, args=(d,), name=f"worker-{i}")
-              for i, d in enumerate(depths)]
-        for t in ts:
-            t.start()
-        time.sleep(0.05)
-        for i in range(replacements):
-            rt.replace("work", WORK.format(k=2 if i % 2 == 0 else 1))
-        stop.set()
-        for t in ts:
-            t.join()
-        stats = rt.stats()
-    return results, errors, stats, depths
-
 
 #: (transfer, walker): the reference path, and everything native.
 PATHS = [("python", "python"), ("native", "native")]

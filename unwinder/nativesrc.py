@@ -63,7 +63,7 @@ def ir_type(ctype) -> str:
         return _SCALARS[ctype]
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
         return f"[{ctype._length_} x {ir_type(ctype._type_)}]"
-    if isinstance(ctype, type) and issubclass(ctype, (ctypes._Pointer, ctypes.CFuncPtr)):
+    if isinstance(ctype, type) and issubclass(ctype, (ctypes._Pointer, ctypes._CFuncPtr)):
         return "ptr"
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure):
         return f"%{ctype.__name__}"

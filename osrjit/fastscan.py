@@ -19,7 +19,8 @@ which a test compares against — with no per-frame Python:
 * a thread stopped at a poll or in a hook is scanned from its anchor in one
   native call (:class:`AnchorScan`: walk and plan, ``osrjit_hj_scan``), or,
   for ``replace()``, has scanned itself on its own core while it parked
-  (:class:`SelfScan`: the stopper only reads the answer).
+  (:class:`SelfScan`: the stopper only reads the answer; the thread's side
+  and the handshake protocol are :mod:`osrjit.selfscan`).
 
 A frame's lookup pc is ``pc − 1`` except for the innermost frame of a walk
 started from exact registers (a signal context). A walk the native code
@@ -31,12 +32,12 @@ import bisect
 import ctypes
 from array import array
 
-from deopt.native_hijack import (HS_APPLIED, HS_APPLY, HS_APPLYING, HS_REQUESTED, HS_SCANNED,
-                                 Handshake, ScanArgs)
+from deopt.native_hijack import ScanArgs
 from unwinder.modules import read_proc_maps
 from unwinder.native import EndReason, OutFrame, WalkState
 from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
 
+from .selfscan import HS_APPLIED, HS_APPLY, HS_APPLYING, HS_REQUESTED, HS_SCANNED, Handshake
 from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
 
 #: osrjit_hj_scan's terminal end reasons, worded as unwinder.walk words them.
@@ -391,8 +392,9 @@ class SelfScan:
     the stopper only reads the answer. HotSpot's thread-local handshakes and
     ZGC's stack watermarks let threads process their own stacks the same way.
 
-    Owns the thread's :class:`~deopt.native_hijack.Handshake` (its address
-    goes into the thread's :class:`osrjit.threads.ThreadState`) and the
+    Owns the thread's :class:`~osrjit.selfscan.Handshake` (its address
+    goes into the thread's :class:`osrjit.threads.ThreadState`; the states
+    and the native calls are documented in :mod:`osrjit.selfscan`) and the
     arrays ``osrjit_hj_scan`` writes: a walk state, :data:`FRAMES` output
     frames, slots / return addresses / kinds and counters. Protocol, all by
     the stopper with the runtime's lock held: :meth:`request` before it stops
@@ -499,7 +501,8 @@ def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced
                 thread, translation, bounds, reference, buffers=None):
     """``(ScanResult, ThreadHijacks or None)`` of one stopped thread.
 
-    ``hijacker``: a :class:`deopt.native_hijack.NativeHijacker`;
+    ``hijacker``: a :class:`deopt.native_hijack.NativeHijacker` (only
+    ``plan`` is called);
     ``walker``: a :class:`unwinder.NativeWalker`; ``regs``: the thread's
     registers (DWARF numbers); ``caller_frame``: the first frame is a caller
     frame (an anchor), not an interrupted pc; ``index``: :class:`VersionIndex`;

@@ -43,13 +43,12 @@ import unwinder
 from deopt.transfer import ResumeTarget, TransferError
 
 from deopt import framemaps as _fm
-from deopt import native_hijack
 from deopt import native_transfer as ntx
 from deopt.hijack import HijackBatch, HijackError
 from deopt.errors import FrameMapError, IncompatibleVersion
 from deopt.framemaps import FrameMap, FrameMapTable, ObjectImage
 
-from . import abi, fastscan, patching, stackscan, threads
+from . import abi, fastscan, patching, selfscan, stackscan, threads
 from .abi import FunctionIR, SiteInfo
 from .deoptimizer import NativeDeopt, NativeTransferPath
 from .errors import (CompileError, HookNotSet, OsrJitError, RuntimeClosed, UnknownFunction,
@@ -62,7 +61,7 @@ assert abi.STATEPOINT_HEADER_LOCATIONS == _fm.STATEPOINT_HEADER_LOCATIONS
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
-#: Tracker id of the native hijack code (:mod:`deopt.native_hijack`).
+#: Tracker id of the native hijack code (:func:`osrjit.selfscan.link_hijacker`).
 HIJACK_LIBRARY_ID = -2
 
 _HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
@@ -1522,30 +1521,14 @@ class Runtime:
         return table.mirror
 
     def _native_hijacker(self):
-        """This runtime's :class:`deopt.native_hijack.NativeHijacker` (compiled on first use)."""
+        """This runtime's :class:`osrjit.selfscan.SelfScanHijacker` (compiled on first use)."""
         if self._hijacker is None:
-            tm = self._native.tm
-            mod = llvm.parse_assembly(native_hijack.hijack_module_ir(tm.triple, ntx.PENDING))
-            mod.verify()
-            obj = tm.emit_object(mod)
-            symbols = (native_hijack.PLAN_SYMBOL, native_hijack.APPLY_SYMBOL,
-                       native_hijack.LIFO_SYMBOL, native_hijack.SCAN_SYMBOL,
-                       native_hijack.CANCEL_SYMBOL, native_hijack.PARK_APPLY_SYMBOL,
-                       native_hijack.PARK_SCAN_SYMBOL)
-            builder = llvm.JITLibraryBuilder().add_object_img(obj)
-            builder.import_symbol("clock_gettime", ctypes.cast(
-                threads._libc.clock_gettime, ctypes.c_void_p).value)
-            for sym in symbols:
-                builder.export_symbol(sym)
-            tracker = builder.link(self._native.lljit, f"osrjit.hijack.{id(self):x}")
-            self._native.adopt(HIJACK_LIBRARY_ID, tracker, None)
-            self._hijacker = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols[:6]))
+            self._hijacker = selfscan.link_hijacker(self._native, HIJACK_LIBRARY_ID,
+                                                    f"osrjit.hijack.{id(self):x}")
             # Threads scan themselves when they park for a replace(), and
             # write their own hijacks as they wake (SelfScan).
-            self._support.set_service("osrjit_park_scan",
-                                      tracker[native_hijack.PARK_SCAN_SYMBOL])
-            self._support.set_service("osrjit_park_apply",
-                                      tracker[native_hijack.PARK_APPLY_SYMBOL])
+            self._support.set_service("osrjit_park_scan", self._hijacker.park_scan_address)
+            self._support.set_service("osrjit_park_apply", self._hijacker.park_apply_address)
         return self._hijacker
 
     def _hijack(self, plan, context=None):

@@ -32,7 +32,7 @@ import bisect
 import ctypes
 from array import array
 
-from deopt.native_hijack import ScanArgs
+from deopt.native_hijack import KeyCounts, ScanArgs
 from unwinder.modules import read_proc_maps
 from unwinder.native import EndReason, OutFrame, WalkState
 from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
@@ -43,6 +43,12 @@ from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
 #: osrjit_hj_scan's terminal end reasons, worded as unwinder.walk words them.
 _TERMINAL_ENDS = {EndReason.RA_UNDEFINED: END_RA_UNDEFINED, EndReason.RA_ZERO: END_RA_ZERO,
                   EndReason.CFA_NOT_INCREASING: END_CFA_NOT_INCREASING}
+
+#: The plan's counters as a flat u64 array: :class:`deopt.native_hijack.KeyCounts`
+#: per key, so key k's counter ``c`` is at ``_PER_KEY * k + c``.
+_PER_KEY = ctypes.sizeof(KeyCounts) // 8
+_HIJACK, _NOT_HIJACKABLE, _ALREADY_HIJACKED = (
+    getattr(KeyCounts, name).offset // 8 for name in ("hijack", "not_hijackable", "already_hijacked"))
 
 __all__ = ["VersionIndex", "scan_bounds", "plan_native", "ThreadHijacks", "ScanPlan",
            "ScanBuffers", "WatchTables", "AnchorScan", "SelfScan"]
@@ -123,7 +129,7 @@ class WatchTables:
         flat = [a for v in watched for a in v.code_range]
         self.range_array = (ctypes.c_uint64 * max(2 * nr, 2))(*flat)
         # Output counters, reused by each thread's plan (zeroed before it).
-        self.counts_array = (ctypes.c_uint64 * max(3 * nk, 1))()
+        self.counts_array = (ctypes.c_uint64 * max(_PER_KEY * nk, 1))()
         self.range_counts_array = (ctypes.c_uint64 * max(nr, 1))()
         self.zero_counts = [0] * len(self.counts_array)
         self.zero_range_counts = [0] * len(self.range_counts_array)
@@ -171,7 +177,8 @@ class ThreadHijacks:
     Made from ``n`` walker frames ``raw`` (:class:`unwinder.native.OutFrame`
     records as ``bytes``, or their absolute address; read only here) from
     index ``first`` on. ``tables``: the scan's :class:`WatchTables`; ``counts``: per key
-    ``[hijack, not hijackable, already hijacked]``; ``range_counts``: per
+    ``[hijack, not hijackable, already hijacked]`` (a flat list of
+    :class:`deopt.native_hijack.KeyCounts`); ``range_counts``: per
     watched version, frames running it outside any site; ``m``: frames to
     hijack, in ``slots[:m]`` / ``ras[:m]`` / ``kinds[:m]`` (slot addresses
     rising, absolute; kinds index the keys); ``t``: frames already hijacked,
@@ -218,31 +225,35 @@ class ThreadHijacks:
         nk, nr = len(tables.keys), len(tables.range_versions)
         counts = tables.counts_array if counts is None else counts
         range_counts = tables.range_counts_array if range_counts is None else range_counts
-        self.counts = counts[:3 * nk]          # lists from here on
+        self.counts = counts[:_PER_KEY * nk]   # lists from here on
         self.range_counts = range_counts[:nr]
         self.t = self._translated()
 
     def _translated(self):
         counts, hijack = self.counts, self.tables.hijack
-        return sum(counts[3 * k + 2] for k in range(len(hijack)) if hijack[k])
+        return sum(counts[_PER_KEY * k + _ALREADY_HIJACKED]
+                   for k in range(len(hijack)) if hijack[k])
 
     def executing(self):
         """Watched versions with a frame that runs them (not hijackable)."""
         out = {self.tables.range_versions[r] for r, c in enumerate(self.range_counts) if c}
         counts = self.counts
-        out.update(v for k, (_fm, v) in enumerate(self.meta) if counts[3 * k + 1])
+        out.update(v for k, (_fm, v) in enumerate(self.meta)
+                   if counts[_PER_KEY * k + _NOT_HIJACKABLE])
         return out
 
     def versions(self):
         """Versions being replaced with pending frames here (new or already hijacked)."""
         counts, hijack = self.counts, self.tables.hijack
         return {v for k, (_fm, v) in enumerate(self.meta)
-                if hijack[k] and (counts[3 * k] or counts[3 * k + 2])}
+                if hijack[k] and (counts[_PER_KEY * k + _HIJACK]
+                                  or counts[_PER_KEY * k + _ALREADY_HIJACKED])}
 
     def hijacked_per_kind(self):
         """``{kind: frames to hijack}`` for the kinds with any."""
         counts = self.counts
-        return {k: counts[3 * k] for k in range(len(self.meta)) if counts[3 * k]}
+        return {k: counts[_PER_KEY * k + _HIJACK] for k in range(len(self.meta))
+                if counts[_PER_KEY * k + _HIJACK]}
 
     def frames(self):
         """``[(version, frame map, slot, pc, thread)]`` (slot None: already
@@ -434,8 +445,8 @@ class SelfScan:
         (``osrjit_hj_park_scan``), and setting STOP (a locked instruction)
         publishes them first."""
         nk, nr = len(tables.keys), len(tables.range_versions)
-        if self._counts is None or len(self._counts) < 3 * nk:
-            self._counts = (ctypes.c_uint64 * max(3 * nk, 16))()
+        if self._counts is None or len(self._counts) < _PER_KEY * nk:
+            self._counts = (ctypes.c_uint64 * max(_PER_KEY * nk, 16))()
         if self._range_counts is None or len(self._range_counts) < nr:
             self._range_counts = (ctypes.c_uint64 * max(nr, 16))()
         a = self.block.args

@@ -19,7 +19,8 @@ which a test compares against — with no per-frame Python:
 * a thread stopped at a poll or in a hook is scanned from its anchor in one
   native call (:class:`AnchorScan`: walk and plan, ``osrjit_hj_scan``), or,
   for ``replace()``, has scanned itself on its own core while it parked
-  (:class:`SelfScan`: the stopper only reads the answer).
+  (:class:`SelfScan`: the stopper only reads the answer; the thread's side
+  and the handshake protocol are :mod:`osrjit.selfscan`).
 
 A frame's lookup pc is ``pc − 1`` except for the innermost frame of a walk
 started from exact registers (a signal context). A walk the native code
@@ -31,17 +32,23 @@ import bisect
 import ctypes
 from array import array
 
-from deopt.native_hijack import (HS_APPLIED, HS_APPLY, HS_APPLYING, HS_REQUESTED, HS_SCANNED,
-                                 Handshake, ScanArgs)
+from deopt.native_hijack import KeyCounts, ScanArgs
 from unwinder.modules import read_proc_maps
 from unwinder.native import EndReason, OutFrame, WalkState
 from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
 
+from .selfscan import HS_APPLIED, HS_APPLY, HS_APPLYING, HS_REQUESTED, HS_SCANNED, Handshake
 from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
 
 #: osrjit_hj_scan's terminal end reasons, worded as unwinder.walk words them.
 _TERMINAL_ENDS = {EndReason.RA_UNDEFINED: END_RA_UNDEFINED, EndReason.RA_ZERO: END_RA_ZERO,
                   EndReason.CFA_NOT_INCREASING: END_CFA_NOT_INCREASING}
+
+#: The plan's counters as a flat u64 array: :class:`deopt.native_hijack.KeyCounts`
+#: per key, so key k's counter ``c`` is at ``_PER_KEY * k + c``.
+_PER_KEY = ctypes.sizeof(KeyCounts) // 8
+_HIJACK, _NOT_HIJACKABLE, _ALREADY_HIJACKED = (
+    getattr(KeyCounts, name).offset // 8 for name in ("hijack", "not_hijackable", "already_hijacked"))
 
 __all__ = ["VersionIndex", "scan_bounds", "plan_native", "ThreadHijacks", "ScanPlan",
            "ScanBuffers", "WatchTables", "AnchorScan", "SelfScan"]
@@ -122,7 +129,7 @@ class WatchTables:
         flat = [a for v in watched for a in v.code_range]
         self.range_array = (ctypes.c_uint64 * max(2 * nr, 2))(*flat)
         # Output counters, reused by each thread's plan (zeroed before it).
-        self.counts_array = (ctypes.c_uint64 * max(3 * nk, 1))()
+        self.counts_array = (ctypes.c_uint64 * max(_PER_KEY * nk, 1))()
         self.range_counts_array = (ctypes.c_uint64 * max(nr, 1))()
         self.zero_counts = [0] * len(self.counts_array)
         self.zero_range_counts = [0] * len(self.range_counts_array)
@@ -170,7 +177,8 @@ class ThreadHijacks:
     Made from ``n`` walker frames ``raw`` (:class:`unwinder.native.OutFrame`
     records as ``bytes``, or their absolute address; read only here) from
     index ``first`` on. ``tables``: the scan's :class:`WatchTables`; ``counts``: per key
-    ``[hijack, not hijackable, already hijacked]``; ``range_counts``: per
+    ``[hijack, not hijackable, already hijacked]`` (a flat list of
+    :class:`deopt.native_hijack.KeyCounts`); ``range_counts``: per
     watched version, frames running it outside any site; ``m``: frames to
     hijack, in ``slots[:m]`` / ``ras[:m]`` / ``kinds[:m]`` (slot addresses
     rising, absolute; kinds index the keys); ``t``: frames already hijacked,
@@ -217,31 +225,35 @@ class ThreadHijacks:
         nk, nr = len(tables.keys), len(tables.range_versions)
         counts = tables.counts_array if counts is None else counts
         range_counts = tables.range_counts_array if range_counts is None else range_counts
-        self.counts = counts[:3 * nk]          # lists from here on
+        self.counts = counts[:_PER_KEY * nk]   # lists from here on
         self.range_counts = range_counts[:nr]
         self.t = self._translated()
 
     def _translated(self):
         counts, hijack = self.counts, self.tables.hijack
-        return sum(counts[3 * k + 2] for k in range(len(hijack)) if hijack[k])
+        return sum(counts[_PER_KEY * k + _ALREADY_HIJACKED]
+                   for k in range(len(hijack)) if hijack[k])
 
     def executing(self):
         """Watched versions with a frame that runs them (not hijackable)."""
         out = {self.tables.range_versions[r] for r, c in enumerate(self.range_counts) if c}
         counts = self.counts
-        out.update(v for k, (_fm, v) in enumerate(self.meta) if counts[3 * k + 1])
+        out.update(v for k, (_fm, v) in enumerate(self.meta)
+                   if counts[_PER_KEY * k + _NOT_HIJACKABLE])
         return out
 
     def versions(self):
         """Versions being replaced with pending frames here (new or already hijacked)."""
         counts, hijack = self.counts, self.tables.hijack
         return {v for k, (_fm, v) in enumerate(self.meta)
-                if hijack[k] and (counts[3 * k] or counts[3 * k + 2])}
+                if hijack[k] and (counts[_PER_KEY * k + _HIJACK]
+                                  or counts[_PER_KEY * k + _ALREADY_HIJACKED])}
 
     def hijacked_per_kind(self):
         """``{kind: frames to hijack}`` for the kinds with any."""
         counts = self.counts
-        return {k: counts[3 * k] for k in range(len(self.meta)) if counts[3 * k]}
+        return {k: counts[_PER_KEY * k + _HIJACK] for k in range(len(self.meta))
+                if counts[_PER_KEY * k + _HIJACK]}
 
     def frames(self):
         """``[(version, frame map, slot, pc, thread)]`` (slot None: already
@@ -391,8 +403,9 @@ class SelfScan:
     the stopper only reads the answer. HotSpot's thread-local handshakes and
     ZGC's stack watermarks let threads process their own stacks the same way.
 
-    Owns the thread's :class:`~deopt.native_hijack.Handshake` (its address
-    goes into the thread's :class:`osrjit.threads.ThreadState`) and the
+    Owns the thread's :class:`~osrjit.selfscan.Handshake` (its address
+    goes into the thread's :class:`osrjit.threads.ThreadState`; the states
+    and the native calls are documented in :mod:`osrjit.selfscan`) and the
     arrays ``osrjit_hj_scan`` writes: a walk state, :data:`FRAMES` output
     frames, slots / return addresses / kinds and counters. Protocol, all by
     the stopper with the runtime's lock held: :meth:`request` before it stops
@@ -432,8 +445,8 @@ class SelfScan:
         (``osrjit_hj_park_scan``), and setting STOP (a locked instruction)
         publishes them first."""
         nk, nr = len(tables.keys), len(tables.range_versions)
-        if self._counts is None or len(self._counts) < 3 * nk:
-            self._counts = (ctypes.c_uint64 * max(3 * nk, 16))()
+        if self._counts is None or len(self._counts) < _PER_KEY * nk:
+            self._counts = (ctypes.c_uint64 * max(_PER_KEY * nk, 16))()
         if self._range_counts is None or len(self._range_counts) < nr:
             self._range_counts = (ctypes.c_uint64 * max(nr, 16))()
         a = self.block.args
@@ -499,7 +512,8 @@ def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced
                 thread, translation, bounds, reference, buffers=None):
     """``(ScanResult, ThreadHijacks or None)`` of one stopped thread.
 
-    ``hijacker``: a :class:`deopt.native_hijack.NativeHijacker`;
+    ``hijacker``: a :class:`deopt.native_hijack.NativeHijacker` (only
+    ``plan`` is called);
     ``walker``: a :class:`unwinder.NativeWalker`; ``regs``: the thread's
     registers (DWARF numbers); ``caller_frame``: the first frame is a caller
     frame (an anchor), not an interrupted pc; ``index``: :class:`VersionIndex`;

@@ -1,4 +1,5 @@
-"""The native hijack (deopt.native_hijack), the lazy hijack batches and the LIFO
+"""The native hijack (deopt.native_hijack), the self-scan handshake (osrjit.selfscan),
+the lazy hijack batches and the LIFO
 entries built from them — on synthetic walks whose answer is known."""
 import ctypes
 import struct
@@ -276,22 +277,22 @@ def cancel_scenario():
     import time
 
     import osrjit
-    from deopt import native_hijack as nh
+    from osrjit import selfscan as ss
     with osrjit.Runtime(walker="native") as rt:
         hj = rt.native_backend.scanner.native()
         # The same code called without the GIL, so a Python thread can end the "scan".
         cancel = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(ctypes.cast(hj.cancel, ctypes.c_void_p).value)
-        hs = nh.Handshake()
+        hs = ss.Handshake()
         states = []
-        for start in (nh.HS_IDLE, nh.HS_REQUESTED, nh.HS_SCANNED):
+        for start in (ss.HS_IDLE, ss.HS_REQUESTED, ss.HS_SCANNED):
             hs.state = start
             cancel(ctypes.addressof(hs))
             states.append(hs.state)
-        hs.state = nh.HS_SCANNING
+        hs.state = ss.HS_SCANNING
 
         def finish():
             time.sleep(0.05)
-            hs.state = nh.HS_SCANNED
+            hs.state = ss.HS_SCANNED
         t = threading.Thread(target=finish)
         t.start()
         t0 = time.monotonic()
@@ -303,7 +304,7 @@ def cancel_scenario():
 
 
 def test_cancel_withdraws_a_request_and_waits_for_a_running_scan():
-    from deopt.native_hijack import HS_IDLE
+    from osrjit.selfscan import HS_IDLE
     states, waited = run_child(cancel_scenario)
     assert states == [HS_IDLE] * 4
     assert waited >= 0.04               # it returned only once the scan was over
@@ -312,31 +313,32 @@ def test_cancel_withdraws_a_request_and_waits_for_a_running_scan():
 def park_scan_scenario():
     """osrjit_hj_park_scan takes a request only while STOP is set."""
     import osrjit
-    from deopt import native_hijack as nh
+    from osrjit import selfscan as ss
     with osrjit.Runtime(walker="native") as rt:
         rt.native_backend.scanner.native()
         address = rt.native_backend.support._service_cells["osrjit_park_scan"].value
         park_scan = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(address)
         anchor = (ctypes.c_uint64 * 17)()       # RSP 0: no JIT frame, nothing walked
         flag = ctypes.c_int64(0)
-        hs = nh.Handshake()
+        hs = ss.Handshake()
         hs.args.anchor = ctypes.addressof(anchor)
         out = []
         for stop in (0, 1):
             flag.value = stop
-            hs.state, hs.status = nh.HS_REQUESTED, -1
+            hs.state, hs.status = ss.HS_REQUESTED, -1
             park_scan(ctypes.addressof(hs), ctypes.addressof(flag))
             out.append((hs.state, hs.status))
-        hs.state = nh.HS_IDLE                   # not requested: nothing happens
+        hs.state = ss.HS_IDLE                   # not requested: nothing happens
         park_scan(ctypes.addressof(hs), ctypes.addressof(flag))
         out.append((hs.state, hs.status))
     return out
 
 
 def test_park_scan_takes_a_request_only_while_the_world_is_stopping():
-    from deopt import native_hijack as nh
+    from deopt.native_hijack import SCAN_NO_ANCHOR
+    from osrjit import selfscan as ss
     late, current, idle = run_child(park_scan_scenario)
     # STOP clear: a thread late from a stop that is over gives the request back.
-    assert late == (nh.HS_REQUESTED, -1)
-    assert current == (nh.HS_SCANNED, nh.SCAN_NO_ANCHOR)
-    assert idle == (nh.HS_IDLE, nh.SCAN_NO_ANCHOR)
+    assert late == (ss.HS_REQUESTED, -1)
+    assert current == (ss.HS_SCANNED, SCAN_NO_ANCHOR)
+    assert idle == (ss.HS_IDLE, SCAN_NO_ANCHOR)

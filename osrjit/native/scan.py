@@ -23,13 +23,9 @@ import ctypes
 import threading
 from dataclasses import dataclass, field
 
-import llvmlite.binding as llvm
-
 import unwinder
-from deopt import native_hijack
-from deopt import native_transfer as ntx
 
-from .. import fastscan, stackscan, threads
+from .. import fastscan, selfscan, stackscan, threads
 
 __all__ = ["Scanner", "ScanContext"]
 
@@ -372,24 +368,11 @@ class Scanner:
         return table.mirror
 
     def native(self):
-        """This runtime's :class:`deopt.native_hijack.NativeHijacker` (compiled on first use)."""
+        """This runtime's :class:`osrjit.selfscan.SelfScanHijacker` (compiled on first use)."""
         if self._native is None:
-            tm = self.linker.tm
-            mod = llvm.parse_assembly(native_hijack.hijack_module_ir(tm.triple, ntx.PENDING))
-            mod.verify()
-            obj = tm.emit_object(mod)
-            symbols = (native_hijack.PLAN_SYMBOL, native_hijack.APPLY_SYMBOL,
-                       native_hijack.LIFO_SYMBOL, native_hijack.SCAN_SYMBOL,
-                       native_hijack.CANCEL_SYMBOL, native_hijack.PARK_APPLY_SYMBOL,
-                       native_hijack.PARK_SCAN_SYMBOL)
-            clock = ctypes.cast(threads._libc.clock_gettime, ctypes.c_void_p).value
-            tracker = self.linker.link(obj, "osrjit.hijack", exports=symbols,
-                                       imports={"clock_gettime": clock})
-            self._native = native_hijack.NativeHijacker(*(tracker[sym] for sym in symbols[:6]))
+            self._native = selfscan.link_hijacker(self.linker)
             # Threads scan themselves when they park for a replace(), and
             # write their own hijacks as they wake (SelfScan).
-            self.support.set_service("osrjit_park_scan",
-                                      tracker[native_hijack.PARK_SCAN_SYMBOL])
-            self.support.set_service("osrjit_park_apply",
-                                      tracker[native_hijack.PARK_APPLY_SYMBOL])
+            self.support.set_service("osrjit_park_scan", self._native.park_scan_address)
+            self.support.set_service("osrjit_park_apply", self._native.park_apply_address)
         return self._native

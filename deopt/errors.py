@@ -38,3 +38,8 @@ class HijackError(DeoptError):
 
 class TransferError(DeoptError):
     """A frame could not be transferred; the frame then returns into its old code."""
+
+
+class NativeTransferError(DeoptError):
+    """Native transfer code could not be generated for a version (its frames
+    then take the Python transfer; see ``NativeTransferPath.build_errors``)."""

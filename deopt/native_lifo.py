@@ -25,7 +25,7 @@ import ctypes
 import itertools
 import operator
 
-from .errors import DeoptError
+from .errors import NativeTransferError
 from .plan import STATE_SLOTS
 from .stub import TransferPlan
 
@@ -39,11 +39,6 @@ PENDING = 0
 TAKEN = 1
 #: Handed to the Python transfer (no native target): Python takes the record itself.
 HANDED = 2
-
-
-class NativeTransferError(DeoptError):
-    """Native transfer code could not be generated for a version (its frames
-    then take the Python transfer; see ``NativeTransferPath.build_errors``)."""
 
 
 class LifoEntry(ctypes.Structure):

@@ -35,7 +35,7 @@ through the cell :data:`TRANSFER_CELL_SYMBOL` (so a native transfer can later
 replace the Python one). It returns a plan; the stub loads every register
 from it, sets ``RSP = plan.rsp`` — where a return address now sits on top —
 stores :data:`STATUS_RESUMED` at ``plan.status_ptr`` (the thread's status
-word, see :mod:`osrjit.threads`) and jumps to ``plan.rip`` — held in R11 from
+word, see :mod:`osrjit.native.threads`) and jumps to ``plan.rip`` — held in R11 from
 before that store, so a thread stopped by a signal between the store and the
 jump shows its target in its registers (the runtime keeps that version): a version's resume entry (``rdi`` = site id,
 ``rsi`` = state), or :data:`RETURN_SYMBOL` (a lone ``ret``) to return into the

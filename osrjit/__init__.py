@@ -10,9 +10,10 @@ Everything :class:`Runtime` raises is an :class:`OsrJitError`.
 """
 from .abi import FunctionIR, LiveValue, SiteInfo, SiteKind
 from .backend import PauseReport
-from .errors import (CompileError, DeoptFailure, EmulationError, EmulationFault, FrameMapError,
-                     HijackError, HookNotSet, IncompatibleVersion, OsrJitError, PatchError,
-                     RuntimeClosed, SafepointTimeout, TransferError, UnknownFunction,
+from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, EmulationError,
+                     EmulationFault, FrameMapError, HijackError, HookNotSet, IncompatibleVersion,
+                     NotACallSite, OsrJitError, PatchError, RuntimeClosed, SafepointTimeout,
+                     TransferError, UnknownFunction, UnpatchableReference, UnwindFailure,
                      VersionInUse)
 from .runtime import Runtime
 from .versions import Version
@@ -24,5 +25,6 @@ __all__ = [
     "FunctionIR", "SiteInfo", "SiteKind", "LiveValue",
     "OsrJitError", "CompileError", "UnknownFunction", "RuntimeClosed", "HookNotSet",
     "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
-    "TransferError", "DeoptFailure", "PatchError", "EmulationError", "EmulationFault",
+    "TransferError", "DeoptFailure", "UnwindFailure", "PatchError", "EmulationError",
+    "EmulationFault", "NotACallSite", "CallTargetOutOfRange", "UnpatchableReference",
 ]

@@ -40,7 +40,7 @@ SLOT_PREFIX = "osrjit.slot."
 #: ``R_X86_64_PLT32`` relocation against the symbol. The runtime resolves it at
 #: link time to the entry of ``<name>``'s current version and, when a new
 #: version is published, patches the rel32 (or the JIT stub's GOT entry) of
-#: every such call in every loaded version (:mod:`osrjit.patching`). It is also
+#: every such call in every loaded version (:mod:`osrjit.native.patching`). It is also
 #: the default *definition* symbol of a version (``osrjit.ir.default_symbol``),
 #: which is why self-calls, direct in both modes, look the same in the object.
 DIRECT_CALL_PREFIX = "osrjit.fn."

@@ -7,7 +7,7 @@ We emit the object ourselves (rather than hand IR to LLJIT) because the
 object bytes are what the stackmap records, the call-site check and the
 unwinder's ``.eh_frame`` reading all need. The native backend links the
 object into its own JIT library; the emulated backend places the same bytes
-in emulated memory. :mod:`osrjit.compiler` runs :func:`emit_object` in a
+in emulated memory. :mod:`osrjit.native.compiler` runs :func:`emit_object` in a
 child process.
 """
 from __future__ import annotations

@@ -8,6 +8,7 @@ below, which are both an :class:`OsrJitError` and the :mod:`deopt` class
 twin's ``__cause__`` and its attributes are copied.
 """
 import deopt.errors as _deopt
+import unwinder.errors as _unwinder
 
 
 class OsrJitError(Exception):
@@ -56,7 +57,7 @@ class VersionInUse(OsrJitError):
     """A version cannot be unloaded: it is still the function's current version."""
 
 
-# --- call-site patching (osrjit.patching) --------------------------------------
+# --- call-site patching (osrjit.native.patching) --------------------------------------
 
 class PatchError(OsrJitError):
     """A direct call site (or a JIT stub's pointer) could not be patched.
@@ -159,17 +160,27 @@ class TransferError(DeoptFailure, _deopt.TransferError):
     """A hijacked frame could not be rebuilt (see :class:`deopt.TransferError`)."""
 
 
+class UnwindFailure(OsrJitError, _unwinder.UnwindError):
+    """An :mod:`unwinder` error the runtime met (``__cause__``: the original)."""
+
+
 _TWINS = {_deopt.FrameMapError: FrameMapError, _deopt.IncompatibleVersion: IncompatibleVersion,
           _deopt.HijackError: HijackError, _deopt.TransferError: TransferError}
 
 
-def wrap_deopt_error(error: BaseException) -> BaseException:
-    """The :class:`OsrJitError` twin of a :mod:`deopt` error (itself if it is
-    one already); raise it ``from error``."""
-    if isinstance(error, OsrJitError) or not isinstance(error, _deopt.DeoptError):
+def wrap_error(error: BaseException) -> BaseException:
+    """The :class:`OsrJitError` twin of a :mod:`deopt` or :mod:`unwinder`
+    error (``error`` itself if it is one already, or neither); raise it
+    ``from error``."""
+    if isinstance(error, OsrJitError):
         return error
-    twin_class = next((twin for cls, twin in _TWINS.items() if isinstance(error, cls)),
-                      DeoptFailure)
+    if isinstance(error, _deopt.DeoptError):
+        twin_class = next((twin for cls, twin in _TWINS.items() if isinstance(error, cls)),
+                          DeoptFailure)
+    elif isinstance(error, _unwinder.UnwindError):
+        twin_class = UnwindFailure
+    else:
+        return error
     twin = twin_class.__new__(twin_class)
     Exception.__init__(twin, *error.args)
     twin.__dict__.update(error.__dict__)

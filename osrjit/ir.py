@@ -79,7 +79,7 @@ Calls to other functions
     statepoint's callee, so the object holds ``E8 rel32`` with an
     ``R_X86_64_PLT32`` relocation against ``osrjit.fn.g``, which the runtime
     resolves at link time and patches when ``g`` gets a new version (see
-    :mod:`osrjit.patching`). A self-call is direct in both modes.
+    :mod:`osrjit.native.patching`). A self-call is direct in both modes.
 
 Runtime-side symbols a module may reference (all from :mod:`osrjit.abi`):
 ``@"osrjit.slot.<name>"`` (external global ptr, one per other function

@@ -12,11 +12,13 @@ a :class:`Runtime` with the emulator's controls added).
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable
 
 from deopt.errors import DeoptError
+from unwinder.errors import UnwindError
 from deopt.framemaps import check_compatible as _check_maps
 from deopt.transfer import ResumeTarget, TransferError
 
@@ -24,8 +26,7 @@ from . import abi
 from .abi import FunctionIR
 from .backend import PauseReport
 from .compiling import replacement_irs, validate_batch
-from .errors import (IncompatibleVersion, OsrJitError, RuntimeClosed, VersionInUse,
-                     wrap_deopt_error)
+from .errors import IncompatibleVersion, OsrJitError, RuntimeClosed, VersionInUse, wrap_error
 from .services import Services
 from .versions import Function, FunctionTable, Version
 
@@ -33,6 +34,20 @@ __all__ = ["Runtime", "Version", "PauseReport"]
 
 #: ``Runtime(backend=...)`` choices.
 BACKENDS = ("native", "emulated")
+
+
+def _osrjit_errors(method):
+    """Raise :mod:`deopt`'s and :mod:`unwinder`'s errors out of ``method`` as
+    their :class:`OsrJitError` twins (the original as ``__cause__``)."""
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OsrJitError:
+            raise
+        except (DeoptError, UnwindError) as e:
+            raise wrap_error(e) from e
+    return wrapper
 
 
 class Runtime:
@@ -103,6 +118,7 @@ class Runtime:
 
     # -- life cycle ------------------------------------------------------------
 
+    @_osrjit_errors
     def close(self):
         """Unload every version and release the backend. Idempotent.
 
@@ -212,6 +228,7 @@ class Runtime:
                                       calls=self.calls)
             return self.compile_ir(irs)
 
+    @_osrjit_errors
     def compile_ir(self, function_irs: FunctionIR | Iterable[FunctionIR]) -> list[str]:
         """Compile IR authors' functions (see :mod:`osrjit.abi`); returns their names.
 
@@ -237,10 +254,7 @@ class Runtime:
             return [ir.name for ir in irs]
 
     def _link(self, irs, cells) -> list[Version]:
-        try:
-            return self._backend.link(irs, cells)
-        except DeoptError as e:
-            raise wrap_deopt_error(e) from e
+        return self._backend.link(irs, cells)
 
     # -- queries ---------------------------------------------------------------
 
@@ -274,10 +288,11 @@ class Runtime:
         try:
             _check_maps(old.frame_maps, new.sites)
         except DeoptError as e:
-            raise wrap_deopt_error(e) from e
+            raise wrap_error(e) from e
 
     # -- replacement -------------------------------------------------------------
 
+    @_osrjit_errors
     def replace(self, names, source, *, polls: bool = True,
                 timeout: float | None = None) -> list[Version]:
         """Replace the functions ``names`` with new versions, frames and all.
@@ -391,6 +406,7 @@ class Runtime:
             v.loaded = False
             self._backend.discard(v)
 
+    @_osrjit_errors
     def collect(self, *, timeout: float | None = None) -> int:
         """Stop the world, re-scan every stack, free old versions nothing runs.
 
@@ -417,6 +433,7 @@ class Runtime:
             self._reclaim()
             return self._freed_versions - before
 
+    @_osrjit_errors
     def unload(self, version: Version) -> None:
         """Unmap an old ``version`` now and forget it in the unwinder.
 
@@ -508,6 +525,7 @@ class Runtime:
 
     # -- figures -----------------------------------------------------------------
 
+    @_osrjit_errors
     def stats(self) -> dict:
         """Counters: ``live_versions`` (name -> loaded versions),
         ``pending_returns`` (hijacked slots not yet returned through),

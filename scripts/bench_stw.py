@@ -7,7 +7,7 @@ stops the world, walks every thread's stack, hijacks its D old frames and
 releases. Reported (medians over the R replacements):
 
 * time-to-safepoint — request → every thread parked (a thread parking at a
-  poll walks and plans its own stack on the way: ``osrjit.fastscan.SelfScan``);
+  poll walks and plans its own stack on the way: ``osrjit.native.fastscan.SelfScan``);
 * pause — request → parked → walked and hijacked → released, *plus* the
   longest time a thread then took to write its own hijacks as it woke
   (``Runtime.self_apply_times``): the world stands still for that thread

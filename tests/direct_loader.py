@@ -5,7 +5,7 @@ Each :meth:`DirectLoader.load_version` links one version as its own JIT library
 and also imports ``osrjit.fn.<g>`` for every direct callee ``g``: the address
 given in ``direct`` or else the entry of ``g``'s newest loaded version (a
 callee not loaded yet is an error unless ``direct`` names it, e.g. with
-:func:`osrjit.patching.placeholder_address`). It keeps every version (object
+:func:`osrjit.native.patching.placeholder_address`). It keeps every version (object
 bytes, load addresses, entries), not only the newest, so tests can patch old
 ones. Lifetimes as :class:`JitLoader`: keep the loader alive while calling
 anything it returned; native crashes kill the process (use ``run_child``).

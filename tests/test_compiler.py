@@ -2,7 +2,7 @@
 import pytest
 
 from osrjit import Runtime, lang
-from osrjit.compiler import CompileWorker
+from osrjit.native.compiler import CompileWorker
 from osrjit.errors import CompileError
 from osrjit.compiling import emit_object, target_machine
 

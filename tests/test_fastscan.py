@@ -35,7 +35,7 @@ def both_scans_scenario():
     the reference scan, the native scan and the threads' own scans (made as
     they parked) classify the same stacks."""
     import osrjit
-    from osrjit.selfscan import HS_SCANNED
+    from osrjit.native.selfscan import HS_SCANNED
     out = {}
     with osrjit.Runtime(walker="native") as rt:
         rt.compile(SPIN)
@@ -163,7 +163,7 @@ def self_apply_scenario():
     thread that has not woken yet). Every frame transfers and every result
     is right either way."""
     import osrjit
-    from osrjit.selfscan import HS_SCANNED
+    from osrjit.native.selfscan import HS_SCANNED
     out = {}
     with osrjit.Runtime(walker="native", transfer="native") as rt:
         rt.compile(SPIN)

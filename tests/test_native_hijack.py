@@ -1,4 +1,4 @@
-"""The native hijack (deopt.native_hijack), the self-scan handshake (osrjit.selfscan),
+"""The native hijack (deopt.native_hijack), the self-scan handshake (osrjit.native.selfscan),
 the lazy hijack batches and the LIFO
 entries built from them — on synthetic walks whose answer is known."""
 import ctypes
@@ -31,7 +31,7 @@ def _walk(stack, pcs, translated=(), no_slot=()):
 def plan_scenario():
     """Plan, check, write and build LIFO entries on a synthetic stack."""
     import osrjit
-    from osrjit.fastscan import ThreadHijacks
+    from osrjit.native.fastscan import ThreadHijacks
 
     class V:
         def __init__(self, name, lo, hi, ras):
@@ -40,7 +40,7 @@ def plan_scenario():
 
     new = V("f", 0x2000, 0x2100, [0x2010, 0x2020])       # being replaced
     old = V("g", 0x3000, 0x3100, [0x3010])               # an old version
-    from osrjit.fastscan import WatchTables
+    from osrjit.native.fastscan import WatchTables
     tables = WatchTables([new, old], {"f"}, lambda v: v is old)
     out = {"keys": tables.keys, "hijack": tables.hijack}
     with osrjit.Runtime() as rt:
@@ -277,7 +277,7 @@ def cancel_scenario():
     import time
 
     import osrjit
-    from osrjit import selfscan as ss
+    from osrjit.native import selfscan as ss
     with osrjit.Runtime(walker="native") as rt:
         hj = rt.native_backend.scanner.native()
         # The same code called without the GIL, so a Python thread can end the "scan".
@@ -304,7 +304,7 @@ def cancel_scenario():
 
 
 def test_cancel_withdraws_a_request_and_waits_for_a_running_scan():
-    from osrjit.selfscan import HS_IDLE
+    from osrjit.native.selfscan import HS_IDLE
     states, waited = run_child(cancel_scenario)
     assert states == [HS_IDLE] * 4
     assert waited >= 0.04               # it returned only once the scan was over
@@ -313,7 +313,7 @@ def test_cancel_withdraws_a_request_and_waits_for_a_running_scan():
 def park_scan_scenario():
     """osrjit_hj_park_scan takes a request only while STOP is set."""
     import osrjit
-    from osrjit import selfscan as ss
+    from osrjit.native import selfscan as ss
     with osrjit.Runtime(walker="native") as rt:
         rt.native_backend.scanner.native()
         address = rt.native_backend.support._service_cells["osrjit_park_scan"].value
@@ -336,7 +336,7 @@ def park_scan_scenario():
 
 def test_park_scan_takes_a_request_only_while_the_world_is_stopping():
     from deopt.native_hijack import SCAN_NO_ANCHOR
-    from osrjit import selfscan as ss
+    from osrjit.native import selfscan as ss
     late, current, idle = run_child(park_scan_scenario)
     # STOP clear: a thread late from a stop that is over gives the request back.
     assert late == (ss.HS_REQUESTED, -1)

@@ -1,4 +1,4 @@
-"""Direct calls retargeted by patching (osrjit.patching) and the direct call mode
+"""Direct calls retargeted by patching (osrjit.native.patching) and the direct call mode
 of the code generators.
 
 Native scenarios run in child processes (``run_child``) and return plain data
@@ -13,7 +13,7 @@ import pytest
 from llvmlite import ir
 
 from childproc import run_child
-from osrjit import patching
+from osrjit.native import patching
 from osrjit.abi import CALLS_DIRECT, DIRECT_CALL_PREFIX, direct_call_symbol
 from osrjit.errors import (CallTargetOutOfRange, CompileError, NotACallSite, OsrJitError,
                            PatchError, UnpatchableReference)
@@ -552,7 +552,7 @@ def deferred_patch_scenario(walker, poll_free):
     import time
 
     import osrjit
-    from osrjit import patching
+    from osrjit.native import patching
     out = {"ok": [], "quiet": []}
     with osrjit.Runtime(calls="direct", walker=walker, transfer="native") as rt:
         rt.compile(SPIN_LOOP, polls=not poll_free)
@@ -578,7 +578,7 @@ def deferred_patch_scenario(walker, poll_free):
         assert in_spin.wait(60)
         # ... and back from the hook, in the loop (IN_JIT).
         import ctypes
-        from osrjit import threads as th
+        from osrjit.native import threads as th
         state = next(st for ident, st, _ in rt.native_backend.registry.snapshot() if ident == t.ident)
         deadline = time.monotonic() + 60
         while (rt.native_backend.world.support.load_status(ctypes.addressof(state)) != th.IN_JIT

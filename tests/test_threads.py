@@ -199,7 +199,7 @@ def test_replacement_race_ten_thousand_times(transfer, walker):
 
 def timeout_scenario():
     import osrjit
-    from osrjit.threads import SafepointTimeout
+    from osrjit.native.threads import SafepointTimeout
     out = {}
     with osrjit.Runtime() as rt:
         rt.compile(SPIN, polls=False)
@@ -322,7 +322,7 @@ def test_signals_the_runtime_does_not_own_are_untouched():
 def test_a_late_detach_does_not_forget_a_thread_that_reused_the_ident():
     # A thread's block can be collected after a new thread got the same
     # pthread id and attached; the registry must keep the new thread.
-    from osrjit.threads import ThreadRegistry, ThreadState, _Holder
+    from osrjit.native.threads import ThreadRegistry, ThreadState, _Holder
 
     reg = ThreadRegistry(key=0)
     old, new = _Holder.__new__(_Holder), _Holder.__new__(_Holder)
@@ -338,7 +338,7 @@ def test_a_late_detach_does_not_forget_a_thread_that_reused_the_ident():
 
 
 def test_settled_status_waits_out_a_flicker_and_reports_a_running_thread():
-    from osrjit import threads
+    from osrjit.native import threads
     from osrjit.errors import OsrJitError
     st = threads.ThreadState()
     st.status = threads.SCANNING          # a stopped thread leaving an old futex wait

@@ -7,9 +7,9 @@
 * :mod:`.hijack` — writing the stubs and recording the pending returns;
 * :mod:`.replace` — one ``replace()`` / ``collect()`` pause, step by step.
 
-The thread protocol (:mod:`osrjit.threads`), the transfers
-(:mod:`osrjit.deoptimizer`), the native scans (:mod:`osrjit.fastscan`) and
-call patching (:mod:`osrjit.patching`) are this backend's collaborators.
+The thread protocol (:mod:`osrjit.native.threads`), the transfers
+(:mod:`osrjit.native.deoptimizer`), the native scans (:mod:`osrjit.native.fastscan`) and
+call patching (:mod:`osrjit.native.patching`) are this backend's collaborators.
 """
 from .backend import NativeBackend
 from .function import JitFunction

@@ -8,12 +8,12 @@ alone. On load the object is registered with the unwinder and its
 ``.llvm_stackmaps`` become frame maps. Calls between functions go through
 ``osrjit.slot.<name>`` cells holding the current version's entry (publishing
 is one 8-byte store), or, with ``calls="direct"``, through ``call rel32``
-sites patched on every replacement (:mod:`osrjit.patching`).
+sites patched on every replacement (:mod:`osrjit.native.patching`).
 
 Collaborators, each with one job: the :class:`~.linker.Linker` (every JIT
-library and its owner), :class:`osrjit.threads.SupportLibrary` (native
+library and its owner), :class:`osrjit.native.threads.SupportLibrary` (native
 transitions, the thread registry, the world that stops and releases
-threads), :class:`osrjit.deoptimizer.NativeDeopt` (the stub, the hijack
+threads), :class:`osrjit.native.deoptimizer.NativeDeopt` (the stub, the hijack
 table, the Python and native transfers), :class:`~.scan.Scanner` (which
 frames to hijack) and :class:`~.hijack.Hijacker` (writing the stubs); one
 pause is a :class:`~.replace.NativePause`.
@@ -29,12 +29,13 @@ import unwinder
 from deopt import framemaps as _fm
 from deopt.framemaps import ObjectImage
 
-from .. import abi, patching, threads
+from .. import abi
 from ..abi import FunctionIR
 from ..compiling import emit_object
-from ..deoptimizer import NativeDeopt, NativeTransferPath
 from ..errors import CompileError, FrameMapError, OsrJitError, VersionInUse
 from ..versions import Function, FunctionTable, Version
+from . import patching, threads
+from .deoptimizer import NativeDeopt, NativeTransferPath
 from .function import JitFunction
 from .hijack import Hijacker
 from .linker import Linker, address_of
@@ -67,12 +68,12 @@ class NativeBackend:
     """Runs versions natively (see the module docstring).
 
     ``compiler``: ``"inprocess"`` (default) or ``"worker"`` — optimise and
-    emit versions in a child process (:mod:`osrjit.compiler`), because
+    emit versions in a child process (:mod:`osrjit.native.compiler`), because
     llvmlite's pass pipeline leaks about 60 KB of native memory per compile
     in the process that runs it. ``walker``: how stopped stacks are walked
     — ``"python"`` (:func:`unwinder.walk`, the reference) or ``"native"``
     (:class:`unwinder.NativeWalker` and the native scan of
-    :mod:`osrjit.fastscan`; a walk that needed Python anywhere is redone by
+    :mod:`osrjit.native.fastscan`; a walk that needed Python anywhere is redone by
     the reference). ``transfer``: how a hijacked frame is rebuilt —
     ``"python"`` (:func:`deopt.transfer.return_through_stub` called back
     through ctypes) or ``"native"`` (:mod:`deopt.native_transfer`: code
@@ -212,7 +213,7 @@ class NativeBackend:
 
     def _emit(self, ir: FunctionIR) -> bytes:
         if self.compiler == "worker":
-            from ..compiler import shared_worker
+            from .compiler import shared_worker
             return shared_worker().emit(ir, self.opt_level)
         return emit_object(ir, self.linker.tm, self.opt_level)
 
@@ -332,7 +333,7 @@ class NativeBackend:
         ``irs`` — in every loaded version — and every call ``irs`` make
         directly, pointed at the callee's entry (``entries``: name -> entry
         for versions not yet published, else the current one's), to be
-        applied with :func:`osrjit.patching.apply_patches` before any
+        applied with :func:`osrjit.native.patching.apply_patches` before any
         mapping of the runtime's code changes (runtime lock held)."""
         names = {ir.name for ir in irs}
         for ir in irs:
@@ -394,7 +395,7 @@ class NativeBackend:
         (stub returns whose slot was not in the LIFO), ``native_handed``
         (records whose frame has no target in the current version: the
         Python transfer reports the failure); threads that did their own
-        part (``walker="native"``, see :class:`osrjit.fastscan.SelfScan`):
+        part (``walker="native"``, see :class:`osrjit.native.fastscan.SelfScan`):
         ``self_scans``, ``self_applies``, ``self_applies_by_stopper``."""
         ntx = self.deopt.native
         native = ({"lifo_searches": 0, "lifo_misses": 0, "handed_to_python": 0}

@@ -7,7 +7,7 @@ slot of every thread before any is written, so a changed slot raises
 :class:`~osrjit.errors.HijackError` with every stack untouched — then
 written natively), pushes the native transfer's LIFO entries, and leaves to
 each thread that planned its own stack the writes for its frames (it does
-them as it wakes, :class:`osrjit.fastscan.SelfScan`). The records of the
+them as it wakes, :class:`osrjit.native.fastscan.SelfScan`). The records of the
 native batches are made after the world is released
 (:meth:`Hijacker.record_batches`), with the hijack table's lock held from
 the first stub written until then, so a Python transfer waits for its record.

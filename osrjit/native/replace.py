@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 
-from .. import patching
+from . import patching
 
 __all__ = ["NativePause"]
 
@@ -123,7 +123,7 @@ class NativePause:
         self._requests = None
 
     def scan(self, *, mode=None):
-        """The stopped stacks' :class:`osrjit.fastscan.ScanPlan`. ``mode``
+        """The stopped stacks' :class:`osrjit.native.fastscan.ScanPlan`. ``mode``
         (probes): ``"python"`` or ``"native"`` walks every stack with that
         walker, ``"self"`` uses the threads' own scans where they answered;
         default: the answers when every thread scanned itself, else the

@@ -9,13 +9,13 @@ give the same answer:
   :func:`osrjit.stackscan.classify_frames` (the reference);
 * ``walker="native"``: :class:`unwinder.NativeWalker` and the native
   classification of :mod:`deopt.native_hijack`, driven by
-  :mod:`osrjit.fastscan` — a thread parked at a poll scans its own stack as
-  it parks (:class:`osrjit.fastscan.SelfScan`), the others are scanned here
+  :mod:`osrjit.native.fastscan` — a thread parked at a poll scans its own stack as
+  it parks (:class:`osrjit.native.fastscan.SelfScan`), the others are scanned here
   from their anchors (their last transition out of JIT code); a walk that
   needed Python anywhere is redone by the reference walker.
 
 Stacks are read only while their threads are stopped (other threads parked,
-ours below the capture point). The result is a :class:`osrjit.fastscan.ScanPlan`.
+ours below the capture point). The result is a :class:`osrjit.native.fastscan.ScanPlan`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import unwinder
 
-from .. import fastscan, selfscan, stackscan, threads
+from .. import stackscan
+from . import fastscan, selfscan, threads
 
 __all__ = ["Scanner", "ScanContext"]
 
@@ -108,7 +109,7 @@ class Scanner:
 
     def request_self_scans(self, context):
         """Ask every other attached thread with known stack bounds to scan
-        itself when it parks (:class:`osrjit.fastscan.SelfScan`); before the
+        itself when it parks (:class:`osrjit.native.fastscan.SelfScan`); before the
         world stops. Returns what :meth:`end_self_scans` takes (also on
         error: what was requested is withdrawn and the walker unpinned)."""
         if context is None or self._native is None:
@@ -219,7 +220,7 @@ class Scanner:
         """Frames of versions of ``names`` on every stopped thread's stack.
 
         ``context``: from :meth:`context` (made here if None).
-        Returns a :class:`osrjit.fastscan.ScanPlan`: the pending frames, as
+        Returns a :class:`osrjit.native.fastscan.ScanPlan`: the pending frames, as
         tuples ``(version, frame map, slot, pc, thread ident)`` (``slot`` None
         for a frame already hijacked: its slot holds the stub) or, from the
         native scan, as per-thread arrays. Nothing is written.
@@ -368,7 +369,7 @@ class Scanner:
         return table.mirror
 
     def native(self):
-        """This runtime's :class:`osrjit.selfscan.SelfScanHijacker` (compiled on first use)."""
+        """This runtime's :class:`osrjit.native.selfscan.SelfScanHijacker` (compiled on first use)."""
         if self._native is None:
             self._native = selfscan.link_hijacker(self.linker)
             # Threads scan themselves when they park for a replace(), and

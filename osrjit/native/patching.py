@@ -97,8 +97,8 @@ from elftools.elf.relocation import RelocationSection
 
 from unwinder.elf import open_elf
 
-from .abi import FunctionIR, direct_call_symbol
-from .errors import (CallTargetOutOfRange, NotACallSite, PatchError, UnpatchableReference)
+from ..abi import FunctionIR, direct_call_symbol
+from ..errors import (CallTargetOutOfRange, NotACallSite, PatchError, UnpatchableReference)
 
 __all__ = [
     "CALL_OPCODE", "JMP_OPCODE", "STUB_OPCODE", "PAGE_SIZE",

@@ -41,7 +41,7 @@ from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
 from deopt.transfer import ResumeTarget, TransferError, return_through_stub
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
-from .errors import OsrJitError
+from ..errors import OsrJitError
 
 _SAVED = ((RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"), (R14, "r14"), (R15, "r15"))
 
@@ -228,7 +228,7 @@ class NativeTransferPath:
     ``native``: the runtime's resource owner (LLJIT, target machine,
     trackers); ``space``: the unwinder's address space (CFI rows of the
     versions; the dispatcher is registered there). ``detached(ts)``: whether
-    the thread of a :class:`~osrjit.threads.ThreadState` has exited (its LIFO
+    the thread of a :class:`~osrjit.native.threads.ThreadState` has exited (its LIFO
     can then be freed once nothing is pending).
     """
 
@@ -269,7 +269,7 @@ class NativeTransferPath:
         # No IR pass pipeline: the generated IR is already in SSA form (only
         # the value array is memory), code generation optimises at the
         # target machine's level, and llvmlite's pipeline leaks native memory
-        # on every run (see osrjit.compiler).
+        # on every run (see osrjit.native.compiler).
         mod = llvm.parse_assembly(text)
         mod.verify()
         tm = self._native.tm
@@ -379,7 +379,7 @@ class NativeTransferPath:
     def push(self, record, thread_state):
         """Queue ``record`` (just hijacked, world stopped) on its thread's LIFO.
 
-        ``thread_state``: the :class:`~osrjit.threads.ThreadState` of the
+        ``thread_state``: the :class:`~osrjit.native.threads.ThreadState` of the
         thread whose stack holds the slot, or None. Returns False (counted in
         :attr:`unsupported`) when the frame will take the Python transfer.
         """

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 
-from .errors import CompileError
+from ..errors import CompileError
 
 __all__ = ["CompileWorker", "shared_worker"]
 
@@ -61,7 +61,7 @@ class CompileWorker:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
-        self._proc = subprocess.Popen([sys.executable, "-m", "osrjit.compiler"],
+        self._proc = subprocess.Popen([sys.executable, "-m", "osrjit.native.compiler"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       env=env, close_fds=True)
         self._served = 0
@@ -147,8 +147,8 @@ def _read_frame(stream) -> bytes:
 
 def _serve(stdin, stdout):
     """The child's loop: answer requests until stdin closes."""
-    from .abi import FunctionIR
-    from .compiling import emit_object, target_machine
+    from ..abi import FunctionIR
+    from ..compiling import emit_object, target_machine
     machines = {}
     while True:
         try:

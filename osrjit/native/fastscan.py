@@ -20,7 +20,7 @@ which a test compares against — with no per-frame Python:
   native call (:class:`AnchorScan`: walk and plan, ``osrjit_hj_scan``), or,
   for ``replace()``, has scanned itself on its own core while it parked
   (:class:`SelfScan`: the stopper only reads the answer; the thread's side
-  and the handshake protocol are :mod:`osrjit.selfscan`).
+  and the handshake protocol are :mod:`osrjit.native.selfscan`).
 
 A frame's lookup pc is ``pc − 1`` except for the innermost frame of a walk
 started from exact registers (a signal context). A walk the native code
@@ -38,7 +38,7 @@ from unwinder.native import EndReason, OutFrame, WalkState
 from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
 
 from .selfscan import HS_APPLIED, HS_APPLY, HS_APPLYING, HS_REQUESTED, HS_SCANNED, Handshake
-from .stackscan import NORMAL_ENDS, ScanResult, classify_frames
+from ..stackscan import NORMAL_ENDS, ScanResult, classify_frames
 
 #: osrjit_hj_scan's terminal end reasons, worded as unwinder.walk words them.
 _TERMINAL_ENDS = {EndReason.RA_UNDEFINED: END_RA_UNDEFINED, EndReason.RA_ZERO: END_RA_ZERO,
@@ -184,7 +184,7 @@ class ThreadHijacks:
     rising, absolute; kinds index the keys); ``t``: frames already hijacked,
     at ``slots[cap - t:]`` etc. (their slot: where the stub sits). Lifetime:
     one stop-the-world; the arrays are ctypes arrays the native code wrote.
-    ``state``: the thread's :class:`osrjit.threads.ThreadState` (set by the
+    ``state``: the thread's :class:`osrjit.native.threads.ThreadState` (set by the
     runtime's scan; None when not known); ``self_scan``: the
     :class:`SelfScan` whose answer this is (the thread planned it), or None.
     """
@@ -363,7 +363,7 @@ class AnchorScan:
 
     def thread(self, state, thread, bounds):
         """``(ScanResult, ThreadHijacks or None)`` of the thread whose
-        :class:`osrjit.threads.ThreadState` is ``state`` (stopped, scanned from
+        :class:`osrjit.native.threads.ThreadState` is ``state`` (stopped, scanned from
         its anchor), or None to take the general path; ``bounds``: its stack's
         ``(lo, hi)`` (absolute) or None."""
         if bounds is None or not self._tables:
@@ -403,9 +403,9 @@ class SelfScan:
     the stopper only reads the answer. HotSpot's thread-local handshakes and
     ZGC's stack watermarks let threads process their own stacks the same way.
 
-    Owns the thread's :class:`~osrjit.selfscan.Handshake` (its address
-    goes into the thread's :class:`osrjit.threads.ThreadState`; the states
-    and the native calls are documented in :mod:`osrjit.selfscan`) and the
+    Owns the thread's :class:`~osrjit.native.selfscan.Handshake` (its address
+    goes into the thread's :class:`osrjit.native.threads.ThreadState`; the states
+    and the native calls are documented in :mod:`osrjit.native.selfscan`) and the
     arrays ``osrjit_hj_scan`` writes: a walk state, :data:`FRAMES` output
     frames, slots / return addresses / kinds and counters. Protocol, all by
     the stopper with the runtime's lock held: :meth:`request` before it stops

@@ -6,9 +6,9 @@ own core, whose caches hold that stack; the stopper then only reads the
 answer, and leaves the writing of the hijacks to the thread as it wakes.
 HotSpot's thread-local handshakes and ZGC's stack watermarks let threads
 process their own stacks the same way. The stopper's side (one block per
-thread, its requests and answers) is :class:`osrjit.fastscan.SelfScan`; the
+thread, its requests and answers) is :class:`osrjit.native.fastscan.SelfScan`; the
 thread's side is native code, called from the park path of
-:mod:`osrjit.threads` (``osrjit_safepoint_slow``) through the
+:mod:`osrjit.native.threads` (``osrjit_safepoint_slow``) through the
 ``osrjit_park_scan`` / ``osrjit_park_apply`` cells of the support library.
 
 The block is a :class:`Handshake`; its ``state`` moves so:
@@ -28,7 +28,7 @@ stopper, after its release  ``REQUESTED`` / ``SCANNED -> IDLE``
 ``osrjit_hj_park_scan(handshake, flag)``
     The park path's self-scan (``flag``: the safepoint flag word): if
     ``state`` goes from :data:`HS_REQUESTED` to :data:`HS_SCANNING`
-    (compare-and-swap) while :data:`osrjit.threads.FLAG_STOP` is set (read
+    (compare-and-swap) while :data:`osrjit.native.threads.FLAG_STOP` is set (read
     after the swap: the stop that made the request is in progress), runs
     :data:`deopt.native_hijack.SCAN_SYMBOL` on the block's ``args``, stores
     its status and then :data:`HS_SCANNED`. With STOP clear the thread is
@@ -54,7 +54,7 @@ stopper, after its release  ``REQUESTED`` / ``SCANNED -> IDLE``
 
 The code is hand-written IR in ``selfscan.ll`` (next to this module),
 rendered by :func:`selfscan_module_ir` from :class:`Handshake`, the
-``HS_*`` states and :data:`osrjit.threads.FLAG_STOP`. :func:`link_hijacker`
+``HS_*`` states and :data:`osrjit.native.threads.FLAG_STOP`. :func:`link_hijacker`
 links it into :mod:`deopt.native_hijack`'s module (one module: the calls
 into deopt's functions are direct) and that into one JIT library.
 """

@@ -68,9 +68,9 @@ from unwinder import nativesrc
 from unwinder.x86_64 import (CALLEE_SAVED, R8, R9, R10, R11, R12, R13, R14, R15, RA, RAX, RBP,
                              RBX, RCX, RDI, RDX, REGISTER_NAMES, RIP, RSI, RSP)
 
-from .abi import ERROR_SYMBOL, HOOK_SYMBOL
-from .errors import OsrJitError, SafepointTimeout
-from .ir import DOUBLE, I32, I64, PTR, VOID
+from ..abi import ERROR_SYMBOL, HOOK_SYMBOL
+from ..errors import OsrJitError, SafepointTimeout
+from ..ir import DOUBLE, I32, I64, PTR, VOID
 
 
 class ThreadStatus(IntEnum):
@@ -125,7 +125,7 @@ class ThreadState(ctypes.Structure):
     :class:`deopt.native_transfer.ThreadBlock` (its hijack LIFO), 0 if none;
     written only while the world is stopped, read by ``osrjit_transfer``.
     ``handshake``: address of the block the park path hands to
-    ``osrjit_park_scan`` (see :class:`osrjit.fastscan.SelfScan`), 0 if none."""
+    ``osrjit_park_scan`` (see :class:`osrjit.native.fastscan.SelfScan`), 0 if none."""
     _fields_ = [("status", ctypes.c_int64),
                 ("anchor", ctypes.c_uint64 * ANCHOR_SLOTS),
                 ("ucontext", ctypes.c_uint64),

@@ -360,12 +360,14 @@ class Runtime:
             try:
                 try:
                     scan = pause.scan()
-                    self._functions.mark_executing(scan.executing)
-                    for old in scan.versions():
-                        if old in incompatible:
-                            raise incompatible[old]
+                    if incompatible:
+                        for old in scan.versions():
+                            if old in incompatible:
+                                raise incompatible[old]
                     t_scan = clock()
                 except BaseException:
+                    if scan is not None:
+                        self._functions.mark_executing(scan.executing)
                     self._discard(linked)
                     raise
                 for v in linked:
@@ -379,6 +381,9 @@ class Runtime:
                     t2 = clock()
                     pause.release()
             i2 = pause.instructions()
+            # Which old versions a frame still executes: only reclamation,
+            # after the release, reads it.
+            self._functions.mark_executing(scan.executing)
             self.last_pause = PauseReport(
                 time_to_safepoint_seconds=t1 - t0, scan_seconds=t_scan - t1,
                 hijack_seconds=t2 - t_scan, pause_seconds=t2 - t0, threads=pause.threads,

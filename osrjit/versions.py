@@ -143,9 +143,9 @@ class FunctionTable:
     def publish(self, version: Version) -> Function:
         """Record ``version`` as its function's current one (the function exists)."""
         fn = self._functions[version.name]
-        if version not in fn.versions:
+        if fn.current is not version:
             fn.versions.append(version)
-        fn.current = version
+            fn.current = version
         return fn
 
     def remove(self, version: Version) -> None:

@@ -77,6 +77,7 @@ class NativePause:
         if not self._new:                 # a probe: only the scan's context
             backend.drain()
             self.context = backend.scanner.context(self._names)
+            self._request_self_scans()
             return
         ntx_path = backend.deopt.native
         if ntx_path is not None:
@@ -102,6 +103,13 @@ class NativePause:
         backend.drain()
         self.context = backend.scanner.context(self._names)
         backend.scanner.warm_scan(self.context, self._names)
+        self._request_self_scans()
+
+    def _request_self_scans(self):
+        # The threads that park at a poll walk and plan their own stacks on
+        # the way (SelfScan); the others are scanned in the pause. Asked
+        # last, just before the world stops (withdrawn by abandon()).
+        self._requests = self._backend.scanner.request_self_scans(self.context)
 
     def instructions(self):
         return None
@@ -110,10 +118,6 @@ class NativePause:
 
     def stop(self, timeout):
         backend = self._backend
-        if self._replacing:
-            # The threads that park at a poll walk and plan their own stacks
-            # on the way (SelfScan); the others are scanned in the pause.
-            self._requests = backend.scanner.request_self_scans(self.context)
         signals = backend.world.signals_sent
         self.others = backend.world.stop(timeout=timeout)
         self.stopped_async = backend.world.signals_sent - signals

@@ -94,8 +94,8 @@ def both_scans_scenario():
                 plan = pause.scan(mode=walker)
                 found = plan.frames()
                 executing = sorted(v.id for v in plan.executing)
-                answers[walker] = (sorted((v.id, fm.site_id, slot, pc, ident)
-                                          for v, fm, slot, pc, ident in found), executing)
+                answers[walker] = (sorted((f.version.id, f.frame_map.site_id, f.slot, f.pc,
+                                           f.thread) for f in found), executing)
                 if walker == "native":
                     out["one_call"] = sorted(one_call)
             out["self_answered"] = {

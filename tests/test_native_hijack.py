@@ -58,7 +58,7 @@ def plan_scenario():
         h = ThreadHijacks(hj, raw, len(pcs), 1, tables, 77)
         out["m"], out["t"] = h.m, h.t
         out["counts"], out["range_counts"] = h.counts, h.range_counts
-        out["frames"] = [(v.name, slot is None, pc) for v, fm, slot, pc, _ in h.frames()]
+        out["frames"] = [(f.version.name, f.slot is None, f.pc) for f in h.frames()]
         out["executing"] = sorted(v.name for v in h.executing())
         out["versions"] = sorted(v.name for v in h.versions())
         slots = list(h.slots[:h.m])
@@ -316,7 +316,7 @@ def park_scan_scenario():
     from osrjit.native import selfscan as ss
     with osrjit.Runtime(walker="native") as rt:
         rt.native_backend.scanner.native()
-        address = rt.native_backend.support._service_cells["osrjit_park_scan"].value
+        address = rt.native_backend.support.service("osrjit_park_scan")
         park_scan = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)(address)
         anchor = (ctypes.c_uint64 * 17)()       # RSP 0: no JIT frame, nothing walked
         flag = ctypes.c_int64(0)

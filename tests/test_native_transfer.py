@@ -734,7 +734,7 @@ def unwinding_threads_scenario(n_threads, depth, replacements, seed, grace):
         # entry, outside any site) is freed by the next scan.
         rt.collect()
         final = rt.stats()
-        lifos_left = len(rt.native_backend.deopt.native._lifos)       # threads exited: LIFOs freed
+        lifos_left = rt.native_backend.deopt.native.thread_lifos       # threads exited: LIFOs freed
     return results, errors, stats, final, lifos_left
 
 

@@ -493,6 +493,11 @@ class NativeTransferPath:
                 del self._lifos[key]
                 self._queued.discard(key)
 
+    @property
+    def thread_lifos(self) -> int:
+        """Threads with a LIFO (freed when a thread is gone: :meth:`prune`)."""
+        return len(self._lifos)
+
     def counters(self):
         """``{"lifo_searches", "lifo_misses", "handed_to_python"}`` summed over threads."""
         s, m, h = self._dropped

@@ -38,7 +38,7 @@ from unwinder.native import EndReason, OutFrame, WalkState
 from unwinder.walk import END_CFA_NOT_INCREASING, END_RA_UNDEFINED, END_RA_ZERO
 
 from .selfscan import HS_APPLIED, HS_APPLY, HS_APPLYING, HS_REQUESTED, HS_SCANNED, Handshake
-from ..stackscan import NORMAL_ENDS, ScanResult, classify_frames
+from ..stackscan import NORMAL_ENDS, PendingFrame, ScanResult, classify_frames
 
 #: osrjit_hj_scan's terminal end reasons, worded as unwinder.walk words them.
 _TERMINAL_ENDS = {EndReason.RA_UNDEFINED: END_RA_UNDEFINED, EndReason.RA_ZERO: END_RA_ZERO,
@@ -256,15 +256,15 @@ class ThreadHijacks:
                 if counts[_PER_KEY * k + _HIJACK]}
 
     def frames(self):
-        """``[(version, frame map, slot, pc, thread)]`` (slot None: already
-        hijacked), in the reference scan's form (tests)."""
+        """Every frame as the reference scan's :class:`~osrjit.stackscan.PendingFrame`
+        (``slot`` None: already hijacked)."""
         out = []
         for i in range(self.m):
             fm, v = self.meta[self.kinds[i]]
-            out.append((v, fm, self.slots[i], self.ras[i], self.thread))
+            out.append(PendingFrame(v, fm, self.slots[i], self.ras[i], self.thread))
         for i in range(self.cap - self.t, self.cap):
             fm, v = self.meta[self.kinds[i]]
-            out.append((v, fm, None, self.ras[i], self.thread))
+            out.append(PendingFrame(v, fm, None, self.ras[i], self.thread))
         return out
 
     def hijack_arrays(self):
@@ -279,14 +279,16 @@ class ThreadHijacks:
 
 
 class ScanPlan:
-    """What a stop-the-world scan found on every thread: pending frames as
-    reference tuples ``(version, frame map, slot, pc, thread)`` in
-    :attr:`tuples` (reference walker, fallbacks) and as arrays in
-    :attr:`threads` (:class:`ThreadHijacks`, the native scan)."""
+    """What a stop-the-world scan found on every thread (an
+    :class:`osrjit.backend.Scan`): pending frames as
+    :class:`~osrjit.stackscan.PendingFrame` in :attr:`pending` (reference
+    walker, fallbacks) and as arrays in :attr:`threads` (:class:`ThreadHijacks`,
+    the native scan); ``executing``: the old versions a frame runs outside a site."""
 
     def __init__(self):
-        self.tuples = []
+        self.pending = []
         self.threads = []
+        self.executing = set()
         #: No thread runs code of a watched version outside a site (every
         #: such frame is at a site, hijacked or about to be) and every walk
         #: was complete: after the hijack, no thread can execute old code
@@ -294,18 +296,18 @@ class ScanPlan:
         self.quiet = False
 
     def __len__(self):
-        return len(self.tuples) + sum(h.m + h.t for h in self.threads)
+        return len(self.pending) + sum(h.m + h.t for h in self.threads)
 
     def versions(self):
         """The versions with pending frames (to check against their new versions)."""
-        out = {entry[0] for entry in self.tuples}
+        out = {p.version for p in self.pending}
         for h in self.threads:
             out |= h.versions()
         return out
 
     def frames(self):
-        """Every pending frame as a reference tuple (tests)."""
-        out = list(self.tuples)
+        """Every pending frame as a :class:`~osrjit.stackscan.PendingFrame`."""
+        out = list(self.pending)
         for h in self.threads:
             out.extend(h.frames())
         return out
@@ -524,7 +526,7 @@ def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced
     reference frames (a :func:`unwinder.walk` iterator), used when the native
     walk needed Python; ``buffers``: :class:`ScanBuffers` to take the output
     arrays from (default: new ones). The ScanResult holds the executing versions and
-    ``incomplete``; its ``pending`` (reference tuples) is filled only when
+    ``incomplete``; its ``pending`` (:class:`~osrjit.stackscan.PendingFrame`) is filled only when
     the walk needed Python (then the reference path classified it).
     """
     stack = bounds(regs[7], thread)
@@ -538,10 +540,7 @@ def plan_native(hijacker, walker, regs, *, caller_frame, index, tables, replaced
         walked = walker.walk_raw(regs, innermost_is_caller=caller_frame, stack_bounds=stack,
                                  translation=translation)
         if walked is None:
-            out = classify_frames(reference(), index.at, replaced, is_old, thread)
-            out.pending = [(p.version, p.frame_map, p.slot, p.pc, p.thread)
-                           for p in out.pending]
-            return out, None
+            return classify_frames(reference(), index.at, replaced, is_old, thread), None
         raw, end = walked
         n = len(raw) // 32
     out = ScanResult()

@@ -61,15 +61,16 @@ class Hijacker:
         ntx_path = self.deopt.native
         self.last_left = []
         states = ({i: st for i, st, _ in self.registry.snapshot()}
-                  if ntx_path is not None and plan.tuples else {})
-        for version, fm, slot, pc, ident in plan.tuples:
-            if slot is None:
+                  if ntx_path is not None and plan.pending else {})
+        for p in plan.pending:
+            if p.slot is None:
                 continue                      # already hijacked: retargeted at transfer time
-            record = self.deopt.table.hijack(slot, pc, fm, version, memory, thread=ident)
+            record = self.deopt.table.hijack(p.slot, p.pc, p.frame_map, p.version, memory,
+                                             thread=p.thread)
             with self._count_lock:
-                version.pending_returns += 1
+                p.version.pending_returns += 1
             if ntx_path is not None:
-                ntx_path.push(record, states.get(ident))
+                ntx_path.push(record, states.get(p.thread))
         batches = [h for h in plan.threads if h.m]
         if not batches:
             return []

@@ -221,9 +221,9 @@ class Scanner:
 
         ``context``: from :meth:`context` (made here if None).
         Returns a :class:`osrjit.native.fastscan.ScanPlan`: the pending frames, as
-        tuples ``(version, frame map, slot, pc, thread ident)`` (``slot`` None
-        for a frame already hijacked: its slot holds the stub) or, from the
-        native scan, as per-thread arrays. Nothing is written.
+        :class:`~osrjit.stackscan.PendingFrame` (``slot`` None for a frame
+        already hijacked: its slot holds the stub) or, from the native scan,
+        as per-thread arrays. Nothing is written.
         The plan's ``executing``: every old version a frame runs outside a
         site (an innermost frame interrupted by the runtime's signal, or a
         call that is not a site), or whose entry address a signal-stopped
@@ -235,7 +235,7 @@ class Scanner:
         mode = mode or self.mode
         executing = set()
         plan = fastscan.ScanPlan()
-        found = plan.tuples
+        found = plan.pending
         incomplete = []
         # Every stack read here is stopped (other threads parked, ours below
         # the capture point), so 4 KiB pages can be cached for this scan
@@ -314,8 +314,7 @@ class Scanner:
             else:
                 result = stackscan.classify_frames(reference(), self.functions.version_at, names,
                                                    is_old, ident)
-                found.extend((p.version, p.frame_map, p.slot, p.pc, p.thread)
-                             for p in result.pending)
+                found.extend(result.pending)
             executing.update(result.executing)
             if result.incomplete is not None:
                 incomplete_walk(result.incomplete)

@@ -388,6 +388,10 @@ class SupportLibrary:
         """Point the cell of service ``name`` (one of :data:`SERVICES`) at ``address``."""
         self._service_cells[name].value = address
 
+    def service(self, name):
+        """The address the cell of service ``name`` points at (0: none)."""
+        return self._service_cells[name].value or 0
+
     def entry_thunk(self, return_type, arity):
         """Address of the entry thunk for functions ``(i64 x arity) -> return_type``."""
         key = (return_type, arity)

@@ -331,6 +331,15 @@ def _query_stack_bounds():
         _libc.pthread_attr_destroy(attr)
 
 
+_ENTER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+# PYFUNCTYPE: called with the GIL held (these never block). Releasing it
+# around clear_flag would let the threads it wakes take the GIL first, and the
+# stopper would wait a whole switch interval (5 ms) to get it back before
+# replace() can return. (Made once: PYFUNCTYPE makes a new class per call.)
+_FLAG_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_int64)
+_LOAD_STATUS_CALL = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
+
+
 class SupportLibrary:
     """The runtime's native transition code, linked into its LLJIT.
 
@@ -392,15 +401,10 @@ class SupportLibrary:
         self.library = linker.link(obj, "osrjit.support", exports=self.EXPORTS, imports=imports,
                                    register="osrjit.support", space=space)
         self.addresses = a = dict(self.library.addresses)
-        self.enter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(a["osrjit_enter"])
-        # PYFUNCTYPE: called with the GIL held (these never block). Releasing
-        # it around clear_flag would let the threads it wakes take the GIL
-        # first, and the stopper would wait a whole switch interval (5 ms) to
-        # get it back before replace() can return.
-        self.set_flag = ctypes.PYFUNCTYPE(None, ctypes.c_int64)(a["osrjit_set_flag"])
-        self.clear_flag = ctypes.PYFUNCTYPE(None, ctypes.c_int64)(a["osrjit_clear_flag"])
-        self.load_status = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(
-            a["osrjit_load_status"])
+        self.enter = _ENTER_TYPE(a["osrjit_enter"])
+        self.set_flag = _FLAG_CALL(a["osrjit_set_flag"])
+        self.clear_flag = _FLAG_CALL(a["osrjit_clear_flag"])
+        self.load_status = _LOAD_STATUS_CALL(a["osrjit_load_status"])
         self._thunks = {}
         self._thunk_lock = threading.Lock()
 

@@ -621,16 +621,19 @@ class RuntimeSignal:
         lo = getattr(_libc, "__libc_current_sigrtmin")()
         hi = getattr(_libc, "__libc_current_sigrtmax")()
         self.signal = None
-        for sig in range(lo + 4, hi + 1):
-            old = _Sigaction()
-            if _libc.sigaction(sig, None, ctypes.byref(old)) == 0 and not old.sa_sigaction \
-                    and not old.sa_flags & _SA_SIGINFO:
-                new = _Sigaction()
-                new.sa_sigaction = handler_address
-                new.sa_flags = _SA_SIGINFO | _SA_RESTART
-                if _libc.sigaction(sig, ctypes.byref(new), ctypes.byref(old)) == 0:
-                    self.signal, self._old = sig, old
-                    break
+        # One runtime at a time reads and takes a signal: two made at once on
+        # two threads must not both see the same one free.
+        with _SIGNALS_LOCK:
+            for sig in range(lo + 4, hi + 1):
+                old = _Sigaction()
+                if _libc.sigaction(sig, None, ctypes.byref(old)) == 0 and not old.sa_sigaction \
+                        and not old.sa_flags & _SA_SIGINFO:
+                    new = _Sigaction()
+                    new.sa_sigaction = handler_address
+                    new.sa_flags = _SA_SIGINFO | _SA_RESTART
+                    if _libc.sigaction(sig, ctypes.byref(new), ctypes.byref(old)) == 0:
+                        self.signal, self._old = sig, old
+                        break
         if self.signal is None:
             raise ResourceExhausted(
                 f"no free real-time signal for the runtime's async stop: every one of "
@@ -642,9 +645,14 @@ class RuntimeSignal:
         return _libc.pthread_kill(ident, self.signal) == 0
 
     def close(self):
-        if self.signal is not None:
-            _libc.sigaction(self.signal, ctypes.byref(self._old), None)
-            self.signal = None
+        """Restore the signal's previous action (idempotent)."""
+        with _SIGNALS_LOCK:
+            if self.signal is not None:
+                _libc.sigaction(self.signal, ctypes.byref(self._old), None)
+                self.signal = None
+
+
+_SIGNALS_LOCK = threading.Lock()
 
 
 class World:

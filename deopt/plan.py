@@ -46,7 +46,9 @@ to find it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+import weakref
+from dataclasses import dataclass, fields, replace
 
 from unwinder.compiled import OP_COPY, OP_GENERAL, OP_LOAD, OP_SAME, OP_UNDEF, OP_VALUE
 from unwinder.x86_64 import CALLEE_SAVED, RA, RAX, RSP
@@ -195,31 +197,46 @@ class FramePlan:
         return self.native_error is None
 
 
+#: :class:`FramePlan`'s fields after ``frame_map``, in order.
+_PLAN_PARTS = tuple(f.name for f in fields(FramePlan))[1:]
+
+
 def plan_frame(frame_map, space):
     """The :class:`FramePlan` of ``frame_map``.
 
     ``space``: anything with ``unwind_entry(pc) -> (StepPlan, signal, module)
     | None`` (an :class:`unwinder.AddressSpace`); the row is the one in force
     at ``frame_map.return_address − 1`` (absolute), as a walker finds it for a
-    caller frame. Memoised by the identity of the frame map and of the
-    space's answer (an :class:`~unwinder.AddressSpace` answers with the same
-    object until its modules change), so the Python transfer plans each
-    frame map once.
+    caller frame. Memoised per frame map (by identity) and row, so the Python
+    transfer plans each frame map once. The memo holds the frame map only
+    weakly and neither the row's module nor its object: an entry goes when
+    its frame map does (its version freed), and pins none of it meanwhile.
     """
     entry = space.unwind_entry(frame_map.return_address - 1)
-    key = (id(frame_map), id(entry))
+    step = None if entry is None else entry[0]
+    key = id(frame_map)
     hit = _PLANS.get(key)
-    if hit is not None and hit[0] is frame_map and hit[1] is entry:
-        return hit[2]
+    if hit is not None and hit[0]() is frame_map and hit[1] is step:
+        return FramePlan(frame_map, *hit[2])
     plan = _plan(frame_map, entry)
     if len(_PLANS) >= _PLANS_LIMIT:
         _PLANS.clear()
-    # The frame map and the entry are kept with the plan: their ids stay theirs.
-    _PLANS[key] = (frame_map, entry, plan)
+    # Everything of the plan but the frame map, which the memo must not keep alive.
+    parts = tuple(getattr(plan, f) for f in _PLAN_PARTS)
+    _PLANS[key] = (weakref.ref(frame_map, functools.partial(_forget_plan, key)), step, parts)
     return plan
 
 
-#: (id(frame map), id(unwind entry)) -> (frame map, unwind entry, plan).
+def _forget_plan(key, ref):
+    """The frame map of ``_PLANS[key]`` is gone: drop its entry (unless a new
+    frame map took the id since)."""
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is ref:
+        _PLANS.pop(key, None)
+
+
+#: id(frame map) -> (weak reference to it, the StepPlan its plan was made
+#: from, the plan's fields after ``frame_map``).
 _PLANS = {}
 _PLANS_LIMIT = 4096
 

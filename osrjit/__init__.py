@@ -12,9 +12,9 @@ from .abi import FunctionIR, LiveValue, SiteInfo, SiteKind
 from .backend import PauseReport
 from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, EmulationError,
                      EmulationFault, FrameMapError, HijackError, HookNotSet, IncompatibleVersion,
-                     NotACallSite, OsrJitError, PatchError, RuntimeClosed, SafepointTimeout,
-                     TransferError, UnknownFunction, UnpatchableReference, UnwindFailure,
-                     VersionInUse)
+                     NotACallSite, OsrJitError, PatchError, ResourceExhausted, RuntimeClosed,
+                     SafepointTimeout, TransferError, UnknownFunction, UnpatchableReference,
+                     UnwindFailure, VersionInUse)
 from .runtime import Runtime
 from .versions import Version
 from .native.function import JitFunction
@@ -27,4 +27,5 @@ __all__ = [
     "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
     "TransferError", "DeoptFailure", "UnwindFailure", "PatchError", "EmulationError",
     "EmulationFault", "NotACallSite", "CallTargetOutOfRange", "UnpatchableReference",
+    "ResourceExhausted",
 ]

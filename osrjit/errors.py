@@ -48,13 +48,25 @@ class RuntimeClosed(OsrJitError):
     """The :class:`~osrjit.runtime.Runtime` was closed; its code is unmapped."""
 
 
+class ResourceExhausted(OsrJitError):
+    """A runtime could not be made: the process has none left of something
+    each open native runtime holds one of. ``resource``: ``"pthread key"``
+    or ``"real-time signal"``. Closing a runtime gives its own back."""
+
+    def __init__(self, message, resource=None):
+        super().__init__(message)
+        self.resource = resource
+
+
 class HookNotSet(OsrJitError):
     """Compiled code called the hook service but no hook was installed
     (:meth:`~osrjit.runtime.Runtime.on_hook`)."""
 
 
 class VersionInUse(OsrJitError):
-    """A version cannot be unloaded: it is still the function's current version."""
+    """Code cannot be unloaded while something uses it: a version that is
+    still its function's current one, or, for :meth:`~osrjit.runtime.Runtime.close`,
+    hijacked frames not yet returned or threads inside compiled code."""
 
 
 # --- call-site patching (osrjit.native.patching) --------------------------------------

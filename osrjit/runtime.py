@@ -120,11 +120,17 @@ class Runtime:
 
     @_osrjit_errors
     def close(self):
-        """Unload every version and release the backend. Idempotent.
+        """Unload every version and release the backend: everything the
+        runtime took from the process (natively its pthread key, real-time
+        signal, LLJITs, unwinder registrations, native buffers and every
+        attached thread's block; see :class:`osrjit.native.NativeBackend`).
+        Idempotent. A closed runtime holds no reference cycle that keeps it
+        alive.
 
-        No compiled code may be running, and no hijacked frame may be pending
-        (``stats()["pending_returns"] == 0``): their stubs go with the code
-        (:class:`VersionInUse`).
+        No thread may be inside compiled code (running it, or in a hook or
+        service called from it), and no hijacked frame may be pending
+        (``stats()["pending_returns"] == 0``): their code and stubs would go
+        (:class:`VersionInUse`, and nothing is released).
         """
         with self._lock:
             if self._closed:

@@ -131,10 +131,15 @@ class AddressSpace:
             self.return_address_filters = self.return_address_filters + (translate,)
 
     def remove_return_address_filter(self, translate):
-        """Undo :meth:`add_return_address_filter` (no error if absent)."""
+        """Undo :meth:`add_return_address_filter` (no error if absent).
+
+        ``translate`` is matched by equality, not identity: ``obj.method``
+        makes a new bound-method object at every access, and such objects are
+        equal when they bind the same function to the same object.
+        """
         with self._lock:
             self.return_address_filters = tuple(f for f in self.return_address_filters
-                                                if f is not translate)
+                                                if f != translate)
 
     # -- lookups ------------------------------------------------------------
 

@@ -20,8 +20,10 @@ pause is a :class:`~.replace.NativePause`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
+import sys
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -32,7 +34,7 @@ from deopt.framemaps import ObjectImage
 from .. import abi
 from ..abi import FunctionIR
 from ..compiling import emit_object
-from ..errors import CompileError, FrameMapError, OsrJitError, VersionInUse
+from ..errors import CompileError, FrameMapError, VersionInUse
 from ..versions import Function, FunctionTable, Version
 from . import patching, threads
 from .deoptimizer import NativeDeopt, NativeTransferPath
@@ -80,8 +82,19 @@ class NativeBackend:
     generated per version, a per-thread LIFO of hijacks, no Python on the
     path; a frame it cannot handle takes the Python transfer).
 
-    Lifetime: made and owned by its :class:`osrjit.Runtime`; :meth:`close`
-    releases every JIT library (trackers before their LLJIT).
+    Lifetime: made and owned by its :class:`osrjit.Runtime`. Everything it
+    takes from the process is released by :meth:`close`, newest first (also
+    when the constructor fails half-way): the native walker and the scan's
+    tables, the threads' self-scan blocks and LIFOs, the hijack table's
+    return-address filter in the process's unwinder space, the real-time
+    signal (previous action restored), every attached thread (its block is
+    freed), the pthread key, and through the :class:`~.linker.Linker` every
+    JIT library (unwinder registration, tracker, LLJIT), the shared LLJIT,
+    the target machine and the cells and callbacks compiled code could reach.
+    No thread is started; the compile worker (``compiler="worker"``) is one
+    child process per process, shared by every runtime, and outlives them.
+    A closed backend holds no reference cycle that outlives its runtime
+    (callbacks reach the runtime through a weak reference).
     """
 
     name = "native"
@@ -101,23 +114,35 @@ class NativeBackend:
         self.calls = runtime.calls
         self.functions: FunctionTable = runtime._functions
         self._services = runtime._services
-        self.linker = Linker(self.opt_level)
         self.call_sites = patching.CallSiteIndex()
         self.space = unwinder.AddressSpace.current_process()
         self.closed = False
         self._ids = itertools.count(1)      # version ids, in link order
-        me = weakref.ref(runtime)
-        self._runtime = me
+        self._runtime = weakref.ref(runtime)
+        # What close() releases, newest first (see the class docstring).
+        self._resources = contextlib.ExitStack()
+        try:
+            self._take_resources(transfer)
+        except BaseException:
+            self.closed = True
+            self._resources.close()
+            raise
+
+    def _take_resources(self, transfer):
+        me = self._runtime
+        release = self._resources.callback
+        self.linker = Linker(self.opt_level)
+        release(self.linker.close)
 
         # The native transitions (entry thunks, service wrappers, the
         # transfer's status marking, the signal handler) and the threads.
         self.flag = self.linker.keep(ctypes.c_int64(0))
         support = self.support = threads.SupportLibrary(self.linker, self.space, self.flag)
+        release(support.close)
         self.registry = threads.ThreadRegistry(support.key)
-        try:
-            self.signal = threads.RuntimeSignal(support.addresses["osrjit_signal_handler"])
-        except OsrJitError:
-            self.signal = None              # no free signal: stops rely on polls only
+        release(self.registry.close)
+        self.signal = threads.RuntimeSignal(support.addresses["osrjit_signal_handler"])
+        release(self.signal.close)
         self.world = threads.World(support, self.registry, self.signal)
         self.service_addresses = {
             abi.HOOK_SYMBOL: support.addresses["osrjit_hook"],
@@ -136,6 +161,7 @@ class NativeBackend:
                                  lambda record, ok, error=None: me()._after_transfer(
                                      record, ok, error),
                                  lambda: ctypes.addressof(registry.current()))
+        release(self.deopt.close)
         support.set_service("osrjit_py_transfer", self.deopt.callback_address)
         self.deopt.route_through(support.addresses["osrjit_transfer"])
         if transfer == "native":
@@ -143,6 +169,7 @@ class NativeBackend:
                 self.linker, self.space, lambda ts: ts.status == threads.DETACHED)
             support.set_service("osrjit_native_transfer", self.deopt.native.dispatch_address)
         self.scanner = Scanner(self)
+        release(self.scanner.close)
         self.hijacker = Hijacker(self)
 
     @property
@@ -153,8 +180,10 @@ class NativeBackend:
     # -- life cycle ----------------------------------------------------------------
 
     def close(self):
-        """Release every JIT library. :class:`VersionInUse` (nothing released)
-        while hijacked frames are pending: their stub and code would go."""
+        """Release everything the backend took (see the class docstring).
+        :class:`VersionInUse`, with nothing released, while hijacked frames
+        are pending or a thread is inside compiled code (running it, or in a
+        hook or service called from it): their stub and code would go."""
         if self.closed:
             return
         self.drain()
@@ -162,12 +191,20 @@ class NativeBackend:
         if pending:
             raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
                                "have not returned yet (their stub and code would go)")
-        self.scanner.close()
-        self.deopt.close()
-        if self.signal is not None:
-            self.signal.close()
+        busy = self.registry.in_jit_code()
+        if busy:
+            names = ", ".join(f"{name} ({status})" for name, status in busy)
+            raise VersionInUse(f"cannot close the runtime: threads are inside its compiled "
+                               f"code: {names}")
         self.closed = True
-        self.linker.close()
+        self._resources.close()
+
+    def __del__(self):
+        # A runtime dropped without close(): nothing can run its code any
+        # more (a JitFunction would keep this object alive), so give the
+        # process its key, its signal and its JIT libraries back.
+        if not sys.is_finalizing() and not getattr(self, "closed", True):
+            self.close()
 
     # -- flags and services ----------------------------------------------------------
 

@@ -108,8 +108,11 @@ class NativeDeopt:
         self._cell.value = address
 
     def close(self):
-        """Stop translating return addresses (the code goes with the runtime's resources)."""
+        """Stop translating return addresses and let go of every thread's plan
+        and state buffers and of the native transfer's (the code goes with
+        the runtime's resources)."""
         self.space.remove_return_address_filter(self.table.translate)
+        self._buffers = _ThreadBuffers()
         if self.native is not None:
             self.native.close()
 
@@ -507,12 +510,16 @@ class NativeTransferPath:
         return {"lifo_searches": s, "lifo_misses": m, "handed_to_python": h}
 
     def close(self):
-        """Forget every thread's block and release the code-generation target
-        machine (the runtime closes; no JIT code runs any more). The generated
-        code goes with the runtime's other trackers."""
+        """Forget every thread's block (LIFO) and every version's descriptors,
+        and release the code-generation target machine (the runtime closes;
+        no JIT code runs any more). The generated code goes with the
+        runtime's other trackers."""
         for lifo in self._lifos.values():
             lifo.token.transfer_block = 0
         self._lifos.clear()
+        self._queued.clear()
+        self._versions.clear()
+        self._scratch = None
         if self._tm is not None:
             self._tm.close()
             self._tm = None

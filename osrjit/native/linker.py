@@ -192,7 +192,7 @@ class Linker:
 
     def close(self):
         """Release every library (newest first), then the shared LLJIT, then the
-        target machine. Idempotent. Every library is released even if one
+        target machine, then let go of what :meth:`keep` kept. Idempotent. Every library is released even if one
         fails; the first error is re-raised at the end."""
         with self._lock:
             if self.closed:
@@ -209,6 +209,9 @@ class Linker:
         finally:
             self.lljit.detach()
             self.tm.close()
+            # No code is mapped any more: nothing can reach the cells and
+            # callbacks (a callback may hold the runtime's services, hooks and all).
+            self._keepalive.clear()
         if error is not None:
             raise error
 

@@ -76,14 +76,19 @@ class Scanner:
             self.translation_mirror()
 
     def close(self):
-        """Stop using the threads' handshake blocks and the native walker."""
+        """Stop using the threads' handshake blocks and the native walker, and
+        let go of every buffer: the walker (its tables, each thread's output
+        buffer), the anchor scan's, the scan buffers, the self-scan blocks."""
         self.support.set_service("osrjit_park_scan", 0)
         self.support.set_service("osrjit_park_apply", 0)
         for _ident, st, _name in self.registry.snapshot():
             st.handshake = 0
         self.self_scans.clear()
-        if self._walker is not None:
-            self._walker.close()
+        walker, self._walker, self._native = self._walker, None, None
+        self.buffers = fastscan.ScanBuffers()
+        self.anchor_scan = None
+        if walker is not None:
+            walker.close()
 
     def context(self, names):
         """What a native scan for ``names`` needs that does not depend on the

@@ -69,7 +69,7 @@ from unwinder.x86_64 import (CALLEE_SAVED, R8, R9, R10, R11, R12, R13, R14, R15,
                              RBX, RCX, RDI, RDX, REGISTER_NAMES, RIP, RSI, RSP)
 
 from ..abi import ERROR_SYMBOL, HOOK_SYMBOL
-from ..errors import OsrJitError, SafepointTimeout
+from ..errors import OsrJitError, ResourceExhausted, RuntimeClosed, SafepointTimeout
 from ..ir import DOUBLE, I32, I64, PTR, VOID
 
 
@@ -293,6 +293,7 @@ def entry_thunk_ir(return_type, arity, triple):
 # (pthread_kill, pthread_getattr_np) while it must keep the GIL.
 _libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.pthread_key_create.argtypes = [ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p]
+_libc.pthread_key_delete.argtypes = [ctypes.c_uint]
 _libc.pthread_setspecific.argtypes = [ctypes.c_uint, ctypes.c_void_p]
 _libc.pthread_kill.argtypes = [ctypes.c_ulong, ctypes.c_int]
 _libc.pthread_self.restype = ctypes.c_ulong
@@ -330,6 +331,15 @@ def _query_stack_bounds():
         _libc.pthread_attr_destroy(attr)
 
 
+_ENTER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+# PYFUNCTYPE: called with the GIL held (these never block). Releasing it
+# around clear_flag would let the threads it wakes take the GIL first, and the
+# stopper would wait a whole switch interval (5 ms) to get it back before
+# replace() can return. (Made once: PYFUNCTYPE makes a new class per call.)
+_FLAG_CALL = ctypes.PYFUNCTYPE(None, ctypes.c_int64)
+_LOAD_STATUS_CALL = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)
+
+
 class SupportLibrary:
     """The runtime's native transition code, linked into its LLJIT.
 
@@ -339,6 +349,15 @@ class SupportLibrary:
     unwinder's address space (the library is registered so walks through
     transitions use its CFI). ``flag``: the safepoint flag cell (c_int64).
     Cells for the Python services are filled with :meth:`set_service`.
+
+    Owns the runtime's pthread key (:attr:`key`: JIT code finds a thread's
+    :class:`ThreadState` through it): created here, deleted by :meth:`close`
+    once no thread can attach any more (:meth:`ThreadRegistry.close`). A
+    value a thread still holds for a deleted key is never read again: glibc
+    gives every key a sequence number and ``pthread_getspecific`` answers
+    NULL for a value set under an older one, also after a later
+    ``pthread_key_create`` reuses the key's index. The code goes with the
+    linker (released after this).
     """
 
     SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer",
@@ -352,8 +371,18 @@ class SupportLibrary:
         self._space = space
         key = ctypes.c_uint(0)
         if _libc.pthread_key_create(ctypes.byref(key), None) != 0:
-            raise OsrJitError("pthread_key_create failed")
+            raise ResourceExhausted("pthread_key_create failed: the process has no free "
+                                    "pthread key (each open native runtime holds one)",
+                                    resource="pthread key")
         self.key = key.value
+        self.key_deleted = False
+        try:
+            self._link_transitions(linker, space, flag)
+        except BaseException:
+            self.close()
+            raise
+
+    def _link_transitions(self, linker, space, flag):
         self._key_cell = ctypes.c_int64(self.key)
         self._service_cells = {name: ctypes.c_void_p(0) for name in self.SERVICES}
         linker.keep(self._key_cell, *self._service_cells.values())
@@ -372,17 +401,20 @@ class SupportLibrary:
         self.library = linker.link(obj, "osrjit.support", exports=self.EXPORTS, imports=imports,
                                    register="osrjit.support", space=space)
         self.addresses = a = dict(self.library.addresses)
-        self.enter = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(a["osrjit_enter"])
-        # PYFUNCTYPE: called with the GIL held (these never block). Releasing
-        # it around clear_flag would let the threads it wakes take the GIL
-        # first, and the stopper would wait a whole switch interval (5 ms) to
-        # get it back before replace() can return.
-        self.set_flag = ctypes.PYFUNCTYPE(None, ctypes.c_int64)(a["osrjit_set_flag"])
-        self.clear_flag = ctypes.PYFUNCTYPE(None, ctypes.c_int64)(a["osrjit_clear_flag"])
-        self.load_status = ctypes.PYFUNCTYPE(ctypes.c_int64, ctypes.c_void_p)(
-            a["osrjit_load_status"])
+        self.enter = _ENTER_TYPE(a["osrjit_enter"])
+        self.set_flag = _FLAG_CALL(a["osrjit_set_flag"])
+        self.clear_flag = _FLAG_CALL(a["osrjit_clear_flag"])
+        self.load_status = _LOAD_STATUS_CALL(a["osrjit_load_status"])
         self._thunks = {}
         self._thunk_lock = threading.Lock()
+
+    def close(self):
+        """Delete the pthread key (idempotent). Only after :meth:`ThreadRegistry.close`:
+        no thread may attach, and no JIT code of the runtime may run, any more."""
+        if not self.key_deleted:
+            self.key_deleted = True
+            if _libc.pthread_key_delete(self.key) != 0:
+                raise OsrJitError(f"pthread_key_delete({self.key}) failed")
 
     def set_service(self, name, address):
         """Point the cell of service ``name`` (one of :data:`SERVICES`) at ``address``."""
@@ -410,7 +442,12 @@ class SupportLibrary:
 
 class ThreadRegistry:
     """Attached threads. A thread attaches on its first entry into JIT code and
-    detaches when it exits (its thread-local block is collected)."""
+    detaches when it exits (its thread-local block is collected).
+
+    ``key``: the runtime's pthread key (:class:`SupportLibrary` owns it).
+    Lifetime: :meth:`close` detaches every thread and lets go of their
+    blocks; attaching afterwards raises :class:`RuntimeClosed`.
+    """
 
     def __init__(self, key):
         self._key = key
@@ -418,6 +455,7 @@ class ThreadRegistry:
         self._states = {}              # ident -> (ThreadState, thread name)
         self._bounds = {}              # ident -> (lo, hi) of its stack
         self._local = threading.local()
+        self.closed = False
 
     def current(self):
         """This thread's :class:`ThreadState`, attaching it if needed."""
@@ -426,6 +464,39 @@ class ThreadRegistry:
             holder = _Holder(self)
             self._local.holder = holder
         return holder.state
+
+    def in_jit_code(self):
+        """``[(name, where)]`` of the attached threads with JIT frames of the
+        runtime on their stacks: running them (``where``: the status name,
+        any but ``OUTSIDE`` or ``DETACHED``), or ``OUTSIDE`` in a hook or
+        service with JIT frames below (its anchor is set; the entry thunk
+        restores the empty one when the outermost call returns)."""
+        out = []
+        for _, st, name in self.snapshot():
+            status = st.status
+            if status not in (OUTSIDE, DETACHED):
+                out.append((name, STATUS_NAMES[status]))
+            elif st.anchor[RSP]:
+                out.append((name, "in a hook or service called from JIT code"))
+        return out
+
+    def close(self):
+        """Detach every thread (idempotent): each block becomes ``DETACHED``
+        and is freed once nothing else holds it (the registry lets go of every
+        thread's holder, not only at thread exit). No JIT code of the runtime
+        may run any more; the pthread key may be deleted afterwards."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            states = [st for st, _name in self._states.values()]
+            self._states.clear()
+            self._bounds.clear()
+        for st in states:
+            st.status = DETACHED
+        # A new thread-local: the old one goes, and with it every thread's
+        # holder (whose finalizer takes the lock: outside it).
+        self._local = threading.local()
 
     def stack_bounds(self, ident):
         """``(lo, hi)`` of attached thread ``ident``'s stack (see
@@ -445,12 +516,17 @@ class ThreadRegistry:
 
     def _attach(self, holder):
         st = holder.state
-        st.status = OUTSIDE
-        if _libc.pthread_setspecific(self._key, ctypes.addressof(st)) != 0:
-            raise OsrJitError("pthread_setspecific failed")
         bounds = current_stack_bounds()
+        name = threading.current_thread().name
+        # Under the lock: once close() has run, no thread sets a value for
+        # the key (it may be deleted, and its index reused by another runtime).
         with self._lock:
-            self._states[holder.ident] = (st, threading.current_thread().name)
+            if self.closed:
+                raise RuntimeClosed("the runtime is closed")
+            st.status = OUTSIDE
+            if _libc.pthread_setspecific(self._key, ctypes.addressof(st)) != 0:
+                raise OsrJitError("pthread_setspecific failed")
+            self._states[holder.ident] = (st, name)
             if bounds is not None:
                 self._bounds[holder.ident] = bounds
 
@@ -466,7 +542,8 @@ class ThreadRegistry:
 
 
 class _Holder:
-    """Owns one thread's :class:`ThreadState`; collected when the thread exits."""
+    """Owns one thread's :class:`ThreadState`; collected when the thread
+    exits or its registry closes."""
 
     def __init__(self, registry):
         self.state = ThreadState()
@@ -531,9 +608,12 @@ class RuntimeSignal:
     """One real-time signal owned by the runtime, whose handler parks threads.
 
     Picks the first signal from ``SIGRTMIN + 4`` whose action is the default
-    (signals someone else handles are left alone), installs the native handler
-    with ``SA_SIGINFO | SA_RESTART`` and restores the previous action on
-    :meth:`close`.
+    (signals someone else handles — another open runtime among them — are
+    left alone), installs the native handler with ``SA_SIGINFO | SA_RESTART``
+    and restores the previous action on :meth:`close`. Runtimes alive at once
+    never share a signal: each handler knows only its own runtime's threads.
+    :class:`ResourceExhausted` when every one of them is taken (27 on
+    x86-64 glibc, ``SIGRTMIN + 4`` .. ``SIGRTMAX``).
     """
 
     def __init__(self, handler_address):
@@ -541,27 +621,38 @@ class RuntimeSignal:
         lo = getattr(_libc, "__libc_current_sigrtmin")()
         hi = getattr(_libc, "__libc_current_sigrtmax")()
         self.signal = None
-        for sig in range(lo + 4, hi + 1):
-            old = _Sigaction()
-            if _libc.sigaction(sig, None, ctypes.byref(old)) == 0 and not old.sa_sigaction \
-                    and not old.sa_flags & _SA_SIGINFO:
-                new = _Sigaction()
-                new.sa_sigaction = handler_address
-                new.sa_flags = _SA_SIGINFO | _SA_RESTART
-                if _libc.sigaction(sig, ctypes.byref(new), ctypes.byref(old)) == 0:
-                    self.signal, self._old = sig, old
-                    break
+        # One runtime at a time reads and takes a signal: two made at once on
+        # two threads must not both see the same one free.
+        with _SIGNALS_LOCK:
+            for sig in range(lo + 4, hi + 1):
+                old = _Sigaction()
+                if _libc.sigaction(sig, None, ctypes.byref(old)) == 0 and not old.sa_sigaction \
+                        and not old.sa_flags & _SA_SIGINFO:
+                    new = _Sigaction()
+                    new.sa_sigaction = handler_address
+                    new.sa_flags = _SA_SIGINFO | _SA_RESTART
+                    if _libc.sigaction(sig, ctypes.byref(new), ctypes.byref(old)) == 0:
+                        self.signal, self._old = sig, old
+                        break
         if self.signal is None:
-            raise OsrJitError("no free real-time signal for the runtime's async stop")
+            raise ResourceExhausted(
+                f"no free real-time signal for the runtime's async stop: every one of "
+                f"SIGRTMIN+4..SIGRTMAX ({lo + 4}..{hi}) has a handler (each open native "
+                f"runtime holds one); close a runtime first", resource="real-time signal")
 
     def send(self, ident):
         """Send the signal to the thread with pthread id ``ident`` (True if sent)."""
         return _libc.pthread_kill(ident, self.signal) == 0
 
     def close(self):
-        if self.signal is not None:
-            _libc.sigaction(self.signal, ctypes.byref(self._old), None)
-            self.signal = None
+        """Restore the signal's previous action (idempotent)."""
+        with _SIGNALS_LOCK:
+            if self.signal is not None:
+                _libc.sigaction(self.signal, ctypes.byref(self._old), None)
+                self.signal = None
+
+
+_SIGNALS_LOCK = threading.Lock()
 
 
 class World:

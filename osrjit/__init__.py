@@ -12,9 +12,9 @@ from .abi import FunctionIR, LiveValue, SiteInfo, SiteKind
 from .backend import PauseReport
 from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, EmulationError,
                      EmulationFault, FrameMapError, HijackError, HookNotSet, IncompatibleVersion,
-                     NotACallSite, OsrJitError, PatchError, RuntimeClosed, SafepointTimeout,
-                     TransferError, UnknownFunction, UnpatchableReference, UnwindFailure,
-                     VersionInUse)
+                     NotACallSite, ObjectFormatError, OsrJitError, PatchError, RuntimeClosed,
+                     SafepointTimeout, TransferError, UnknownFunction, UnpatchableReference,
+                     UnwindFailure, VersionInUse)
 from .runtime import Runtime
 from .versions import Version
 from .native.function import JitFunction
@@ -26,5 +26,6 @@ __all__ = [
     "OsrJitError", "CompileError", "UnknownFunction", "RuntimeClosed", "HookNotSet",
     "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
     "TransferError", "DeoptFailure", "UnwindFailure", "PatchError", "EmulationError",
-    "EmulationFault", "NotACallSite", "CallTargetOutOfRange", "UnpatchableReference",
+    "EmulationFault", "ObjectFormatError", "NotACallSite", "CallTargetOutOfRange",
+    "UnpatchableReference",
 ]

@@ -1,0 +1,95 @@
+"""Scenario: mutated LLVM IR and mutated reference-language source end in CompileError.
+
+The reference frontend's ``module_ir`` of a few functions (slot and direct
+calls, hooks, loops with polls, division) is mutated -- lines deleted,
+duplicated and swapped, tokens replaced by IR keywords, types, constants and
+names or by other tokens of the module, bytes flipped -- and handed to
+``osrjit.compiling.emit_object`` and to ``Runtime.compile_ir`` of a native
+runtime. Each ends with a :class:`osrjit.CompileError` (for compile_ir: an
+:class:`osrjit.OsrJitError`, as IR that LLVM accepts may no longer match its
+FunctionIR's sites) or, rarely, a valid compile; afterwards the runtime still
+compiles and calls a function. Both run in a child process, so an LLVM abort
+is a failing test that names its signal.
+
+Reference-language source, mutated the same way, gives ``compile_source``
+nothing but CompileError or FunctionIRs (in process: the frontend is Python).
+"""
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from childproc import run_child
+from osrjit.testing import fuzz
+
+EMIT_CASES = 1500
+RUNTIME_CASES = 600
+
+
+def _foreign(tally, what):
+    return "\n\n".join(f"{what}: {o.kind}\n{o.detail}" for o in tally.foreign)
+
+
+def scenario_mutated_ir_into_emit_object(cases, seed):
+    from osrjit.compiling import target_machine
+    rng = random.Random(seed)
+    irs = fuzz.seed_irs()
+    tm = target_machine(2)
+    tally = fuzz.Tally("emit_object")
+    for _ in range(cases):
+        ir = fuzz.mutate_ir(irs[rng.randrange(len(irs))], fuzz.random_text_edits(rng))
+        tally.timed(lambda: fuzz.run_emit(ir, tm))
+    tm.close()
+    return tally
+
+
+def test_mutated_ir_into_emit_object_gives_only_compile_errors():
+    tally = run_child(scenario_mutated_ir_into_emit_object, EMIT_CASES, 19)
+    assert tally.foreign_count == 0, _foreign(tally, "emit_object")
+    assert tally.cases == EMIT_CASES
+    assert tally.outcomes["CompileError"] > EMIT_CASES // 2 and tally.outcomes.get("valid")
+
+
+def scenario_mutated_ir_into_a_runtime(cases, seed):
+    import osrjit
+    rng = random.Random(seed)
+    irs = fuzz.seed_irs()
+    alive = []
+    with osrjit.Runtime() as rt:
+        for program in fuzz.SEED_PROGRAMS:
+            rt.compile(program)
+        compiler = fuzz.RuntimeCompiler(rt)
+        tally = fuzz.Tally(compiler.name)
+        for k in range(cases):
+            ir = fuzz.mutate_ir(irs[rng.randrange(len(irs))], fuzz.random_text_edits(rng))
+            tally.timed(lambda: compiler(ir))
+            if k % 100 == 99:
+                alive.append(compiler.check_alive(k))
+        alive.append(compiler.check_alive(cases))
+        stats = rt.stats()
+    return tally, alive, stats["live_versions"]
+
+
+def test_mutated_ir_into_compile_ir_gives_only_osrjit_errors_and_the_runtime_keeps_working():
+    tally, alive, live = run_child(scenario_mutated_ir_into_a_runtime, RUNTIME_CASES, 19)
+    assert tally.foreign_count == 0, _foreign(tally, "compile_ir")
+    assert tally.cases == RUNTIME_CASES and tally.outcomes["CompileError"] > RUNTIME_CASES // 2
+    assert alive == [True] * (RUNTIME_CASES // 100 + 1)
+    # Each valid compile's predecessors were unloaded: one version each is left.
+    assert [live[name] for name in ("fib", "g", "loop", f"alive{RUNTIME_CASES}")] == [1] * 4
+
+
+_SOURCE_EDIT = st.tuples(st.integers(0, len(fuzz.TEXT_EDITS) - 1), st.integers(0, 1 << 16),
+                         st.integers(0, 1 << 16))
+
+
+@pytest.mark.filterwarnings("ignore::SyntaxWarning")   # Python on source like "1x"
+@settings(max_examples=1500, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(program=st.sampled_from(fuzz.SEED_PROGRAMS),
+       edits=st.lists(_SOURCE_EDIT, min_size=1, max_size=4))
+def test_mutated_source_gives_only_compile_errors(program, edits):
+    source = fuzz.mutate_text(program, edits, fuzz.SOURCE_VOCABULARY)
+    outcome = fuzz.run_source(source)
+    assert not outcome.foreign, f"{source!r}:\n{outcome.detail}"

@@ -3,9 +3,11 @@
 Per target, ``--cases`` cases drawn from ``--seed`` (harness:
 :mod:`osrjit.testing.fuzz`), and a table of how they ended:
 
-* ``unwinder``, ``framemaps``, ``loader``: mutated relocatable objects (the
-  same object goes through all three) into ``AddressSpace.add_code_object`` +
-  walks, ``ObjectImage`` + ``frame_maps_for_object``, and the emulated loader;
+* ``unwinder``, ``framemaps``, ``loader``, ``patching``: mutated relocatable
+  objects (the same object goes through all four) into
+  ``AddressSpace.add_code_object`` + walks, ``ObjectImage`` +
+  ``frame_maps_for_object``, the emulated loader, and the native backend's
+  direct call sites (``patching.call_sites``);
 * ``compile_source``: mutated reference-language source into ``lang.compile_source``;
 * ``emit_object``, ``compile_ir``: mutated LLVM IR into ``emit_object`` and into
   ``Runtime.compile_ir`` of a native runtime — each in a child process, so an
@@ -32,7 +34,7 @@ sys.path.insert(0, ROOT)
 
 from osrjit.testing import fuzz  # noqa: E402
 
-OBJECT_TARGETS = ("unwinder", "framemaps", "loader")
+OBJECT_TARGETS = ("unwinder", "framemaps", "loader", "patching")
 TEXT_TARGETS = ("compile_source", "emit_object", "compile_ir")
 TARGETS = OBJECT_TARGETS + TEXT_TARGETS
 

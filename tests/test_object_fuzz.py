@@ -12,7 +12,8 @@ every public entry that takes object bytes:
 * ``unwinder.AddressSpace.add_code_object``, then walks over a snapshot stack
   from a pc in ``.text`` and from every return address, symbols, removal;
 * ``deopt.framemaps.ObjectImage`` and ``frame_maps_for_object``;
-* the emulated loader (``Machine.load_object``, then ``unload_object``).
+* the emulated loader (``Machine.load_object``, then ``unload_object``);
+* the native backend's direct call sites (``osrjit.native.patching.call_sites``).
 
 Each must end with its package's own error (``unwinder.UnwindError``,
 ``deopt.DeoptError``, ``osrjit.OsrJitError``) or a valid result; and a load
@@ -70,6 +71,7 @@ FUZZ = dict(deadline=None, derandomize=True, database=None,
 
 
 def test_the_seeds_are_valid_for_every_target():
+    """(Strict call sites too: the seeds reference their callees only by calls.)"""
     seeds = fuzz.seed_objects()
     assert len(seeds) >= 8
     for seed in seeds:

@@ -20,6 +20,7 @@ Objects (:data:`OBJECT_TARGETS`)::
     run_unwinder(seed, data)    AddressSpace.add_code_object + walks + row lookups
     run_framemaps(seed, data)   ObjectImage + frame_maps_for_object + symbol queries
     ObjectLoader()(seed, data)  the emulated loader (Machine.load_object), then unload
+    run_patching(seed, data)    the native backend's direct call sites (patching.call_sites)
 
 Text: :func:`mutate_text` deletes, duplicates and swaps lines, replaces
 tokens and flips bytes of LLVM IR (a seed function's ``module_ir``,
@@ -100,7 +101,9 @@ class SeedObject:
     frame maps). ``text``: ``(start, end)`` of ``.text`` (absolute).
     ``return_addresses``: absolute return address of every frame map (for
     walks that go on through JIT frames). ``symbols``: defined function
-    symbol -> absolute address. ``layout``: where its ELF structures are."""
+    symbol -> absolute address. ``call_symbols``: the symbols its direct
+    calls reference (what the native backend patches). ``layout``: where its
+    ELF structures are."""
     name: str
     data: bytes
     load_addresses: dict
@@ -109,6 +112,7 @@ class SeedObject:
     text: tuple
     return_addresses: tuple
     symbols: dict
+    call_symbols: tuple
     layout: "ElfLayout"
 
 
@@ -119,6 +123,7 @@ def seed_objects() -> tuple[SeedObject, ...]:
     from deopt.framemaps import ObjectImage, frame_maps_for_object
     from osrjit import lang
     from osrjit.compiling import emit_object, target_machine
+    from osrjit.native.patching import callee_symbols
 
     seeds = []
     for opt_level in (0, 2):
@@ -136,7 +141,8 @@ def seed_objects() -> tuple[SeedObject, ...]:
                         name=f"{ir.name}-O{opt_level}-{calls}", data=data, load_addresses=loads,
                         function=ir.name, sites=dict(ir.sites), text=image.code_range,
                         return_addresses=tuple(m.return_address for m in maps),
-                        symbols=image.defined_functions, layout=layout))
+                        symbols=image.defined_functions,
+                        call_symbols=tuple(callee_symbols(ir).values()), layout=layout))
         tm.close()
     return tuple(seeds)
 
@@ -575,14 +581,38 @@ class ObjectLoader:
         return outcome
 
 
+def run_patching(seed: SeedObject, data: bytes, choice: int = 0) -> Outcome:
+    """``osrjit.native.patching.call_sites`` of the seed's direct-call symbols
+    (strict for even ``choice``): the call sites the native backend would
+    patch, each inside its section."""
+    from osrjit import OsrJitError
+    from osrjit.native.patching import call_sites
+
+    name = "patching"
+    try:
+        found = call_sites(data, seed.load_addresses, seed.call_symbols,
+                           strict=choice % 2 == 0)
+    except Exception as e:                          # noqa: BLE001 - classified below
+        return _classify(name, OsrJitError, e)
+    from unwinder.elfobject import read_object
+    for sites in found.values():
+        for site in sites:
+            start = seed.load_addresses[site.section]
+            size = read_object(data).section(site.section).size
+            if not start <= site.instruction_address < site.rel32_address + 4 <= start + size:
+                return _broken(name, f"call site outside its section: {site}")
+    return _classify(name, OsrJitError, None)
+
+
 def object_targets(loader: ObjectLoader | None = None) -> tuple[Target, ...]:
-    """The three object targets (``loader``: an :class:`ObjectLoader` to reuse)."""
+    """The object targets (``loader``: an :class:`ObjectLoader` to reuse)."""
     from deopt import DeoptError
     from osrjit import OsrJitError
     from unwinder import UnwindError
     return (Target("unwinder", run_unwinder, UnwindError),
             Target("framemaps", run_framemaps, DeoptError),
-            Target("loader", loader or ObjectLoader(), OsrJitError))
+            Target("loader", loader or ObjectLoader(), OsrJitError),
+            Target("patching", run_patching, OsrJitError))
 
 
 # --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ ours. This module is the harness osrjit's fuzz tests and
 ``scripts/fuzz_report.py`` share; it decides nothing about how cases are drawn
 (Hypothesis in the tests, :class:`random.Random` in the script).
 
-Objects (:data:`OBJECT_TARGETS`)::
+Objects (:func:`object_targets`)::
 
     seed_objects()              complete relocatable objects as LLVM emits them for
                                 reference-language functions, with where a JIT put
@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "SeedObject", "seed_objects", "ElfLayout", "OBJECT_EDITS", "mutate", "random_object_edits",
-    "Outcome", "Target", "run_unwinder", "run_framemaps", "ObjectLoader", "object_targets",
+    "Outcome", "Target", "run_unwinder", "run_framemaps", "ObjectLoader", "run_patching",
+    "object_targets", "SEED_PROGRAMS", "FAR_IMPORT",
     "TEXT_EDITS", "Vocabulary", "IR_VOCABULARY", "SOURCE_VOCABULARY", "seed_irs", "mutate_text",
     "mutate_ir", "random_text_edits", "run_emit", "run_source", "RuntimeCompiler",
     "Tally",
@@ -476,11 +477,11 @@ def run_unwinder(seed: SeedObject, data: bytes, choice: int = 0) -> Outcome:
     memory = _snapshot_stack(seed)
     start, end = seed.text
     pcs = [start + choice % max(1, end - start), start] + list(seed.return_addresses)
+    for low, high in handle.ranges:
+        if not low < high:
+            return _broken(name, f"empty or reversed range {(low, high)}")
     try:
         for pc in pcs:
-            for module_range in handle.ranges:
-                if not module_range[0] < module_range[1]:
-                    return _broken(name, f"empty or reversed range {module_range}")
             entry = space.unwind_entry(pc)
             if entry is not None and entry[2] is not handle:
                 return _broken(name, f"row for {pc:#x} from another module {entry[2]}")
@@ -534,14 +535,16 @@ class ObjectLoader:
     def __init__(self, cases_per_machine: int = 2000):
         self.cases_per_machine = cases_per_machine
         self._machine = None
+        self._imports = None
         self._cases = 0
 
     def _fresh(self):
         from osrjit.emulated import Machine
+        from osrjit.emulated.loader import PROT_EXEC, PROT_READ
         machine = Machine()
         # Every symbol the seeds import resolves to a page of int3.
-        machine.imports = machine.map(4096, 5, "imports")
-        machine.write(machine.imports, b"\xcc" * 4096)
+        self._imports = machine.map(4096, PROT_READ | PROT_EXEC, "imports")
+        machine.write(self._imports, b"\xcc" * 4096)
         machine.space                               # builds the hypercall object now
         return machine
 
@@ -559,7 +562,7 @@ class ObjectLoader:
             if not symbol.startswith("osrjit"):
                 return None
             # An odd choice puts the hook service out of rel32 reach: PLT stubs.
-            return FAR_IMPORT if far and "hook" in symbol else m.imports
+            return FAR_IMPORT if far and "hook" in symbol else self._imports
 
         try:
             obj = m.load_object(data, resolve, name=seed.name, export=False)

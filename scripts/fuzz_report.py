@@ -9,9 +9,11 @@ Per target, ``--cases`` cases drawn from ``--seed`` (harness:
   ``frame_maps_for_object``, the emulated loader, and the native backend's
   direct call sites (``patching.call_sites``);
 * ``compile_source``: mutated reference-language source into ``lang.compile_source``;
-* ``emit_object``, ``compile_ir``: mutated LLVM IR into ``emit_object`` and into
-  ``Runtime.compile_ir`` of a native runtime — each in a child process, so an
-  LLVM abort shows as a crashed row instead of ending the report.
+* ``emit_object``, ``compile_ir``, ``replace``: mutated LLVM IR into
+  ``emit_object`` and into ``Runtime.compile_ir`` / ``Runtime.replace`` of a
+  native runtime (which must still compile and call a function every 1,000
+  cases and at the end) — each target in a child process, so an LLVM abort
+  shows as a crashed row instead of ending the report.
 
 An outcome is ``valid`` or the class of the error a case ended with; *foreign*
 counts errors that are not the target's own package's (must be 0).
@@ -35,7 +37,7 @@ sys.path.insert(0, ROOT)
 from osrjit.testing import fuzz  # noqa: E402
 
 OBJECT_TARGETS = ("unwinder", "framemaps", "loader", "patching")
-TEXT_TARGETS = ("compile_source", "emit_object", "compile_ir")
+TEXT_TARGETS = ("compile_source", "emit_object", "compile_ir", "replace")
 TARGETS = OBJECT_TARGETS + TEXT_TARGETS
 
 
@@ -83,7 +85,7 @@ def run_text(name, cases, seed):
     with osrjit.Runtime() as rt:
         for program in fuzz.SEED_PROGRAMS:
             rt.compile(program)
-        compiler = fuzz.RuntimeCompiler(rt)
+        compiler = fuzz.RuntimeCompiler(rt, name)
         for k in range(cases):
             ir = mutated()
             tally.timed(lambda: compiler(ir))

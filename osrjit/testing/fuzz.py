@@ -26,7 +26,8 @@ Text: :func:`mutate_text` deletes, duplicates and swaps lines, replaces
 tokens and flips bytes of LLVM IR (a seed function's ``module_ir``,
 :func:`mutate_ir`) or of reference-language source; :func:`run_emit` hands IR
 to :func:`osrjit.compiling.emit_object`, :class:`RuntimeCompiler` to
-``Runtime.compile_ir`` (run both in a child process: LLVM may abort), and
+``Runtime.compile_ir`` or ``Runtime.replace`` (run both in a child process:
+LLVM may abort), and
 :func:`run_source` hands source to :func:`osrjit.lang.compile_source`.
 
 An edit is a triple of non-negative integers ``(kind, where, value)``: ``kind``
@@ -767,7 +768,8 @@ def run_emit(ir, tm) -> Outcome:
 
 
 class RuntimeCompiler:
-    """``Runtime.compile_ir`` of one native runtime as a target. A mutated
+    """``Runtime.compile_ir`` (or, with ``method="replace"``,
+    ``Runtime.replace``) of one native runtime as a target. A mutated
     FunctionIR keeps its name, so a valid compile gives the function a new
     version; the versions it replaced are unloaded at once (nothing ever
     runs mutated code), so memory stays bounded. :meth:`check_alive`
@@ -775,16 +777,20 @@ class RuntimeCompiler:
     :class:`osrjit.OsrJitError` (``CompileError``, or the ``FrameMapError``
     twin when LLVM accepts IR whose sites no longer match the FunctionIR's)."""
 
-    name = "compile_ir"
-
-    def __init__(self, runtime):
+    def __init__(self, runtime, method: str = "compile_ir"):
+        if method not in ("compile_ir", "replace"):
+            raise ValueError(f"method={method!r}")
         self.runtime = runtime
+        self.name = method
 
     def __call__(self, ir) -> Outcome:
         from osrjit import OsrJitError
         rt = self.runtime
         try:
-            rt.compile_ir(ir)
+            if self.name == "replace":
+                rt.replace(ir.name, ir)
+            else:
+                rt.compile_ir(ir)
             for version in rt.versions(ir.name)[:-1]:
                 rt.unload(version)
         except Exception as e:                      # noqa: BLE001 - classified below

@@ -47,10 +47,12 @@ def edits(kinds=tuple(_KINDS), max_size=4):
 
 
 _targets = None
+#: target name -> Tally of every case this module ran (printed at its end).
+_tallies = {}
 
 
 def targets():
-    """The three object targets, with one emulated loader for the session."""
+    """The object targets, with one emulated loader for the session."""
     global _targets
     if _targets is None:
         _targets = fuzz.object_targets(fuzz.ObjectLoader())
@@ -61,9 +63,28 @@ def check_every_target(seed_index, object_edits, choice):
     seed = fuzz.seed_objects()[seed_index % len(fuzz.seed_objects())]
     data = fuzz.mutate(seed, object_edits)
     for target in targets():
-        outcome = target.run(seed, data, choice)
+        tally = _tallies.setdefault(target.name, fuzz.Tally(target.name))
+        outcome = tally.timed(lambda: target.run(seed, data, choice))
         assert not outcome.foreign, (f"{target.name} on {seed.name} after edits "
                                      f"{object_edits}:\n{outcome.detail}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outcome_summary(request):
+    """After the module: cases and outcomes per target, on the terminal."""
+    yield
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is None or capture is None or not _tallies:
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line("")
+        for tally in _tallies.values():
+            outcomes = ", ".join(f"{kind} {n}" for kind, n in
+                                 sorted(tally.outcomes.items(), key=lambda kv: -kv[1]))
+            reporter.write_line(f"object fuzz {tally.target}: {tally.cases} cases, "
+                                f"{tally.foreign_count} foreign, {tally.seconds:.1f} s: "
+                                f"{outcomes}")
 
 
 FUZZ = dict(deadline=None, derandomize=True, database=None,

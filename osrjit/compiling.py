@@ -12,6 +12,7 @@ child process.
 """
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable, Mapping
 
@@ -22,10 +23,40 @@ from .abi import FunctionIR
 from .errors import CompileError
 
 __all__ = ["target_machine", "emit_object", "replacement_irs", "validate_batch",
-           "RETURN_TYPES"]
+           "RETURN_TYPES", "EMITTABLE_GCS", "gc_strategies"]
 
 #: Return types a function may have (the Python entry converts them).
 RETURN_TYPES = ("i64", "i32", "i8", "i1", "double", "ptr", "void")
+
+#: The ``gc "<name>"`` strategies this LLVM (llvmlite's) can emit code with
+#: statepoints for. Code generation aborts the whole process on any other
+#: name: ``report_fatal_error`` "unsupported GC" for names it does not know,
+#: "no GCMetadataPrinter registered" for the built-in ``erlang`` and
+#: ``ocaml`` (their printers are not linked in), and an assertion for a
+#: statepoint in a ``shadow-stack`` function. An empty name means no GC (the
+#: verifier then refuses statepoints).
+EMITTABLE_GCS = frozenset({"", "statepoint-example", "coreclr"})
+
+# LLVM's assembly lexer (LLLexer), as far as finding the ``gc`` keyword goes:
+# a string runs to the next quote (a quote inside one is written \22), ``;``
+# comments run to the end of the line, ``/* */`` comments, and names and
+# keywords are runs of these characters (so ``%gc`` or ``gc.statepoint`` are
+# not the keyword).
+_LL_TOKEN = re.compile(r'"[^"]*"|;[^\n]*|/\*.*?\*/|[-\w.$@%!#]+|\S', re.S)
+_LL_ESCAPE = re.compile(r"\\(\\|[0-9A-Fa-f]{2})")
+
+
+def gc_strategies(module_ir: str) -> set[str]:
+    """Every GC strategy name a function of ``module_ir`` (LLVM assembly that
+    parses) asks for with ``gc "<name>"``, unescaped."""
+    names = set()
+    tokens = [t for t in _LL_TOKEN.findall(module_ir) if not t.startswith((";", "/*"))]
+    for keyword, value in zip(tokens, tokens[1:]):
+        if keyword == "gc" and value.startswith('"') and value.endswith('"') and len(value) > 1:
+            names.add(_LL_ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\"
+                                     else chr(int(m.group(1), 16)), value[1:-1]))
+    return names
+
 
 _llvm_ready = False
 _llvm_lock = threading.Lock()
@@ -57,8 +88,9 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
     ``ir.module_ir`` as a relocatable ELF object for ``tm``.
 
     Raises CompileError carrying LLVM's diagnostic if the IR does not parse or
-    verify, or if it does not define ``@<symbol>`` and ``@<symbol>__resume``.
-    Pure with respect to the JIT: nothing is loaded.
+    verify, if it does not define ``@<symbol>`` and ``@<symbol>__resume``, or
+    if a function asks for a GC strategy outside :data:`EMITTABLE_GCS` (LLVM
+    would abort the process). Pure with respect to the JIT: nothing is loaded.
     """
     init_llvm()
     try:
@@ -76,6 +108,11 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
             fn = None
         if fn is None or fn.is_declaration:
             raise CompileError(f"{ir.name}: the module does not define @{symbol}")
+    unknown = gc_strategies(ir.module_ir) - EMITTABLE_GCS
+    if unknown:
+        raise CompileError(f"{ir.name}: LLVM cannot emit code for GC strategy "
+                           f"{', '.join(map(repr, sorted(unknown)))} (it would abort the process; "
+                           f"supported: {', '.join(sorted(EMITTABLE_GCS - {''}))})")
     mod.triple = tm.triple
     mod.data_layout = str(tm.target_data)
     if opt_level:

@@ -15,6 +15,7 @@ is a failing test that names its signal.
 Reference-language source, mutated the same way, gives ``compile_source``
 nothing but CompileError or FunctionIRs (in process: the frontend is Python).
 """
+import dataclasses
 import random
 
 import pytest
@@ -84,6 +85,30 @@ def test_mutated_ir_into_compile_ir_and_replace_gives_only_osrjit_errors_and_the
     assert alive == [True] * (RUNTIME_CASES // 100 + 1)
     # Each valid compile's predecessors were unloaded: one version each is left.
     assert [live[name] for name in ("fib", "g", "loop", f"alive{RUNTIME_CASES}")] == [1] * 4
+
+
+def scenario_gc_strategies(names):
+    """emit_object of fib's IR with its ``gc "statepoint-example"`` replaced by
+    each of ``names`` (written as IR text): the outcome kind of each."""
+    from osrjit.compiling import target_machine
+    tm = target_machine(2)
+    fib = fuzz.seed_irs()[0]
+    kinds = []
+    for written in names:
+        text = fib.module_ir.replace('gc "statepoint-example"', f"gc {written}")
+        kinds.append(fuzz.run_emit(dataclasses.replace(fib, module_ir=text), tm).kind)
+    return kinds
+
+
+def test_a_gc_strategy_llvm_cannot_emit_is_a_compile_error_not_an_abort():
+    """LLVM's code generator aborts the process on a GC name it does not know
+    ("LLVM ERROR: unsupported GC: stat%point-example", found by the fuzzer),
+    on erlang and ocaml, whose printers llvmlite does not link, and on a
+    statepoint in a shadow-stack function (an assertion)."""
+    names = ['"stat%point-example"', '"erlang"', '"ocaml"', '"shadow-stack"',
+             r'"statepoint\2Dexample\22"', '/* a comment */ "x"',
+             '"coreclr"', r'"statepoint\2Dexample"', '; a comment\n "statepoint-example"']
+    assert run_child(scenario_gc_strategies, names) == ["CompileError"] * 6 + ["valid"] * 3
 
 
 _SOURCE_EDIT = st.tuples(st.integers(0, len(fuzz.TEXT_EDITS) - 1), st.integers(0, 1 << 16),

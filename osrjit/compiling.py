@@ -23,7 +23,7 @@ from .abi import FunctionIR
 from .errors import CompileError
 
 __all__ = ["target_machine", "emit_object", "replacement_irs", "validate_batch",
-           "RETURN_TYPES", "EMITTABLE_GCS", "gc_strategies"]
+           "RETURN_TYPES", "EMITTABLE_GCS", "gc_strategies", "check_emittable"]
 
 #: Return types a function may have (the Python entry converts them).
 RETURN_TYPES = ("i64", "i32", "i8", "i1", "double", "ptr", "void")
@@ -89,18 +89,19 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
 
     Raises CompileError carrying LLVM's diagnostic if the IR does not parse or
     verify, if it does not define ``@<symbol>`` and ``@<symbol>__resume``, or
-    if a function asks for a GC strategy outside :data:`EMITTABLE_GCS` (LLVM
-    would abort the process). Pure with respect to the JIT: nothing is loaded.
+    if it is IR that verifies but on which LLVM's code generator would abort
+    the process (see :func:`check_emittable`). Pure with respect to the JIT:
+    nothing is loaded.
     """
     init_llvm()
     try:
         mod = llvm.parse_assembly(ir.module_ir)
-    except RuntimeError as e:
-        raise CompileError(f"{ir.name}: LLVM rejected the IR: {e}") from None
+    except (RuntimeError, UnicodeError) as e:
+        raise CompileError(f"{ir.name}: LLVM rejected the IR: {_message(e)}") from None
     try:
         mod.verify()
-    except RuntimeError as e:
-        raise CompileError(f"{ir.name}: LLVM IR does not verify: {e}") from None
+    except (RuntimeError, UnicodeError) as e:
+        raise CompileError(f"{ir.name}: LLVM IR does not verify: {_message(e)}") from None
     for symbol in (ir.symbol, ir.resume_symbol):
         try:
             fn = mod.get_function(symbol)
@@ -108,18 +109,63 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
             fn = None
         if fn is None or fn.is_declaration:
             raise CompileError(f"{ir.name}: the module does not define @{symbol}")
+    check_emittable(ir, str(mod))
+    mod.triple = tm.triple
+    mod.data_layout = str(tm.target_data)
+    try:
+        if opt_level:
+            pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
+            pb = llvm.create_pass_builder(tm, pto)
+            pb.getModulePassManager().run(mod, pb)
+        return tm.emit_object(mod)
+    except (RuntimeError, UnicodeError) as e:
+        raise CompileError(f"{ir.name}: LLVM could not emit code: {_message(e)}") from None
+
+
+def _message(error: Exception) -> str:
+    """LLVM's diagnostic from a failed llvmlite call. llvmlite decodes it as
+    strict UTF-8, which fails when LLVM quotes a line cut inside a multi-byte
+    character: then the bytes it was decoding, with replacement characters."""
+    if isinstance(error, UnicodeDecodeError):
+        return bytes(error.object).decode("utf-8", "replace")
+    if isinstance(error, UnicodeEncodeError):
+        return f"the IR text cannot be encoded as UTF-8 ({error.reason} at character {error.start})"
+    return str(error)
+
+
+# A local name as LLVM prints it: %name or %"quoted name" (a quote inside is \22).
+_LOCAL = r'%"[^"]*"|%[-\w.$]+'
+_TOKEN_DEFINITION = re.compile(
+    rf'^\s*({_LOCAL}) = (?:[^\n]*\b(?:call|invoke) token [^\n]*@llvm\.experimental\.gc\.statepoint'
+    r"|landingpad\b)", re.M)
+_TOKEN_USE = re.compile(
+    rf"@llvm\.experimental\.gc\.(?:result|relocate)[^\s(]*\(token ({_LOCAL}|[^,)\s]+)")
+
+
+def check_emittable(ir: FunctionIR, printed: str) -> None:
+    """Refuse (CompileError) IR that verifies but on which LLVM's code
+    generator aborts the whole process; ``printed`` is the verified module
+    as LLVM prints it. Two such things are known:
+
+    * a GC strategy outside :data:`EMITTABLE_GCS`;
+    * a ``gc.result`` or ``gc.relocate`` whose token is not a statepoint of
+      the same function (``token poison``, ``undef``, ``none``, another
+      token): the verifier lets it pass, and instruction selection then
+      asserts ("Register use before def!"; found by the IR fuzzer).
+    """
     unknown = gc_strategies(ir.module_ir) - EMITTABLE_GCS
     if unknown:
         raise CompileError(f"{ir.name}: LLVM cannot emit code for GC strategy "
                            f"{', '.join(map(repr, sorted(unknown)))} (it would abort the process; "
                            f"supported: {', '.join(sorted(EMITTABLE_GCS - {''}))})")
-    mod.triple = tm.triple
-    mod.data_layout = str(tm.target_data)
-    if opt_level:
-        pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
-        pb = llvm.create_pass_builder(tm, pto)
-        pb.getModulePassManager().run(mod, pb)
-    return tm.emit_object(mod)
+    for body in printed.split("\ndefine ")[1:]:
+        body = body.split("\n}\n", 1)[0]
+        statepoints = set(_TOKEN_DEFINITION.findall(body))
+        for token in _TOKEN_USE.findall(body):
+            if token not in statepoints:
+                raise CompileError(
+                    f"{ir.name}: a gc.result or gc.relocate takes token {token}, which is not "
+                    f"a statepoint of its function (LLVM would abort the process)")
 
 
 def validate_batch(irs: Iterable[FunctionIR], signatures: Mapping[str, tuple]) -> list[FunctionIR]:

@@ -87,17 +87,18 @@ def test_mutated_ir_into_compile_ir_and_replace_gives_only_osrjit_errors_and_the
     assert [live[name] for name in ("fib", "g", "loop", f"alive{RUNTIME_CASES}")] == [1] * 4
 
 
-def scenario_gc_strategies(names):
-    """emit_object of fib's IR with its ``gc "statepoint-example"`` replaced by
-    each of ``names`` (written as IR text): the outcome kind of each."""
+def scenario_emit_fib_with(replacements):
+    """emit_object of fib's IR with each ``(old, new)`` text replacement (of
+    every occurrence): the outcome kind of each."""
     from osrjit.compiling import target_machine
     tm = target_machine(2)
     fib = fuzz.seed_irs()[0]
-    kinds = []
-    for written in names:
-        text = fib.module_ir.replace('gc "statepoint-example"', f"gc {written}")
-        kinds.append(fuzz.run_emit(dataclasses.replace(fib, module_ir=text), tm).kind)
-    return kinds
+    out = []
+    for old, new in replacements:
+        assert old in fib.module_ir
+        mutated = dataclasses.replace(fib, module_ir=fib.module_ir.replace(old, new))
+        out.append(fuzz.run_emit(mutated, tm).kind)
+    return out
 
 
 def test_a_gc_strategy_llvm_cannot_emit_is_a_compile_error_not_an_abort():
@@ -108,7 +109,25 @@ def test_a_gc_strategy_llvm_cannot_emit_is_a_compile_error_not_an_abort():
     names = ['"stat%point-example"', '"erlang"', '"ocaml"', '"shadow-stack"',
              r'"statepoint\2Dexample\22"', '/* a comment */ "x"',
              '"coreclr"', r'"statepoint\2Dexample"', '; a comment\n "statepoint-example"']
-    assert run_child(scenario_gc_strategies, names) == ["CompileError"] * 6 + ["valid"] * 3
+    kinds = run_child(scenario_emit_fib_with,
+                      [('gc "statepoint-example"', f"gc {name}") for name in names])
+    assert kinds == ["CompileError"] * 6 + ["valid"] * 3
+
+
+def test_ir_llvm_would_abort_on_or_cannot_describe_is_a_compile_error():
+    """Found by the fuzz report: a gc.result of ``token poison`` verifies, and
+    instruction selection then asserts ("Register use before def!") and
+    aborts the process; an error message that quotes a line cut inside a
+    multi-byte character made llvmlite raise UnicodeDecodeError; a lone
+    surrogate in the text, UnicodeEncodeError."""
+    result = '@"llvm.experimental.gc.result.i64"(token %"site.4937520674309065775")'
+    kinds = run_child(scenario_emit_fib_with, [
+        (result, '@"llvm.experimental.gc.result.i64"(token poison)'),
+        (result, '@"llvm.experimental.gc.result.i64"(token none)'),
+        ('target datalayout = ""', 'target datalayout = "\ufffd"'),
+        ('target datalayout = ""', 'target datalayout = "\ud800"'),
+        ('target datalayout = ""', 'target datalayout = ""')])
+    assert kinds == ["CompileError"] * 4 + ["valid"]
 
 
 _SOURCE_EDIT = st.tuples(st.integers(0, len(fuzz.TEXT_EDITS) - 1), st.integers(0, 1 << 16),

@@ -2,6 +2,8 @@
 
 Layering: ``deopt`` uses :mod:`unwinder`; it never imports :mod:`osrjit`.
 """
-from .errors import DeoptError, FrameMapError, HijackError, IncompatibleVersion, TransferError
+from .errors import (DeoptError, FrameMapError, HijackError, IncompatibleVersion,
+                     ObjectFormatError, TransferError)
 
-__all__ = ["DeoptError", "FrameMapError", "IncompatibleVersion", "HijackError", "TransferError"]
+__all__ = ["DeoptError", "FrameMapError", "ObjectFormatError", "IncompatibleVersion",
+           "HijackError", "TransferError"]

@@ -19,6 +19,23 @@ class FrameMapError(DeoptError):
         self.offset = offset
 
 
+class ObjectFormatError(DeoptError):
+    """The bytes given to :class:`deopt.framemaps.ObjectImage` are not a
+    well-formed x86-64 relocatable object, so no frame map can be read from
+    them.
+
+    ``offset`` is the byte offset into the object of the header, entry or
+    field found wrong (None when not known); ``reason`` says what is wrong.
+    ``__cause__`` is the :class:`unwinder.ObjectFormatError` of the reader.
+    """
+
+    def __init__(self, reason, offset=None):
+        message = reason if offset is None else f"{reason} (at object offset {offset:#x})"
+        super().__init__(message)
+        self.reason = reason
+        self.offset = offset
+
+
 class IncompatibleVersion(DeoptError):
     """A new version cannot take over frames of an old one.
 

@@ -28,19 +28,16 @@ object; a record's ``offset`` is bytes from its function's first instruction.
 """
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.constants import SH_FLAGS
-from elftools.elf.relocation import RelocationSection
-
-from unwinder.elf import open_elf
+from unwinder import errors as unwinder_errors
+from unwinder.elfobject import (R_X86_64_64, R_X86_64_PC32, R_X86_64_PLT32, SHN_UNDEF, STT_FUNC,
+                                STT_GNU_IFUNC, Section, Symbol, read_object)
 
 from . import stackmaps
-from .errors import FrameMapError, IncompatibleVersion
+from .errors import FrameMapError, IncompatibleVersion, ObjectFormatError
 from .stackmaps import Location, LocationKind, StackMap
 
 __all__ = [
@@ -70,13 +67,9 @@ _DEOPT_COUNT_INDEX = 2
 #: Name of the section LLVM writes stackmap records to.
 STACKMAP_SECTION = ".llvm_stackmaps"
 
-# x86-64 psABI relocation types we interpret.
-_R_X86_64_64 = 1
-_R_X86_64_PC32 = 2
-_R_X86_64_PLT32 = 4
 #: Relocations that can sit on the rel32 of a direct ``call`` (E8).
-_CALL_REL32_RELOCS = frozenset({_R_X86_64_PC32, _R_X86_64_PLT32})
-_FUNC_TYPES = ("STT_FUNC", "STT_GNU_IFUNC")
+_CALL_REL32_RELOCS = frozenset({R_X86_64_PC32, R_X86_64_PLT32})
+_FUNC_TYPES = (STT_FUNC, STT_GNU_IFUNC)
 
 
 class SiteLike(Protocol):
@@ -328,8 +321,12 @@ class ObjectImage:
 
     ``data``: the object's bytes (copied). ``load_addresses``: section name ->
     absolute address of its first byte; sections not named there are treated
-    as not loaded. Nothing here refers to live memory: the object is read from
-    ``data`` only, so an image can outlive the code it describes.
+    as not loaded. ``object``: the checked
+    :class:`~unwinder.elfobject.RelocatableObject` (sections, symbols,
+    relocations); bytes that are not one raise
+    :class:`~deopt.errors.ObjectFormatError` here, so nothing later fails on
+    the object's structure. Nothing here refers to live memory: the object is
+    read from ``data`` only, so an image can outlive the code it describes.
     """
 
     def __init__(self, data: bytes, load_addresses: Mapping[str, int], *, name: str = "object"):
@@ -337,13 +334,10 @@ class ObjectImage:
         self.load_addresses = dict(load_addresses)
         self.name = name
         try:
-            self._elf = open_elf(io.BytesIO(self.data))
-            self._sections = list(self._elf.iter_sections())
-            symtab = self._elf.get_section_by_name(".symtab")
-            self._symbols = list(symtab.iter_symbols()) if symtab is not None else []
-        except (ELFError, KeyError, ValueError) as e:
-            raise FrameMapError(f"{name}: cannot read object: {e}") from e
-        known = {s.name for s in self._sections}
+            self.object = read_object(self.data, name=name)
+        except unwinder_errors.ObjectFormatError as e:
+            raise ObjectFormatError(e.reason, e.offset) from e
+        known = {s.name for s in self.object.sections}
         unknown = set(self.load_addresses) - known
         if unknown:
             raise FrameMapError(f"{name}: no section named {sorted(unknown)}")
@@ -361,47 +355,44 @@ class ObjectImage:
         """
         image = ObjectImage(data, {})
         out: dict[str, int] = {}
-        for sym in image._symbols:
+        for sym in image.object.symbols:
             if sym.name not in symbol_addresses:
                 continue
             section = image._section_of(sym)
             if section is None:
                 raise FrameMapError(f"symbol {sym.name!r} is not defined in the object")
-            base = symbol_addresses[sym.name] - sym["st_value"]
+            base = symbol_addresses[sym.name] - sym.value
             if out.setdefault(section.name, base) != base:
                 raise FrameMapError(
                     f"section {section.name}: symbol {sym.name!r} implies load address "
                     f"{base:#x}, another symbol {out[section.name]:#x}")
-        missing = set(symbol_addresses) - {s.name for s in image._symbols}
+        missing = set(symbol_addresses) - {s.name for s in image.object.symbols}
         if missing:
             raise FrameMapError(f"symbols {sorted(missing)} are not in the object")
         return out
 
-    def _section_of(self, sym):
-        shndx = sym["st_shndx"]
-        if not isinstance(shndx, int) or not 0 < shndx < len(self._sections):
-            return None
-        return self._sections[shndx]
+    def _section_of(self, sym: Symbol) -> Section | None:
+        index = sym.section_index
+        return None if index is None else self.object.sections[index]
 
-    def symbol_address(self, sym) -> int | None:
-        """Absolute address of a symbol (pyelftools Symbol) in a loaded section, else None."""
+    def symbol_address(self, sym: Symbol) -> int | None:
+        """Absolute address of a symbol of :attr:`object` in a loaded section, else None."""
         section = self._section_of(sym)
         if section is None or section.name not in self.load_addresses:
             return None
-        return self.load_addresses[section.name] + sym["st_value"]
+        return self.load_addresses[section.name] + sym.value
 
     @property
     def undefined_symbols(self) -> tuple[str, ...]:
         """Names the object needs from outside (``SHN_UNDEF`` named symbols)."""
-        return tuple(s.name for s in self._symbols
-                     if s.name and s["st_shndx"] == "SHN_UNDEF")
+        return tuple(s.name for s in self.object.symbols if s.name and s.shndx == SHN_UNDEF)
 
     @property
     def defined_functions(self) -> dict[str, int]:
         """Function symbol name -> absolute address, for loaded sections."""
         out = {}
-        for sym in self._symbols:
-            if sym["st_info"]["type"] in _FUNC_TYPES:
+        for sym in self.object.symbols:
+            if sym.type in _FUNC_TYPES:
                 address = self.symbol_address(sym)
                 if address is not None:
                     out[sym.name] = address
@@ -409,29 +400,17 @@ class ObjectImage:
 
     # -- sections --------------------------------------------------------------
 
-    def _relocations_for(self, section_index: int) -> list:
-        out = []
-        for sec in self._sections:
-            if isinstance(sec, RelocationSection) and sec["sh_info"] == section_index:
-                out.append(sec)
-        return out
-
     def code_sections(self) -> tuple[CodeSection, ...]:
         """The loaded executable sections, with call relocations and function symbols."""
         out = []
-        for index, sec in enumerate(self._sections):
-            if not sec["sh_flags"] & SH_FLAGS.SHF_EXECINSTR or sec.name not in self.load_addresses:
+        for sec in self.object.sections:
+            if not sec.executable or sec.name not in self.load_addresses:
                 continue
-            calls = set()
-            for rela in self._relocations_for(index):
-                for rel in rela.iter_relocations():
-                    if rel["r_info_type"] in _CALL_REL32_RELOCS:
-                        calls.add(rel["r_offset"])
-            functions = {}
-            for sym in self._symbols:
-                if sym["st_info"]["type"] in _FUNC_TYPES and sym["st_shndx"] == index:
-                    functions[sym["st_value"]] = sym.name
-            out.append(CodeSection(sec.name, self.load_addresses[sec.name], sec.data(),
+            calls = {rel.offset for rel in self.object.relocations_for(sec.index)
+                     if rel.type in _CALL_REL32_RELOCS}
+            functions = {sym.value: sym.name for sym in self.object.symbols
+                         if sym.type in _FUNC_TYPES and sym.section_index == sec.index}
+            out.append(CodeSection(sec.name, self.load_addresses[sec.name], sec.data,
                                    frozenset(calls), functions))
         return tuple(out)
 
@@ -445,8 +424,8 @@ class ObjectImage:
 
     def stackmap_bytes(self) -> bytes | None:
         """The ``.llvm_stackmaps`` section's bytes, or None if the object has none."""
-        sec = self._elf.get_section_by_name(STACKMAP_SECTION)
-        return None if sec is None else sec.data()
+        sec = self.object.section(STACKMAP_SECTION)
+        return None if sec is None else sec.data
 
     def stackmap_relocations(self) -> dict[int, int]:
         """Resolved ``.rela.llvm_stackmaps``: field offset -> ``S + A`` (absolute).
@@ -457,25 +436,22 @@ class ObjectImage:
         against a symbol in a section that was not loaded, raises
         FrameMapError.
         """
-        sec = self._elf.get_section_by_name(STACKMAP_SECTION)
+        sec = self.object.section(STACKMAP_SECTION)
         if sec is None:
             return {}
-        index = self._sections.index(sec)
         out = {}
-        for rela in self._relocations_for(index):
-            symtab = self._elf.get_section(rela["sh_link"])
-            for rel in rela.iter_relocations():
-                sym = symtab.get_symbol(rel["r_info_sym"])
-                if rel["r_info_type"] != _R_X86_64_64:
-                    raise FrameMapError(
-                        f"{self.name}: unexpected relocation type {rel['r_info_type']} against "
-                        f"{sym.name or 'a section'} in {STACKMAP_SECTION}", rel["r_offset"])
-                address = self.symbol_address(sym)
-                if address is None:
-                    raise FrameMapError(
-                        f"{self.name}: {STACKMAP_SECTION} refers to {sym.name or 'a section'!r} "
-                        f"whose section was not loaded", rel["r_offset"])
-                out[rel["r_offset"]] = address + rel["r_addend"]
+        for rel in self.object.relocations_for(sec.index):
+            sym = rel.symbol
+            if rel.type != R_X86_64_64:
+                raise FrameMapError(
+                    f"{self.name}: unexpected relocation type {rel.type} against "
+                    f"{sym.name or 'a section'} in {STACKMAP_SECTION}", rel.offset)
+            address = self.symbol_address(sym)
+            if address is None:
+                raise FrameMapError(
+                    f"{self.name}: {STACKMAP_SECTION} refers to {sym.name or 'a section'!r} "
+                    f"whose section was not loaded", rel.offset)
+            out[rel.offset] = address + rel.addend
         return out
 
     def parse_stackmap(self) -> StackMap | None:

@@ -12,7 +12,8 @@ from .abi import FunctionIR, LiveValue, SiteInfo, SiteKind
 from .backend import PauseReport
 from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, EmulationError,
                      EmulationFault, FrameMapError, HijackError, HookNotSet, IncompatibleVersion,
-                     NotACallSite, OsrJitError, PatchError, ResourceExhausted, RuntimeClosed,
+                     NotACallSite, ObjectFormatError, OsrJitError, PatchError, ResourceExhausted,
+                     RuntimeClosed,
                      SafepointTimeout, TransferError, UnknownFunction, UnpatchableReference,
                      UnwindFailure, VersionInUse)
 from .runtime import Runtime
@@ -26,6 +27,6 @@ __all__ = [
     "OsrJitError", "CompileError", "UnknownFunction", "RuntimeClosed", "HookNotSet",
     "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
     "TransferError", "DeoptFailure", "UnwindFailure", "PatchError", "EmulationError",
-    "EmulationFault", "NotACallSite", "CallTargetOutOfRange", "UnpatchableReference",
-    "ResourceExhausted",
+    "EmulationFault", "ObjectFormatError", "NotACallSite", "CallTargetOutOfRange",
+    "UnpatchableReference", "ResourceExhausted",
 ]

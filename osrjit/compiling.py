@@ -12,6 +12,7 @@ child process.
 """
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable, Mapping
 
@@ -22,10 +23,40 @@ from .abi import FunctionIR
 from .errors import CompileError
 
 __all__ = ["target_machine", "emit_object", "replacement_irs", "validate_batch",
-           "RETURN_TYPES"]
+           "RETURN_TYPES", "EMITTABLE_GCS", "gc_strategies", "check_emittable"]
 
 #: Return types a function may have (the Python entry converts them).
 RETURN_TYPES = ("i64", "i32", "i8", "i1", "double", "ptr", "void")
+
+#: The ``gc "<name>"`` strategies this LLVM (llvmlite's) can emit code with
+#: statepoints for. Code generation aborts the whole process on any other
+#: name: ``report_fatal_error`` "unsupported GC" for names it does not know,
+#: "no GCMetadataPrinter registered" for the built-in ``erlang`` and
+#: ``ocaml`` (their printers are not linked in), and an assertion for a
+#: statepoint in a ``shadow-stack`` function. An empty name means no GC (the
+#: verifier then refuses statepoints).
+EMITTABLE_GCS = frozenset({"", "statepoint-example", "coreclr"})
+
+# LLVM's assembly lexer (LLLexer), as far as finding the ``gc`` keyword goes:
+# a string runs to the next quote (a quote inside one is written \22), ``;``
+# comments run to the end of the line, ``/* */`` comments, and names and
+# keywords are runs of these characters (so ``%gc`` or ``gc.statepoint`` are
+# not the keyword).
+_LL_TOKEN = re.compile(r'"[^"]*"|;[^\n]*|/\*.*?\*/|[-\w.$@%!#]+|\S', re.S)
+_LL_ESCAPE = re.compile(r"\\(\\|[0-9A-Fa-f]{2})")
+
+
+def gc_strategies(module_ir: str) -> set[str]:
+    """Every GC strategy name a function of ``module_ir`` (LLVM assembly that
+    parses) asks for with ``gc "<name>"``, unescaped."""
+    names = set()
+    tokens = [t for t in _LL_TOKEN.findall(module_ir) if not t.startswith((";", "/*"))]
+    for keyword, value in zip(tokens, tokens[1:]):
+        if keyword == "gc" and value.startswith('"') and value.endswith('"') and len(value) > 1:
+            names.add(_LL_ESCAPE.sub(lambda m: "\\" if m.group(1) == "\\"
+                                     else chr(int(m.group(1), 16)), value[1:-1]))
+    return names
+
 
 _llvm_ready = False
 _llvm_lock = threading.Lock()
@@ -57,18 +88,20 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
     ``ir.module_ir`` as a relocatable ELF object for ``tm``.
 
     Raises CompileError carrying LLVM's diagnostic if the IR does not parse or
-    verify, or if it does not define ``@<symbol>`` and ``@<symbol>__resume``.
-    Pure with respect to the JIT: nothing is loaded.
+    verify, if it does not define ``@<symbol>`` and ``@<symbol>__resume``, or
+    if it is IR that verifies but on which LLVM's code generator would abort
+    the process (see :func:`check_emittable`). Pure with respect to the JIT:
+    nothing is loaded.
     """
     init_llvm()
     try:
         mod = llvm.parse_assembly(ir.module_ir)
-    except RuntimeError as e:
-        raise CompileError(f"{ir.name}: LLVM rejected the IR: {e}") from None
+    except (RuntimeError, UnicodeError) as e:
+        raise CompileError(f"{ir.name}: LLVM rejected the IR: {_message(e)}") from None
     try:
         mod.verify()
-    except RuntimeError as e:
-        raise CompileError(f"{ir.name}: LLVM IR does not verify: {e}") from None
+    except (RuntimeError, UnicodeError) as e:
+        raise CompileError(f"{ir.name}: LLVM IR does not verify: {_message(e)}") from None
     for symbol in (ir.symbol, ir.resume_symbol):
         try:
             fn = mod.get_function(symbol)
@@ -76,13 +109,63 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
             fn = None
         if fn is None or fn.is_declaration:
             raise CompileError(f"{ir.name}: the module does not define @{symbol}")
+    check_emittable(ir, str(mod))
     mod.triple = tm.triple
     mod.data_layout = str(tm.target_data)
-    if opt_level:
-        pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
-        pb = llvm.create_pass_builder(tm, pto)
-        pb.getModulePassManager().run(mod, pb)
-    return tm.emit_object(mod)
+    try:
+        if opt_level:
+            pto = llvm.create_pipeline_tuning_options(speed_level=opt_level)
+            pb = llvm.create_pass_builder(tm, pto)
+            pb.getModulePassManager().run(mod, pb)
+        return tm.emit_object(mod)
+    except (RuntimeError, UnicodeError) as e:
+        raise CompileError(f"{ir.name}: LLVM could not emit code: {_message(e)}") from None
+
+
+def _message(error: Exception) -> str:
+    """LLVM's diagnostic from a failed llvmlite call. llvmlite decodes it as
+    strict UTF-8, which fails when LLVM quotes a line cut inside a multi-byte
+    character: then the bytes it was decoding, with replacement characters."""
+    if isinstance(error, UnicodeDecodeError):
+        return bytes(error.object).decode("utf-8", "replace")
+    if isinstance(error, UnicodeEncodeError):
+        return f"the IR text cannot be encoded as UTF-8 ({error.reason} at character {error.start})"
+    return str(error)
+
+
+# A local name as LLVM prints it: %name or %"quoted name" (a quote inside is \22).
+_LOCAL = r'%"[^"]*"|%[-\w.$]+'
+_TOKEN_DEFINITION = re.compile(
+    rf'^\s*({_LOCAL}) = (?:[^\n]*\b(?:call|invoke) token [^\n]*@llvm\.experimental\.gc\.statepoint'
+    r"|landingpad\b)", re.M)
+_TOKEN_USE = re.compile(
+    rf"@llvm\.experimental\.gc\.(?:result|relocate)[^\s(]*\(token ({_LOCAL}|[^,)\s]+)")
+
+
+def check_emittable(ir: FunctionIR, printed: str) -> None:
+    """Refuse (CompileError) IR that verifies but on which LLVM's code
+    generator aborts the whole process; ``printed`` is the verified module
+    as LLVM prints it. Two such things are known:
+
+    * a GC strategy outside :data:`EMITTABLE_GCS`;
+    * a ``gc.result`` or ``gc.relocate`` whose token is not a statepoint of
+      the same function (``token poison``, ``undef``, ``none``, another
+      token): the verifier lets it pass, and instruction selection then
+      asserts ("Register use before def!"; found by the IR fuzzer).
+    """
+    unknown = gc_strategies(ir.module_ir) - EMITTABLE_GCS
+    if unknown:
+        raise CompileError(f"{ir.name}: LLVM cannot emit code for GC strategy "
+                           f"{', '.join(map(repr, sorted(unknown)))} (it would abort the process; "
+                           f"supported: {', '.join(sorted(EMITTABLE_GCS - {''}))})")
+    for body in printed.split("\ndefine ")[1:]:
+        body = body.split("\n}\n", 1)[0]
+        statepoints = set(_TOKEN_DEFINITION.findall(body))
+        for token in _TOKEN_USE.findall(body):
+            if token not in statepoints:
+                raise CompileError(
+                    f"{ir.name}: a gc.result or gc.relocate takes token {token}, which is not "
+                    f"a statepoint of its function (LLVM would abort the process)")
 
 
 def validate_batch(irs: Iterable[FunctionIR], signatures: Mapping[str, tuple]) -> list[FunctionIR]:

@@ -137,6 +137,20 @@ class EmulationError(OsrJitError):
     fault of an emulated thread, a misuse of the machine."""
 
 
+class ObjectFormatError(EmulationError):
+    """Bytes given to the emulated loader that are not a well-formed x86-64
+    ELF relocatable object. ``offset`` is the byte offset into the object of
+    the header, entry or field found wrong (None when not known); ``reason``
+    says what is wrong; ``__cause__`` is the :class:`unwinder.ObjectFormatError`
+    of the reader."""
+
+    def __init__(self, reason, offset=None):
+        message = reason if offset is None else f"{reason} (at object offset {offset:#x})"
+        super().__init__(message)
+        self.reason = reason
+        self.offset = offset
+
+
 class EmulationFault(EmulationError):
     """An emulated thread faulted: ``thread``, absolute ``pc``, ``symbol``
     (``name+0xoff`` or None) and the unicorn or Python ``cause``."""

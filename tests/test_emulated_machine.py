@@ -429,6 +429,23 @@ def test_direct_call_mode():
     assert prog.call("is_even", 12) == 1 and prog.call("ack", 2, 2) == 7
 
 
+def test_a_batch_that_fails_to_link_leaves_nothing_behind():
+    """The batch's second function calls one nobody defines: the first object
+    was already linked, the second placed; neither stays mapped or registered."""
+    from osrjit.lang import compile_source
+    m = Machine()
+    prog = EmulatedProgram(m)
+    prog.compile("def one(x):\n    return x + 1\n")
+    modules = len(m.space.modules)          # (builds the hypercall object first)
+    before = (list(m.regions), modules, len(m.objects))
+    batch = compile_source("def two(x):\n    return x + 2\n\ndef three(x):\n    return gone(x)\n",
+                           known={"gone": 1})
+    with pytest.raises(EmulationError, match="undefined symbol 'osrjit.slot.gone'"):
+        prog.load(batch)
+    assert (list(m.regions), len(m.space.modules), len(m.objects)) == before
+    assert prog.call("one", 41) == 42
+
+
 def test_resume_entries_with_hand_built_states(program):
     """The emulated twins of tests/test_resume.py's reference-language cases."""
     from osrjit.lang import site_id, site_key

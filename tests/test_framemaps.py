@@ -184,8 +184,8 @@ def test_corrupted_code_is_refused(tm):
     obj, image = load(ir, tm)
     (m,) = [m for m in fm.frame_maps_for_object(image, ir.sites, function="fib", version=1)
             if m.site_id == 2 and m.symbol == "fib"]
-    text = image._elf.get_section_by_name(".text")
-    at = text["sh_offset"] + (m.return_address - TEXT_AT)
+    text = image.object.section(".text")
+    at = text.offset + (m.return_address - TEXT_AT)
     corrupted = bytearray(obj)
     corrupted[at - 2:at] = b"\x90\x90"              # was ff d0 (call *%rax)
     image2 = fm.ObjectImage(bytes(corrupted), {".text": TEXT_AT})
@@ -209,7 +209,7 @@ def test_load_addresses_from_symbols(tm):
     ir = handir.fib()
     obj = emit_object(ir, tm, 2)
     image = fm.ObjectImage(obj, {})
-    resume_value = next(s["st_value"] for s in image._symbols if s.name == "fib__resume")
+    resume_value = next(s.value for s in image.object.symbols if s.name == "fib__resume")
     got = fm.ObjectImage.infer_load_addresses(obj, {"fib": 0x5000,
                                                      "fib__resume": 0x5000 + resume_value})
     assert got == {".text": 0x5000}

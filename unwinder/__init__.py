@@ -13,7 +13,8 @@ Memory is read through :mod:`unwinder.memory` (this process, a unicorn CPU, a
 snapshot), so one walker serves live threads, emulators and tests.
 """
 from .capture import backtrace, with_captured_registers
-from .errors import CFIError, ExpressionError, MemoryReadError, ModuleError, NativeSourceError, UnwindError
+from .errors import (CFIError, ExpressionError, MemoryReadError, ModuleError, NativeSourceError,
+                     ObjectFormatError, UnwindError)
 from .memory import Memory, ProcessMemory, SnapshotMemory, UnicornMemory
 from .modules import CodeObject, ElfModule, Module
 from .space import AddressSpace
@@ -24,6 +25,7 @@ __all__ = [
     "AddressSpace", "Frame", "walk", "step", "backtrace", "with_captured_registers",
     "Memory", "ProcessMemory", "SnapshotMemory", "UnicornMemory",
     "Module", "ElfModule", "CodeObject",
-    "UnwindError", "CFIError", "ExpressionError", "MemoryReadError", "ModuleError", "NativeSourceError",
+    "UnwindError", "CFIError", "ExpressionError", "MemoryReadError", "ModuleError", "ObjectFormatError",
+    "NativeSourceError",
     "NativeWalker", "NativeFrame", "FrameArrays", "ReturnAddressTable", "NativeWalkerError",
 ]

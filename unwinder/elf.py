@@ -1,14 +1,17 @@
 """ELF files that reference counting alone can free (pyelftools).
 
+Mapped libraries (:class:`~unwinder.modules.ElfModule`) and the native
+walker's own object are read through pyelftools, here. JIT objects handed to
+the packages are not: :mod:`unwinder.elfobject` reads and checks those.
+
 pyelftools 0.33 leaves two reference cycles behind every :class:`ELFFile`:
 ``ELFStructs`` keeps ``Elf_Prop`` (the ``.note.gnu.property`` parser), whose
 closures capture the ``ELFStructs`` itself, and the cached section-header
 string table is a section that points back at its file. So every parse —
-about 80 KiB of objects, five of them per JIT version — waits for a full
-cyclic collection, and between those the interpreter's allocator keeps
-growing (about 1 MiB over a few hundred replace cycles). :func:`open_elf`
-returns an :class:`ELFFile` without those cycles: the same sections and
-answers, freed as soon as the last reference goes.
+about 80 KiB of objects — waits for a full cyclic collection, and between
+those the interpreter's allocator keeps growing. :func:`open_elf` returns an
+:class:`ELFFile` without those cycles: the same sections and answers, freed
+as soon as the last reference goes.
 
 If a pyelftools release changes the internals used here, :func:`open_elf`
 still returns a working file (with its cycles: correct, freed later);

@@ -43,6 +43,22 @@ class ModuleError(UnwindError):
     """An ELF module or JIT code object could not be loaded or is inconsistent."""
 
 
+class ObjectFormatError(ModuleError):
+    """Bytes that are not a well-formed x86-64 ELF64 relocatable object (see
+    :mod:`unwinder.elfobject`).
+
+    ``offset`` is the byte offset into the object of the header, entry or
+    field found wrong; ``reason`` says what is wrong (the message without the
+    offset).
+    """
+
+    def __init__(self, reason, offset=None):
+        message = reason if offset is None else f"{reason} (at object offset {offset:#x})"
+        super().__init__(message)
+        self.reason = reason
+        self.offset = offset
+
+
 class NativeSourceError(UnwindError):
     """A hand-written ``.ll``/``.s`` file could not be rendered: a missing or
     unused placeholder, a layout LLVM would not share (see

@@ -24,20 +24,19 @@ import struct
 import threading
 
 from elftools.common.exceptions import ELFError
-from elftools.elf.constants import SH_FLAGS
 
 from .cfi import EhFrame, EhFrameHdr
 from .elf import open_elf
+from .elfobject import (R_X86_64_64, R_X86_64_PC32, R_X86_64_PC64, STT_FUNC, STT_GNU_IFUNC,
+                        read_object)
 from .errors import ModuleError, UnwindError
 
-# ELF relocation types (x86-64 psABI) that can sit on an encoded pointer of
-# .eh_frame. Each denotes the value S + A (PC-relative ones store S + A - P,
-# and a pcrel decode adds P back).
-_R_X86_64_64 = 1
-_R_X86_64_PC32 = 2
-_R_X86_64_PC64 = 24
-_POINTER_RELOCS = {_R_X86_64_64, _R_X86_64_PC32, _R_X86_64_PC64}
+# ELF relocation types that can sit on an encoded pointer of .eh_frame. Each
+# denotes the value S + A (PC-relative ones store S + A - P, and a pcrel
+# decode adds P back).
+_POINTER_RELOCS = {R_X86_64_64, R_X86_64_PC32, R_X86_64_PC64}
 _PAGE = 4096
+_ADDRESS_LIMIT = 1 << 64
 
 
 class Module:
@@ -73,36 +72,47 @@ class Module:
 
 
 _SYM = struct.Struct("<IBBHQQ")   # Elf64_Sym: st_name, st_info, st_other, st_shndx, st_value, st_size
-_STT_FUNC, _STT_GNU_IFUNC = 2, 10
 
 
 def _symbols_from(elf, address_of):
-    """Sorted function symbols of ``elf`` as parallel lists (starts, sizes, names).
+    """Sorted function symbols of a pyelftools ``elf`` as parallel lists
+    (starts, sizes, names) — see :func:`_sorted_functions`.
 
     ``address_of(st_shndx, st_value)`` maps a symbol to its absolute address
     or None. Symbol tables are decoded with :mod:`struct` straight from the
     section bytes (pyelftools' per-symbol objects cost ~50 µs each, and
     libpython has tens of thousands).
     """
-    found = {}
     for secname in (".symtab", ".dynsym"):
         sec = elf.get_section_by_name(secname)
         if sec is None or sec["sh_entsize"] != _SYM.size:
             continue
         strtab = elf.get_section(sec["sh_link"]).data()
         data = sec.data()
+        candidates = []
         for st_name, st_info, _other, shndx, value, size in _SYM.iter_unpack(data[:len(data) - len(data) % _SYM.size]):
-            if (st_info & 0xF) not in (_STT_FUNC, _STT_GNU_IFUNC) or not st_name or shndx == 0:
+            if (st_info & 0xF) not in (STT_FUNC, STT_GNU_IFUNC) or not st_name or shndx == 0:
                 continue
             addr = address_of(shndx, value)
             if addr is None:
                 continue
-            prev = found.get(addr)
-            if prev is None or (not prev[0] and size):
-                end = strtab.find(b"\0", st_name)
-                found[addr] = (size, strtab[st_name:end if end >= 0 else None].decode("utf-8", "replace"))
-        if found:
-            break  # .symtab is a superset of .dynsym when present
+            end = strtab.find(b"\0", st_name)
+            candidates.append((addr, size,
+                               strtab[st_name:end if end >= 0 else None].decode("utf-8", "replace")))
+        if candidates:
+            return _sorted_functions(candidates)  # .symtab is a superset of .dynsym when present
+    return [], [], []
+
+
+def _sorted_functions(candidates):
+    """``(starts, sizes, names)``, parallel lists sorted by absolute start, from
+    ``(address, size, name)`` candidates: one per address, the first with a
+    non-zero size (aliases share an address)."""
+    found = {}
+    for addr, size, name in candidates:
+        prev = found.get(addr)
+        if prev is None or (not prev[0] and size):
+            found[addr] = (size, name)
     starts = sorted(found)
     return starts, [found[a][0] for a in starts], [found[a][1] for a in starts]
 
@@ -183,67 +193,74 @@ class CodeObject(Module):
 
     ``load_addresses`` maps a section name (``".text"``, ...) to the absolute
     address its first byte was placed at. Only sections named there count as
-    loaded; executable ones form :attr:`ranges`. The object's bytes are copied;
-    the handle stays valid until :meth:`AddressSpace.remove_code_object`.
+    loaded; executable ones (of non-zero size) form :attr:`ranges`. The
+    object is read and checked once (:func:`~unwinder.elfobject.read_object`:
+    :class:`~unwinder.errors.ObjectFormatError` for malformed bytes) and kept as
+    :attr:`object`; the handle stays valid until
+    :meth:`AddressSpace.remove_code_object`.
     """
 
     def __init__(self, elf_bytes, load_addresses, *, name=None):
         self.name = name or "jit-object"
         self.load_addresses = dict(load_addresses)
-        self._bytes = bytes(elf_bytes)
-        try:
-            self._elf = open_elf(io.BytesIO(self._bytes))
-            if self._elf["e_type"] != "ET_REL":
-                raise ModuleError(f"{self.name}: not a relocatable object ({self._elf['e_type']})")
-            self._sections = list(self._elf.iter_sections())
-            ranges = []
-            for sec in self._sections:
-                if sec.name in self.load_addresses and sec["sh_flags"] & SH_FLAGS.SHF_EXECINSTR:
-                    start = self.load_addresses[sec.name]
-                    ranges.append((start, start + sec["sh_size"]))
-            unknown = set(self.load_addresses) - {s.name for s in self._sections}
-            if unknown:
-                raise ModuleError(f"{self.name}: no section named {sorted(unknown)}")
-            self.ranges = tuple(sorted(ranges))
-            self._eh_frame = self._load_eh_frame()
-        except (ELFError, KeyError, IndexError, ValueError) as e:  # pyelftools on corrupt input
-            raise ModuleError(f"{self.name}: cannot read object: {e}") from e
+        #: The checked :class:`~unwinder.elfobject.RelocatableObject`.
+        self.object = read_object(elf_bytes, name=self.name)
+        sections = self.object.sections
+        unknown = set(self.load_addresses) - {s.name for s in sections}
+        if unknown:
+            raise ModuleError(f"{self.name}: no section named {sorted(unknown)}")
+        ranges = []
+        for sec in sections:
+            if sec.name in self.load_addresses and sec.executable and sec.size:
+                start = self.load_addresses[sec.name]
+                if not 0 <= start <= start + sec.size <= _ADDRESS_LIMIT:
+                    raise ModuleError(f"{self.name}: section {sec.name} ({sec.size:#x} bytes) "
+                                      f"placed at {start:#x} does not fit the address space")
+                ranges.append((start, start + sec.size))
+        self.ranges = tuple(sorted(ranges))
+        self._eh_frame = self._load_eh_frame()
         self._symbols = None
 
-    def _symbol_address(self, shndx, value):
-        """Absolute address of a symbol (section index, st_value) in a loaded section, else None."""
-        if not isinstance(shndx, int) or shndx >= len(self._sections):
+    def _section_address(self, index):
+        """Absolute address of section ``index`` if it was loaded, else None."""
+        if index is None:
             return None
-        base = self.load_addresses.get(self._sections[shndx].name)
-        return None if base is None else base + value
+        return self.load_addresses.get(self.object.sections[index].name)
 
     def _load_eh_frame(self):
-        eh = self._elf.get_section_by_name(".eh_frame")
+        eh = self.object.section(".eh_frame")
         if eh is None:
             return None
         relocations = {}
-        rela = self._elf.get_section_by_name(".rela.eh_frame")
-        if rela is not None:
-            symtab = self._elf.get_section(rela["sh_link"])
-            for rel in rela.iter_relocations():
-                if rel["r_info_type"] not in _POINTER_RELOCS:
-                    raise ModuleError(f"{self.name}: unsupported .eh_frame relocation type "
-                                      f"{rel['r_info_type']} at offset {rel['r_offset']:#x}")
-                sym = symtab.get_symbol(rel["r_info_sym"])
-                target = self._symbol_address(sym["st_shndx"], sym["st_value"])
-                if target is not None:
-                    relocations[rel["r_offset"]] = target + rel["r_addend"]
+        for rel in self.object.relocations_for(eh.index):
+            if rel.type not in _POINTER_RELOCS:
+                raise ModuleError(f"{self.name}: unsupported .eh_frame relocation type "
+                                  f"{rel.type} at offset {rel.offset:#x}")
+            base = self._section_address(rel.symbol.section_index)
+            if base is not None:
+                relocations[rel.offset] = base + rel.symbol.value + rel.addend
         # An unloaded .eh_frame gets a nominal address: only relocated fields
         # (pc_begin, LSDA) depend on where it lives, and those are overridden.
         address = self.load_addresses.get(".eh_frame", 0)
-        return EhFrame(eh.data(), address, relocations=relocations)
+        return EhFrame(eh.data, address, relocations=relocations)
+
+    def eh_frame(self):
+        """The object's :class:`~unwinder.cfi.EhFrame` (pc_begin fields relocated
+        to absolute addresses), or None if it has no ``.eh_frame``."""
+        return self._eh_frame
 
     def find_fde(self, pc):
         return None if self._eh_frame is None else self._eh_frame.find_fde(pc)
 
     def _symbol_table(self):
         if self._symbols is None:
-            self._symbols = _symbols_from(self._elf, self._symbol_address)
+            candidates = []
+            for sym in self.object.symbols:
+                if sym.type in (STT_FUNC, STT_GNU_IFUNC) and sym.name:
+                    base = self._section_address(sym.section_index)
+                    if base is not None:
+                        candidates.append((base + sym.value, sym.size, sym.name))
+            self._symbols = _sorted_functions(candidates)
         return self._symbols
 
 

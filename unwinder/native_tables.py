@@ -27,7 +27,6 @@ from array import array
 from dataclasses import dataclass
 
 from .errors import CFIError, ModuleError
-from .modules import CodeObject
 from .native_abi import (CARRIED_REGISTERS, MAX_SLOT_CODE, RA_CARRIED, RULE_GAP, RULE_PYTHON,
                          RULE_SIGNAL, RULE_UNKNOWN, SAME_VALUE_CODE, SLOT_BYTES, UNDEFINED_CODE,
                          WALK_REGISTERS, RowTable, RuleRecord)
@@ -151,15 +150,12 @@ def encode_row(row, is_signal_frame=False):
 def module_eh_frame(module):
     """The :class:`~unwinder.cfi.EhFrame` of ``module`` (absolute addresses), or None.
 
-    ElfModule has ``eh_frame()``; CodeObject keeps its section privately (a
-    public accessor would be better there). Raises :class:`ModuleError` for
-    other module types without an ``eh_frame()`` method.
+    ElfModule and CodeObject have ``eh_frame()``. Raises :class:`ModuleError`
+    for other module types without an ``eh_frame()`` method.
     """
     get = getattr(module, "eh_frame", None)
     if callable(get):
         return get()
-    if isinstance(module, CodeObject):
-        return module._eh_frame
     raise ModuleError(f"{module!r}: cannot enumerate its FDEs (no eh_frame())")
 
 

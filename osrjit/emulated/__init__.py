@@ -18,13 +18,13 @@ Layering: this package uses :mod:`osrjit`'s core, :mod:`deopt` and
 :mod:`unwinder`; ``osrjit.Runtime`` finds it through ``Runtime.__new__``
 (``backend="emulated"``).
 """
-from ..errors import EmulationError, EmulationFault
+from ..errors import EmulationError, EmulationFault, ObjectFormatError
 from .backend import EmulatedBackend, EmulatedFunction, OldCodeFetch
 from .loader import LoadedObject, load_object
 from .machine import EmuThread, Machine, Scheduler, ThreadState
 from .program import EmulatedProgram, EmuVersion
 from .runtime import EmulatedRuntime
 
-__all__ = ["EmulationError", "EmulationFault", "LoadedObject", "load_object", "Machine",
+__all__ = ["EmulationError", "EmulationFault", "ObjectFormatError", "LoadedObject", "load_object", "Machine",
            "EmuThread", "Scheduler", "ThreadState", "EmulatedProgram", "EmuVersion",
            "EmulatedRuntime", "EmulatedBackend", "EmulatedFunction", "OldCodeFetch"]

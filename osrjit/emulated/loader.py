@@ -30,36 +30,41 @@ of the field, G+GOT address of the symbol's GOT entry, L PLT entry)::
     R_X86_64_32S            S + A          4 bytes, sign-extended
     R_X86_64_PC64           S + A - P      8 bytes
 
-Any other type is an :class:`EmulationError` naming the type, the section,
-the offset and the symbol. A PLT32 to a symbol more than ±2 GiB away goes
+Bytes that are not a well-formed x86-64 relocatable object are an
+:class:`~osrjit.errors.ObjectFormatError` (an :class:`EmulationError` with the
+object offset at fault), checked by :func:`unwinder.elfobject.read_object`
+before anything is mapped. Any other relocation type is an
+:class:`EmulationError` naming the type, the section, the offset and the
+symbol. A PLT32 to a symbol more than ±2 GiB away goes
 through a stub: a small object assembled by LLVM (so it has ``.eh_frame``
 and symbols like any other code) holding ``osrjit.plt.<name>: jmp
 *osrjit.got.<name>(%rip)`` and the 8-byte pointer ``osrjit.got.<name>``.
 
 The memory the loader writes to is any object with ``map(size, perms, name)
 -> address`` (a fresh, zero-filled, 4 KiB-aligned mapping of ``size`` bytes
-rounded up to 4 KiB) and ``write(address, data)`` — :class:`~osrjit.emulated.machine.Machine`
+rounded up to 4 KiB), ``write(address, data)`` and ``unmap(address)`` (to
+give back what a load that failed had mapped) — :class:`~osrjit.emulated.machine.Machine`
 is one. Every address here is an absolute emulated address; sizes are bytes.
 """
 from __future__ import annotations
 
-import io
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.constants import SH_FLAGS
-from elftools.elf.relocation import RelocationSection
-
-from unwinder.elf import open_elf
+from unwinder import errors as unwinder_errors
+from unwinder.elfobject import (R_X86_64_32, R_X86_64_32S, R_X86_64_64, R_X86_64_GOTPCREL,
+                                R_X86_64_GOTPCRELX, R_X86_64_NONE, R_X86_64_PC32, R_X86_64_PC64,
+                                R_X86_64_PLT32, R_X86_64_REX_GOTPCRELX, RELOCATION_NAMES,
+                                SHN_ABS, SHN_COMMON, SHN_UNDEF, STB_WEAK, STT_FILE, STT_SECTION,
+                                RelocatableObject, Relocation, Symbol, read_object)
 from unwinder.nativesrc import module_asm
 
-from osrjit.errors import EmulationError
+from osrjit.errors import EmulationError, ObjectFormatError
 
 __all__ = [
-    "EmulationError", "LoadedObject", "PlacedObject", "Region",
-    "place", "link", "load_object", "RELOCATION_NAMES",
+    "EmulationError", "ObjectFormatError", "LoadedObject", "PlacedObject", "Region",
+    "place", "link", "load_object", "unmap_regions", "RELOCATION_NAMES",
     "PROT_READ", "PROT_WRITE", "PROT_EXEC",
 ]
 
@@ -68,25 +73,12 @@ PAGE_SIZE = 4096
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 
 
-# x86-64 psABI relocation types (Table 4.9), for messages; the ones we apply
-# are listed in the module docstring.
-RELOCATION_NAMES = {
-    0: "R_X86_64_NONE", 1: "R_X86_64_64", 2: "R_X86_64_PC32", 3: "R_X86_64_GOT32",
-    4: "R_X86_64_PLT32", 5: "R_X86_64_COPY", 6: "R_X86_64_GLOB_DAT",
-    7: "R_X86_64_JUMP_SLOT", 8: "R_X86_64_RELATIVE", 9: "R_X86_64_GOTPCREL",
-    10: "R_X86_64_32", 11: "R_X86_64_32S", 12: "R_X86_64_16", 13: "R_X86_64_PC16",
-    14: "R_X86_64_8", 15: "R_X86_64_PC8", 16: "R_X86_64_DTPMOD64", 17: "R_X86_64_DTPOFF64",
-    18: "R_X86_64_TPOFF64", 19: "R_X86_64_TLSGD", 20: "R_X86_64_TLSLD",
-    21: "R_X86_64_DTPOFF32", 22: "R_X86_64_GOTTPOFF", 23: "R_X86_64_TPOFF32",
-    24: "R_X86_64_PC64", 25: "R_X86_64_GOTOFF64", 26: "R_X86_64_GOTPC32",
-    27: "R_X86_64_GOT64", 28: "R_X86_64_GOTPCREL64", 29: "R_X86_64_GOTPC64",
-    30: "R_X86_64_GOTPLT64", 31: "R_X86_64_PLTOFF64", 32: "R_X86_64_SIZE32",
-    33: "R_X86_64_SIZE64", 34: "R_X86_64_GOTPC32_TLSDESC", 35: "R_X86_64_TLSDESC_CALL",
-    36: "R_X86_64_TLSDESC", 37: "R_X86_64_IRELATIVE", 38: "R_X86_64_RELATIVE64",
-    41: "R_X86_64_GOTPCRELX", 42: "R_X86_64_REX_GOTPCRELX",
-}
-R_NONE, R_64, R_PC32, R_PLT32, R_GOTPCREL = 0, 1, 2, 4, 9
-R_32, R_32S, R_PC64, R_GOTPCRELX, R_REX_GOTPCRELX = 10, 11, 24, 41, 42
+# The relocation types we apply (the module docstring says how); their
+# numbers and names come from unwinder.elfobject.
+R_NONE, R_64, R_PC32, R_PLT32, R_GOTPCREL = (R_X86_64_NONE, R_X86_64_64, R_X86_64_PC32,
+                                             R_X86_64_PLT32, R_X86_64_GOTPCREL)
+R_32, R_32S, R_PC64, R_GOTPCRELX, R_REX_GOTPCRELX = (R_X86_64_32, R_X86_64_32S, R_X86_64_PC64,
+                                                     R_X86_64_GOTPCRELX, R_X86_64_REX_GOTPCRELX)
 _GOT_RELOCS = frozenset({R_GOTPCREL, R_GOTPCRELX, R_REX_GOTPCRELX})
 _STUB_SIZE = 8          # jmp *disp32(%rip) is 6 bytes; padded with int3
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -121,14 +113,16 @@ class Region:
 class PlacedObject:
     """An object whose sections have addresses and bytes but are not yet relocated.
 
-    ``section_addresses``: section index -> absolute address. ``symbols``:
-    name -> absolute address of each named symbol defined in a loaded section
-    (or ``SHN_ABS``). Produced by :func:`place`, consumed by :func:`link`.
+    ``object``: the checked object. ``section_addresses``: section index ->
+    absolute address. ``symbols``: name -> absolute address of each named
+    symbol defined in a loaded section (or ``SHN_ABS``). ``regions``: the
+    mappings made for it, owned by whoever holds this object until
+    :func:`link` turns it into a :class:`LoadedObject` (unmap them if it is
+    never linked). Produced by :func:`place`, consumed by :func:`link`.
     """
     name: str
     data: bytes
-    elf: object
-    sections: list
+    object: RelocatableObject
     section_addresses: dict[int, int]
     symbols: dict[str, int]
     regions: list[Region]
@@ -185,16 +179,11 @@ class LoadedObject:
 # Phase 1: placement
 # --------------------------------------------------------------------------
 
-def _read_elf(data: bytes, name: str):
+def _read_object(data: bytes, name: str) -> RelocatableObject:
     try:
-        elf = open_elf(io.BytesIO(data))
-        if elf["e_type"] != "ET_REL" or elf["e_machine"] != "EM_X86_64":
-            raise EmulationError(f"{name}: not an x86-64 relocatable object "
-                                 f"({elf['e_type']}, {elf['e_machine']})")
-        sections = list(elf.iter_sections())
-    except (ELFError, KeyError, ValueError, struct.error) as e:
-        raise EmulationError(f"{name}: cannot read object: {e}") from e
-    return elf, sections
+        return read_object(data, name=name)
+    except unwinder_errors.ObjectFormatError as e:
+        raise ObjectFormatError(f"cannot read object: {e.reason}", e.offset) from e
 
 
 def place(data: bytes, memory, *, name: str = "object") -> PlacedObject:
@@ -203,93 +192,92 @@ def place(data: bytes, memory, *, name: str = "object") -> PlacedObject:
     Sections keep their ``sh_addralign`` inside a region; SHT_NOBITS sections
     (``.bss``) are left zero. A GOT with one 8-byte entry per symbol that a
     GOTPCREL-family relocation refers to is allocated too (filled by
-    :func:`link`). Nothing is relocated yet.
+    :func:`link`). Nothing is relocated yet. If anything fails, the regions
+    mapped so far are unmapped again.
     """
     data = bytes(data)
-    elf, sections = _read_elf(data, name)
+    obj = _read_object(data, name)
+    sections = obj.sections
     groups = {"code": [], "rodata": [], "data": []}
     seen_names = {}
-    for index, sec in enumerate(sections):
-        flags = sec["sh_flags"]
-        if not flags & SH_FLAGS.SHF_ALLOC:
+    for sec in sections:
+        if not sec.alloc:
             continue
         if sec.name in seen_names:
             raise EmulationError(f"{name}: two loadable sections named {sec.name!r} "
-                                 f"(indices {seen_names[sec.name]} and {index})")
-        seen_names[sec.name] = index
-        if flags & SH_FLAGS.SHF_EXECINSTR:
-            groups["code"].append(index)
-        elif flags & SH_FLAGS.SHF_WRITE or sec["sh_type"] == "SHT_NOBITS":
-            groups["data"].append(index)
+                                 f"(indices {seen_names[sec.name]} and {sec.index})")
+        seen_names[sec.name] = sec.index
+        if sec.executable:
+            groups["code"].append(sec.index)
+        elif sec.writable or sec.nobits:
+            groups["data"].append(sec.index)
         else:
-            groups["rodata"].append(index)
+            groups["rodata"].append(sec.index)
+    got_names: list[str] = []
+    for rel in _loaded_relocations(obj, seen_names.values()):
+        if rel.type in _GOT_RELOCS:
+            key = _got_key(rel.symbol, obj)
+            if key not in got_names:
+                got_names.append(key)
+
     perms = {"code": PROT_READ | PROT_EXEC, "rodata": PROT_READ, "data": PROT_READ | PROT_WRITE}
     section_addresses: dict[int, int] = {}
     regions: list[Region] = []
-    for group, indices in groups.items():
-        if not indices:
-            continue
-        offsets, size = {}, 0
-        for index in indices:
-            sec = sections[index]
-            size = _align(size, sec["sh_addralign"])
-            offsets[index] = size
-            size += sec["sh_size"]
-        mapped = _page_round(size)
-        base = memory.map(mapped, perms[group], f"{name} {group}")
-        regions.append(Region(base, mapped, perms[group], f"{name} {group}"))
-        for index, off in offsets.items():
-            sec = sections[index]
-            section_addresses[index] = base + off
-            if sec["sh_type"] != "SHT_NOBITS" and sec["sh_size"]:
-                memory.write(base + off, sec.data())
+    got, got_region = {}, None
+    try:
+        for group, indices in groups.items():
+            if not indices:
+                continue
+            offsets, size = {}, 0
+            for index in indices:
+                sec = sections[index]
+                size = _align(size, sec.addralign)
+                offsets[index] = size
+                size += sec.size
+            mapped = _page_round(size)
+            base = memory.map(mapped, perms[group], f"{name} {group}")
+            regions.append(Region(base, mapped, perms[group], f"{name} {group}"))
+            for index, off in offsets.items():
+                sec = sections[index]
+                section_addresses[index] = base + off
+                if sec.data:
+                    memory.write(base + off, sec.data)
+        if got_names:
+            size = _page_round(8 * len(got_names))
+            base = memory.map(size, PROT_READ | PROT_WRITE, f"{name} got")
+            got_region = Region(base, size, PROT_READ | PROT_WRITE, f"{name} got")
+            regions.append(got_region)
+            got = {key: base + 8 * i for i, key in enumerate(got_names)}
+    except BaseException:
+        unmap_regions(memory, regions)
+        raise
 
     symbols: dict[str, int] = {}
-    symtab = elf.get_section_by_name(".symtab")
-    got_names: list[str] = []
-    if symtab is not None:
-        for sym in symtab.iter_symbols():
-            if not sym.name or sym["st_info"]["type"] in ("STT_SECTION", "STT_FILE"):
-                continue
-            shndx = sym["st_shndx"]
-            if shndx == "SHN_ABS":
-                symbols[sym.name] = sym["st_value"]
-            elif isinstance(shndx, int) and shndx in section_addresses:
-                symbols[sym.name] = section_addresses[shndx] + sym["st_value"]
-        for rela in _relocation_sections(sections, section_addresses):
-            rsymtab = sections[rela["sh_link"]]
-            for rel in rela.iter_relocations():
-                if rel["r_info_type"] in _GOT_RELOCS:
-                    sym = rsymtab.get_symbol(rel["r_info_sym"])
-                    key = _got_key(sym, sections)
-                    if key not in got_names:
-                        got_names.append(key)
-    got, got_region = {}, None
-    if got_names:
-        size = _page_round(8 * len(got_names))
-        base = memory.map(size, PROT_READ | PROT_WRITE, f"{name} got")
-        got_region = Region(base, size, PROT_READ | PROT_WRITE, f"{name} got")
-        regions.append(got_region)
-        got = {key: base + 8 * i for i, key in enumerate(got_names)}
-    return PlacedObject(name, data, elf, sections, section_addresses, symbols, regions,
-                        got_region, got)
+    for sym in obj.symbols:
+        if not sym.name or sym.type in (STT_SECTION, STT_FILE):
+            continue
+        if sym.shndx == SHN_ABS:
+            symbols[sym.name] = sym.value
+        elif sym.section_index in section_addresses:
+            symbols[sym.name] = section_addresses[sym.section_index] + sym.value
+    return PlacedObject(name, data, obj, section_addresses, symbols, regions, got_region, got)
 
 
-def _relocation_sections(sections, section_addresses):
-    """``.rela.*`` sections whose target (``sh_info``) was loaded."""
-    for sec in sections:
-        if isinstance(sec, RelocationSection):
-            if not sec.is_RELA():
-                raise EmulationError(f"{sec.name}: REL (addend-less) relocations are not "
-                                     "supported on x86-64")
-            if sec["sh_info"] in section_addresses:
-                yield sec
+def unmap_regions(memory, regions) -> None:
+    """Give ``regions`` back to ``memory`` (its ``unmap(address)``), last first."""
+    for region in reversed(regions):
+        memory.unmap(region.address)
 
 
-def _got_key(sym, sections) -> str:
+def _loaded_relocations(obj: RelocatableObject, loaded) -> list[Relocation]:
+    """The relocations of every section in ``loaded`` (section indices), in object order."""
+    return [rel for index in sorted(loaded) for rel in obj.relocations_for(index)]
+
+
+def _got_key(sym: Symbol, obj: RelocatableObject) -> str:
     """GOT entries are shared per symbol; section symbols are keyed by section."""
-    if sym["st_info"]["type"] == "STT_SECTION":
-        return "section:" + sections[sym["st_shndx"]].name
+    if sym.type == STT_SECTION and sym.section_index is not None:
+        return "section:" + obj.sections[sym.section_index].name
     return sym.name
 
 
@@ -305,24 +293,30 @@ def link(placed: PlacedObject, memory, resolve: Callable[[str], int | None] | No
     undefined symbol (None or KeyError means "unknown": an EmulationError
     naming the symbol and the first relocation needing it, unless the symbol
     is weak, which then resolves to 0). ``stub_memory`` is where a stub object
-    for far PLT32 targets is placed (default ``memory``).
+    for far PLT32 targets is placed (default ``memory``). Nothing is written
+    before every relocation has been computed; on an error ``placed``'s
+    regions stay mapped (its holder unmaps them) and a stub object made for
+    it is unmapped.
     """
     resolve = resolve or (lambda _name: None)
-    sections, addrs = placed.sections, placed.section_addresses
+    obj, addrs = placed.object, placed.section_addresses
+    sections = obj.sections
     cache: dict[str, int] = {}
 
-    def symbol_value(sym, where) -> int:
-        shndx = sym["st_shndx"]
-        if sym["st_info"]["type"] == "STT_SECTION" or (isinstance(shndx, int) and shndx != 0):
-            if not isinstance(shndx, int) or shndx not in addrs:
+    def symbol_value(sym: Symbol, where: str) -> int:
+        if sym.type == STT_SECTION or sym.section_index is not None:
+            if sym.section_index not in addrs:
                 raise EmulationError(f"{placed.name}: {where} refers to "
-                                     f"{sym.name or 'a section symbol'} in section {shndx}, "
+                                     f"{sym.name or 'a section symbol'} in section {sym.shndx}, "
                                      "which is not loaded")
-            return addrs[shndx] + sym["st_value"]
-        if shndx == "SHN_ABS":
-            return sym["st_value"]
-        if shndx == "SHN_COMMON":
+            return addrs[sym.section_index] + sym.value
+        if sym.shndx == SHN_ABS:
+            return sym.value
+        if sym.shndx == SHN_COMMON:
             raise EmulationError(f"{placed.name}: common symbol {sym.name!r} is not supported")
+        if sym.shndx != SHN_UNDEF:
+            raise EmulationError(f"{placed.name}: {where} refers to {sym.name!r} in reserved "
+                                 f"section index {sym.shndx:#x}")
         if sym.name in cache:
             return cache[sym.name]
         try:
@@ -330,7 +324,7 @@ def link(placed: PlacedObject, memory, resolve: Callable[[str], int | None] | No
         except KeyError:
             value = None
         if value is None:
-            if sym["st_info"]["bind"] == "STB_WEAK":
+            if sym.bind == STB_WEAK:
                 value = 0
             else:
                 raise EmulationError(f"{placed.name}: undefined symbol {sym.name!r} "
@@ -342,78 +336,75 @@ def link(placed: PlacedObject, memory, resolve: Callable[[str], int | None] | No
     far_plt: dict[str, list[tuple[int, int, str]]] = {}   # name -> [(P, A, where)]
     got_values: dict[str, int] = {}
     counts: dict[int, int] = {}
-    for rela in _relocation_sections(sections, addrs):
-        target_index = rela["sh_info"]
-        target = sections[target_index]
-        base = addrs[target_index]
-        rsymtab = sections[rela["sh_link"]]
-        for rel in rela.iter_relocations():
-            rtype, offset, addend = rel["r_info_type"], rel["r_offset"], rel["r_addend"]
-            sym = rsymtab.get_symbol(rel["r_info_sym"])
-            label = sym.name or (sections[sym["st_shndx"]].name
-                                 if isinstance(sym["st_shndx"], int) else "?")
-            tname = RELOCATION_NAMES.get(rtype, f"type {rtype}")
-            where = f"{tname} at {target.name}+{offset:#x} against {label!r}"
-            if offset + 4 > target["sh_size"] or (rtype in (R_64, R_PC64) and
-                                                  offset + 8 > target["sh_size"]):
-                raise EmulationError(f"{placed.name}: {where} is outside its section")
-            if target["sh_type"] == "SHT_NOBITS":
-                raise EmulationError(f"{placed.name}: {where} patches a NOBITS section")
-            P = base + offset
-            counts[rtype] = counts.get(rtype, 0) + 1
-            if rtype == R_NONE:
-                continue
-            if rtype in (R_64, R_PC64, R_PC32, R_32, R_32S):
-                S = symbol_value(sym, where)
-                if rtype == R_64:
-                    patches.append((P, struct.pack("<Q", (S + addend) & _MASK64)))
-                elif rtype == R_PC64:
-                    patches.append((P, struct.pack("<Q", (S + addend - P) & _MASK64)))
-                elif rtype == R_PC32:
-                    patches.append((P, _fit32(S + addend - P, _INT32, placed.name, where)))
-                elif rtype == R_32:
-                    patches.append((P, _fit32(S + addend, _UINT32, placed.name, where)))
-                else:
-                    patches.append((P, _fit32(S + addend, _INT32, placed.name, where)))
-            elif rtype == R_PLT32:
-                S = symbol_value(sym, where)
-                value = S + addend - P
-                if _INT32[0] <= value <= _INT32[1]:
-                    patches.append((P, struct.pack("<i", value)))
-                elif sym["st_shndx"] == "SHN_UNDEF":
-                    far_plt.setdefault(sym.name, []).append((P, addend, where))
-                else:
-                    raise EmulationError(f"{placed.name}: {where}: target {S:#x} is out of "
-                                         f"rel32 range of {P:#x} and not external")
-            elif rtype in _GOT_RELOCS:
-                key = _got_key(sym, sections)
-                got_values[key] = symbol_value(sym, where)
-                entry = placed.got[key]
-                patches.append((P, _fit32(entry + addend - P, _INT32, placed.name, where)))
+    for rel in _loaded_relocations(obj, addrs):
+        rtype, offset, addend, sym = rel.type, rel.offset, rel.addend, rel.symbol
+        target = sections[rel.target]
+        label = sym.name or (sections[sym.section_index].name
+                             if sym.section_index is not None else "?")
+        tname = RELOCATION_NAMES.get(rtype, f"type {rtype}")
+        where = f"{tname} at {target.name}+{offset:#x} against {label!r}"
+        if offset + 4 > target.size or (rtype in (R_64, R_PC64) and offset + 8 > target.size):
+            raise EmulationError(f"{placed.name}: {where} is outside its section")
+        if target.nobits:
+            raise EmulationError(f"{placed.name}: {where} patches a NOBITS section")
+        P = addrs[rel.target] + offset
+        counts[rtype] = counts.get(rtype, 0) + 1
+        if rtype == R_NONE:
+            continue
+        if rtype in (R_64, R_PC64, R_PC32, R_32, R_32S):
+            S = symbol_value(sym, where)
+            if rtype == R_64:
+                patches.append((P, struct.pack("<Q", (S + addend) & _MASK64)))
+            elif rtype == R_PC64:
+                patches.append((P, struct.pack("<Q", (S + addend - P) & _MASK64)))
+            elif rtype == R_PC32:
+                patches.append((P, _fit32(S + addend - P, _INT32, placed.name, where)))
+            elif rtype == R_32:
+                patches.append((P, _fit32(S + addend, _UINT32, placed.name, where)))
             else:
-                supported = ", ".join(RELOCATION_NAMES[t] for t in sorted(_SUPPORTED))
-                raise EmulationError(f"{placed.name}: unsupported relocation {where} "
-                                     f"(supported: {supported})")
+                patches.append((P, _fit32(S + addend, _INT32, placed.name, where)))
+        elif rtype == R_PLT32:
+            S = symbol_value(sym, where)
+            value = S + addend - P
+            if _INT32[0] <= value <= _INT32[1]:
+                patches.append((P, struct.pack("<i", value)))
+            elif sym.shndx == SHN_UNDEF:
+                far_plt.setdefault(sym.name, []).append((P, addend, where))
+            else:
+                raise EmulationError(f"{placed.name}: {where}: target {S:#x} is out of "
+                                     f"rel32 range of {P:#x} and not external")
+        elif rtype in _GOT_RELOCS:
+            key = _got_key(sym, obj)
+            got_values[key] = symbol_value(sym, where)
+            entry = placed.got[key]
+            patches.append((P, _fit32(entry + addend - P, _INT32, placed.name, where)))
+        else:
+            supported = ", ".join(RELOCATION_NAMES[t] for t in sorted(_SUPPORTED))
+            raise EmulationError(f"{placed.name}: unsupported relocation {where} "
+                                 f"(supported: {supported})")
 
     stubs, stub_object = {}, None
     if far_plt:
-        stub_object = _load_stubs(sorted(far_plt), cache, stub_memory or memory,
-                                  f"{placed.name} stubs")
-        for sym_name, uses in far_plt.items():
-            stub = stub_object.symbols[_plt_symbol(sym_name)]
-            stubs[sym_name] = stub
-            for P, addend, where in uses:
-                patches.append((P, _fit32(stub + addend - P, _INT32, placed.name,
-                                          where + " (through its stub)")))
+        stub_memory = stub_memory or memory
+        stub_object = _load_stubs(sorted(far_plt), cache, stub_memory, f"{placed.name} stubs")
+        try:
+            for sym_name, uses in far_plt.items():
+                stub = stub_object.symbols[_plt_symbol(sym_name)]
+                stubs[sym_name] = stub
+                for P, addend, where in uses:
+                    patches.append((P, _fit32(stub + addend - P, _INT32, placed.name,
+                                              where + " (through its stub)")))
+        except BaseException:
+            unmap_regions(stub_memory, stub_object.regions)
+            raise
     for P, blob in patches:
         memory.write(P, blob)
     for key, entry in placed.got.items():
         memory.write(entry, struct.pack("<Q", got_values[key] & _MASK64))
 
-    load_addresses = {sections[i].name: a for i, a in placed.section_addresses.items()}
-    ranges = tuple(sorted(
-        (a, a + sections[i]["sh_size"]) for i, a in placed.section_addresses.items()
-        if sections[i]["sh_flags"] & SH_FLAGS.SHF_EXECINSTR and sections[i]["sh_size"]))
+    load_addresses = {sections[i].name: a for i, a in addrs.items()}
+    ranges = tuple(sorted((a, a + sections[i].size) for i, a in addrs.items()
+                          if sections[i].executable and sections[i].size))
     return LoadedObject(placed.name, placed.data, load_addresses, dict(placed.symbols), ranges,
                         list(placed.regions), dict(placed.got), stubs, stub_object, counts)
 
@@ -432,8 +423,14 @@ def _fit32(value: int, bounds, name: str, where: str) -> bytes:
 
 def load_object(data: bytes, memory, resolve: Callable[[str], int | None] | None = None,
                 *, name: str = "object") -> LoadedObject:
-    """:func:`place` then :func:`link`: the usual one-object load."""
-    return link(place(data, memory, name=name), memory, resolve)
+    """:func:`place` then :func:`link`: the usual one-object load. If the
+    link fails, what :func:`place` mapped is unmapped again."""
+    placed = place(data, memory, name=name)
+    try:
+        return link(placed, memory, resolve)
+    except BaseException:
+        unmap_regions(memory, placed.regions)
+        raise
 
 
 # --------------------------------------------------------------------------

@@ -68,7 +68,7 @@ from unwinder import AddressSpace, UnicornMemory
 from osrjit.errors import EmulationError, EmulationFault
 
 from .loader import (PAGE_SIZE, PROT_EXEC, PROT_READ, PROT_WRITE, LoadedObject,
-                     Region, assemble, link, load_object, place)
+                     Region, assemble, link, load_object, place, unmap_regions)
 
 __all__ = ["Machine", "EmuThread", "ThreadState", "Scheduler", "Hypercall", "EmulationFault",
            "DWARF_TO_UC", "REGISTER_BY_NAME"]
@@ -281,6 +281,12 @@ class _HypercallMemory:
         self.regions.append(address)
         return address
 
+    def unmap(self, address):
+        """Give back a mapping :meth:`map` made (the fixed page stays)."""
+        if address in self.regions:
+            self.regions.remove(address)
+            self.machine.unmap(address)
+
     def write(self, address, data):
         page = self.page
         if page.address <= address < page.end:
@@ -442,38 +448,64 @@ class Machine:
                     name: str = "object", export: bool = True) -> LoadedObject:
         """Load and relocate an object (see :mod:`osrjit.emulated.loader`) and
         register it (and its stubs) with :attr:`space`. ``resolve`` defaults to
-        :meth:`resolve`; with ``export`` its symbols join :attr:`symbols`."""
+        :meth:`resolve`; with ``export`` its symbols join :attr:`symbols`.
+        Raises :class:`EmulationError` (:class:`~osrjit.errors.ObjectFormatError`
+        for bytes that are no object), and then nothing stays mapped or
+        registered."""
         return self.link_object(self.place_object(data, name=name), resolve, export=export)
 
     def place_object(self, data: bytes, *, name: str = "object"):
-        """Phase 1 of :meth:`load_object` (a batch places all, then links all)."""
+        """Phase 1 of :meth:`load_object` (a batch places all, then links all).
+        The machine owns the placed regions: :meth:`link_object` either turns
+        them into a loaded object or unmaps them; unmap them with
+        :meth:`discard_placed` if the object is never linked."""
         return place(data, self, name=name)
 
+    def discard_placed(self, placed):
+        """Unmap the regions of a placed object that will not be linked."""
+        unmap_regions(self, placed.regions)
+
     def link_object(self, placed, resolve=None, *, export: bool = True) -> LoadedObject:
-        """Phase 2 of :meth:`load_object`."""
-        obj = link(placed, self, resolve or self.resolve)
+        """Phase 2 of :meth:`load_object`; on an error the placed regions are
+        unmapped."""
+        try:
+            obj = link(placed, self, resolve or self.resolve)
+        except BaseException:
+            self.discard_placed(placed)
+            raise
         self._register(obj)
         if export:
             self.symbols.update(obj.symbols)
         return obj
 
     def _register(self, obj: LoadedObject):
-        for o in (obj, obj.stub_object):
-            if o is not None and o.ranges:
-                o.unwind_handle = self._space.add_code_object(o.data, o.load_addresses, name=o.name)
+        """Register ``obj`` and its stubs with the unwinder; if the unwinder
+        refuses one (an :class:`unwinder.UnwindError`), unmap the object and
+        raise an :class:`EmulationError` from it."""
+        try:
+            for o in (obj, obj.stub_object):
+                if o is not None and o.ranges:
+                    o.unwind_handle = self._space.add_code_object(o.data, o.load_addresses,
+                                                                  name=o.name)
+        except unwinder.UnwindError as e:
+            self._unmap_object(obj)
+            raise EmulationError(f"{obj.name}: the unwinder cannot use it: {e}") from e
         self.objects.append(obj)
 
-    def unload_object(self, obj: LoadedObject):
-        """Forget ``obj`` in the unwinder, then unmap its regions (and its stubs').
-        Its addresses are never mapped again, so a stale jump faults."""
+    def _unmap_object(self, obj: LoadedObject):
+        """Forget ``obj`` (and its stubs) in the unwinder and unmap their regions."""
         for o in (obj, obj.stub_object):
             if o is None:
                 continue
             if o.unwind_handle is not None:
                 self._space.remove_code_object(o.unwind_handle)
                 o.unwind_handle = None
-            for region in o.regions:
-                self.unmap(region.address)
+            unmap_regions(self, o.regions)
+
+    def unload_object(self, obj: LoadedObject):
+        """Forget ``obj`` in the unwinder, then unmap its regions (and its stubs').
+        Its addresses are never mapped again, so a stale jump faults."""
+        self._unmap_object(obj)
         if obj in self.objects:
             self.objects.remove(obj)
         for key in [k for k, v in self.symbols.items() if obj.symbols.get(k) == v]:

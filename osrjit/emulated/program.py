@@ -180,7 +180,28 @@ class EmulatedProgram:
             raise CompileError(f"a function is defined twice in one batch: {names}")
         m = self.machine
         vids = {f.name: next(self._ids) for f in firs}
-        placed = []
+        placed, linked = [], []
+        try:
+            versions = self._link_batch(firs, vids, placed, linked)
+        except BaseException:
+            # All or nothing: what was placed or linked for the batch goes.
+            for p in placed:
+                if p is not None:
+                    m.discard_placed(p)
+            for obj in linked:
+                m.unload_object(obj)
+            raise
+        for v in versions:
+            self._versions.setdefault(v.name, []).append(v)
+        if publish:
+            self.publish(versions)
+        return versions
+
+    def _link_batch(self, firs, vids, placed, linked) -> list[EmuVersion]:
+        """Emit, place and link ``firs`` and read their frame maps; fills
+        ``placed`` (an entry becomes None once linked) and ``linked`` as it
+        goes, so that :meth:`load` can undo a batch that fails."""
+        m = self.machine
         for f in firs:
             data = self._emit(f)
             placed.append(m.place_object(data, name=f"{f.name}.v{vids[f.name]}"))
@@ -204,16 +225,14 @@ class EmulatedProgram:
             return batch_entries.get(sym)
 
         versions = []
-        for f, p in zip(firs, placed):
+        for i, (f, p) in enumerate(zip(firs, list(placed))):
+            placed[i] = None                      # link_object unmaps it if it fails
             obj = m.link_object(p, resolve, export=False)
+            linked.append(obj)
             image = ObjectImage(obj.data, obj.load_addresses, name=obj.name)
             table = _fm.frame_maps_for_object(image, f.sites, function=f.name,
                                               version=vids[f.name])
             versions.append(EmuVersion(vids[f.name], f, obj, table))
-        for v in versions:
-            self._versions.setdefault(v.name, []).append(v)
-        if publish:
-            self.publish(versions)
         return versions
 
     def publish(self, versions: Iterable[EmuVersion]):

@@ -84,18 +84,14 @@ from __future__ import annotations
 import bisect
 import ctypes
 import enum
-import io
 import mmap
 import os
 import threading
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.constants import SH_FLAGS
-from elftools.elf.relocation import RelocationSection
-
-from unwinder.elf import open_elf
+from unwinder.elfobject import R_X86_64_PC32, R_X86_64_PLT32, STT_FUNC, STT_GNU_IFUNC, read_object
+from unwinder.errors import ObjectFormatError
 
 from ..abi import FunctionIR, direct_call_symbol
 from ..errors import (CallTargetOutOfRange, NotACallSite, PatchError, UnpatchableReference)
@@ -120,13 +116,10 @@ _REL32_OPCODES = (CALL_OPCODE, JMP_OPCODE)
 PAGE_SIZE = mmap.PAGESIZE
 _CACHE_LINE = 64
 
-# x86-64 psABI relocation types.
-_R_X86_64_PC32 = 2
-_R_X86_64_PLT32 = 4
-_REL32_RELOCS = frozenset({_R_X86_64_PC32, _R_X86_64_PLT32})
+_REL32_RELOCS = frozenset({R_X86_64_PC32, R_X86_64_PLT32})
 #: A call's rel32 is relative to the end of the 4-byte field: S + A - P with A = -4.
 _CALL_ADDEND = -4
-_FUNC_TYPES = ("STT_FUNC", "STT_GNU_IFUNC")
+_FUNC_TYPES = (STT_FUNC, STT_GNU_IFUNC)
 
 _INT32_MIN, _INT32_MAX = -(1 << 31), (1 << 31) - 1
 
@@ -160,7 +153,7 @@ class CallSite:
     section: str = ".text"
     section_offset: int = 0
     function: str | None = None
-    relocation_type: int = _R_X86_64_PLT32
+    relocation_type: int = R_X86_64_PLT32
 
     @property
     def return_address(self) -> int:
@@ -206,30 +199,25 @@ def call_sites(obj: bytes, load_addresses: Mapping[str, int],
     """
     wanted = None if symbols is None else set(symbols)
     try:
-        elf = open_elf(io.BytesIO(bytes(obj)))
-        sections = list(elf.iter_sections())
-    except (ELFError, ValueError) as e:
+        elf = read_object(obj)
+    except ObjectFormatError as e:
         raise PatchError(f"cannot read object: {e}") from e
     out: dict[str, list[CallSite]] = {s: [] for s in (wanted or ())}
-    for rela in sections:
-        if not isinstance(rela, RelocationSection):
-            continue
-        target = sections[rela["sh_info"]]
-        if not target["sh_flags"] & SH_FLAGS.SHF_EXECINSTR or target.name not in load_addresses:
+    for target in elf.sections:
+        relocations = elf.relocations_for(target.index)
+        if not relocations or not target.executable or target.name not in load_addresses:
             continue
         base = load_addresses[target.name]
-        data = target.data()
-        symtab = sections[rela["sh_link"]]
-        functions = sorted((s["st_value"], s["st_value"] + s["st_size"], s.name)
-                           for s in symtab.iter_symbols()
-                           if s["st_info"]["type"] in _FUNC_TYPES
-                           and s["st_shndx"] == sections.index(target))
-        for rel in rela.iter_relocations():
-            sym = symtab.get_symbol(rel["r_info_sym"])
+        data = target.data
+        functions = sorted((s.value, s.value + s.size, s.name) for s in elf.symbols
+                           if s.type in _FUNC_TYPES and s.section_index == target.index)
+        for rel in relocations:
+            sym = rel.symbol
             if not sym.name or (wanted is not None and sym.name not in wanted):
                 continue
-            rtype, offset, addend = rel["r_info_type"], rel["r_offset"], rel["r_addend"]
-            opcode = data[offset - 1] if 0 < offset <= len(data) else None
+            rtype, offset, addend = rel.type, rel.offset, rel.addend
+            # The opcode before the field, if the whole 4-byte field is in the section.
+            opcode = data[offset - 1] if 0 < offset <= len(data) - 4 else None
             if rtype in _REL32_RELOCS and addend == _CALL_ADDEND and opcode in _REL32_OPCODES:
                 start = offset - 1
                 function = next((name for lo, hi, name in functions if lo <= start < hi), None)
@@ -238,7 +226,8 @@ def call_sites(obj: bytes, load_addresses: Mapping[str, int],
                     rel32_address=base + offset, opcode=opcode, section=target.name,
                     section_offset=start, function=function, relocation_type=rtype))
             elif strict:
-                what = f"byte {opcode:#04x} before it" if opcode is not None else "no byte before it"
+                what = (f"byte {opcode:#04x} before it" if opcode is not None
+                        else "its 4 bytes are not all inside the section, or nothing is before them")
                 raise UnpatchableReference(
                     f"{target.name}+{offset:#x}: relocation type {rtype} (addend {addend}) "
                     f"against {sym.name!r} is not the rel32 of an E8/E9 call ({what}); "

@@ -1,87 +1,22 @@
-"""Hostile input for every public entry that takes object bytes or LLVM IR text.
+"""Relocatable objects as LLVM emits them, corrupted, and the entries that read them.
 
-A language runtime feeds osrjit whatever its code generator produces, for as
-long as the process lives. Whatever the bytes, each entry must end with its
-own package's error or with a valid result, never with an exception from the
-libraries underneath (pyelftools, :mod:`struct`, llvmlite) or from a bug of
-ours. This module is the harness osrjit's fuzz tests and
-``scripts/fuzz_report.py`` share; it decides nothing about how cases are drawn
-(Hypothesis in the tests, :class:`random.Random` in the script).
-
-Objects (:func:`object_targets`)::
-
-    seed_objects()              complete relocatable objects as LLVM emits them for
-                                reference-language functions, with where a JIT put
-                                their sections (cached per process)
-    mutate(seed, edits)         bytes flipped, set, inserted, deleted, truncated, and
-                                aimed at the ELF header, section headers, section-name
-                                and symbol string tables, symbols and relocations
-                                (offsets from :class:`ElfLayout`, read here with struct)
-    run_unwinder(seed, data)    AddressSpace.add_code_object + walks + row lookups
-    run_framemaps(seed, data)   ObjectImage + frame_maps_for_object + symbol queries
-    ObjectLoader()(seed, data)  the emulated loader (Machine.load_object), then unload
-    run_patching(seed, data)    the native backend's direct call sites (patching.call_sites)
-
-Text: :func:`mutate_text` deletes, duplicates and swaps lines, replaces
-tokens and flips bytes of LLVM IR (a seed function's ``module_ir``,
-:func:`mutate_ir`) or of reference-language source; :func:`run_emit` hands IR
-to :func:`osrjit.compiling.emit_object`, :class:`RuntimeCompiler` to
-``Runtime.compile_ir`` or ``Runtime.replace`` (run both in a child process:
-LLVM may abort), and
-:func:`run_source` hands source to :func:`osrjit.lang.compile_source`.
-
-An edit is a triple of non-negative integers ``(kind, where, value)``: ``kind``
-indexes :data:`OBJECT_EDITS` (or :data:`TEXT_EDITS`), ``where`` and ``value`` are
-reduced modulo whatever they choose from, so any integers are a valid edit and
-a failing case is replayed from its edits alone.
-
-Every target returns an :class:`Outcome`: ``"valid"`` or the class name of the
-error it ended with, and whether that error is *foreign* (not a subclass of
-the target's :attr:`Target.allowed` root).
+See :mod:`osrjit.testing.fuzz`. Offsets of the ELF structures an edit aims
+at are read here with :mod:`struct`, independently of the readers under test.
 """
 from __future__ import annotations
 
 import functools
-import re
 import struct
-import time
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from .core import SEED_PROGRAMS, Outcome, Target, broken, classify
 
 __all__ = [
     "SeedObject", "seed_objects", "ElfLayout", "OBJECT_EDITS", "mutate", "random_object_edits",
-    "Outcome", "Target", "run_unwinder", "run_framemaps", "ObjectLoader", "run_patching",
-    "object_targets", "SEED_PROGRAMS", "FAR_IMPORT",
-    "TEXT_EDITS", "Vocabulary", "IR_VOCABULARY", "SOURCE_VOCABULARY", "seed_irs", "mutate_text",
-    "mutate_ir", "random_text_edits", "run_emit", "run_source", "RuntimeCompiler",
-    "Tally",
+    "run_unwinder", "run_framemaps", "ObjectLoader", "run_patching", "object_targets",
+    "SECTION_BASE", "SECTION_STRIDE", "FAR_IMPORT", "STACK_BASE", "STACK_SIZE",
 ]
-
-# --------------------------------------------------------------------------
-# Seeds: objects as LLVM emits them
-# --------------------------------------------------------------------------
-
-#: Reference-language programs whose functions are the seeds: calls (direct
-#: and through slots), recursion, hooks, loops with polls, division (the error
-#: service), an explicit safepoint.
-SEED_PROGRAMS = (
-    "def fib(n):\n"
-    "    if n < 2:\n"
-    "        return n\n"
-    "    return fib(n - 1) + fib(n - 2)\n"
-    "\n"
-    "def g(x):\n"
-    "    return fib(x) + hook(x)\n",
-    "def loop(n, d):\n"
-    "    total = 0\n"
-    "    i = 0\n"
-    "    while i < n:\n"
-    "        safepoint()\n"
-    "        total += i // d + i % 3\n"
-    "        i += 1\n"
-    "    return total\n",
-)
 
 #: Where the seeds' allocated sections were "placed": section ``i`` at
 #: ``SECTION_BASE + i * SECTION_STRIDE`` (absolute; bytes).
@@ -404,45 +339,6 @@ def random_object_edits(rng, max_edits: int = 4) -> list[tuple[int, int, int]]:
 
 
 # --------------------------------------------------------------------------
-# Outcomes
-# --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one case ended: ``kind`` is ``"valid"`` or the error's class name;
-    ``foreign`` when that error is not the target's own; ``detail``: the
-    traceback of a foreign error (or what check failed), else ``""``."""
-    target: str
-    kind: str
-    foreign: bool = False
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A public entry under fuzz: ``run(seed, data, choice) -> Outcome``
-    (``choice``: an integer for whatever the target picks, such as the pc a
-    walk starts at); ``allowed``: the root of the errors it may end with."""
-    name: str
-    run: Callable
-    allowed: type
-
-
-def _classify(target: str, allowed: type, error: BaseException | None) -> Outcome:
-    if error is None:
-        return Outcome(target, "valid")
-    if isinstance(error, allowed):
-        return Outcome(target, type(error).__name__)
-    return Outcome(target, type(error).__name__, True,
-                   "".join(traceback.format_exception(error)))
-
-
-def _broken(target: str, what: str) -> Outcome:
-    """A case that ended without an exception but with a wrong result (a bug)."""
-    return Outcome(target, "broken", True, what)
-
-
-# --------------------------------------------------------------------------
 # Object targets
 # --------------------------------------------------------------------------
 
@@ -474,18 +370,18 @@ def run_unwinder(seed: SeedObject, data: bytes, choice: int = 0) -> Outcome:
     try:
         handle = space.add_code_object(data, seed.load_addresses, name=seed.name)
     except Exception as e:                          # noqa: BLE001 - classified below
-        return _classify(name, UnwindError, e)
+        return classify(name, UnwindError, e)
     memory = _snapshot_stack(seed)
     start, end = seed.text
     pcs = [start + choice % max(1, end - start), start] + list(seed.return_addresses)
     for low, high in handle.ranges:
         if not low < high:
-            return _broken(name, f"empty or reversed range {(low, high)}")
+            return broken(name, f"empty or reversed range {(low, high)}")
     try:
         for pc in pcs:
             entry = space.unwind_entry(pc)
             if entry is not None and entry[2] is not handle:
-                return _broken(name, f"row for {pc:#x} from another module {entry[2]}")
+                return broken(name, f"row for {pc:#x} from another module {entry[2]}")
             handle.symbolize(pc)
             regs = {RA: pc, RSP: STACK_BASE + 64, RBP: STACK_BASE + 128}
             regs.update({r: 0x1111 * r for r in CALLEE_SAVED if r != RBP})
@@ -493,8 +389,8 @@ def run_unwinder(seed: SeedObject, data: bytes, choice: int = 0) -> Outcome:
                 frame.symbol                         # symbols of the object, lazily read
         space.remove_code_object(handle)
     except Exception as e:                          # noqa: BLE001 - classified below
-        return _classify(name, UnwindError, e)
-    return _classify(name, UnwindError, None)
+        return classify(name, UnwindError, e)
+    return classify(name, UnwindError, None)
 
 
 def run_framemaps(seed: SeedObject, data: bytes, choice: int = 0) -> Outcome:
@@ -513,13 +409,13 @@ def run_framemaps(seed: SeedObject, data: bytes, choice: int = 0) -> Outcome:
         table = frame_maps_for_object(image, seed.sites, function=seed.function, version=1)
         for fm in table:
             if not any(cs.contains(fm.return_address) for cs in image.code_sections()):
-                return _broken(name, f"{fm!r} lies outside the code")
+                return broken(name, f"{fm!r} lies outside the code")
         if code is not None and not code[0] <= code[1]:
-            return _broken(name, f"code range {code}")
+            return broken(name, f"code range {code}")
         ObjectImage.infer_load_addresses(data, seed.symbols)
     except Exception as e:                          # noqa: BLE001 - classified below
-        return _classify(name, DeoptError, e)
-    return _classify(name, DeoptError, None)
+        return classify(name, DeoptError, e)
+    return classify(name, DeoptError, None)
 
 
 class ObjectLoader:
@@ -570,17 +466,17 @@ class ObjectLoader:
             try:
                 for start, end in obj.ranges:
                     if not start < end:
-                        return _broken(self.name, f"empty code range {(start, end)}")
+                        return broken(self.name, f"empty code range {(start, end)}")
             finally:
                 m.unload_object(obj)
         except Exception as e:                      # noqa: BLE001 - classified below
             error = e
-        outcome = _classify(self.name, OsrJitError, error)
+        outcome = classify(self.name, OsrJitError, error)
         after = (len(m.regions), len(m.objects), len(m.space.modules))
         if after != before:
             self._machine = None                    # do not let one leak spoil later cases
             if not outcome.foreign:
-                return _broken(self.name, f"(regions, objects, modules) {before} -> {after} "
+                return broken(self.name, f"(regions, objects, modules) {before} -> {after} "
                                           f"after {outcome.kind}")
         return outcome
 
@@ -597,15 +493,15 @@ def run_patching(seed: SeedObject, data: bytes, choice: int = 0) -> Outcome:
         found = call_sites(data, seed.load_addresses, seed.call_symbols,
                            strict=choice % 2 == 0)
     except Exception as e:                          # noqa: BLE001 - classified below
-        return _classify(name, OsrJitError, e)
+        return classify(name, OsrJitError, e)
     from unwinder.elfobject import read_object
     for sites in found.values():
         for site in sites:
             start = seed.load_addresses[site.section]
             size = read_object(data).section(site.section).size
             if not start <= site.instruction_address < site.rel32_address + 4 <= start + size:
-                return _broken(name, f"call site outside its section: {site}")
-    return _classify(name, OsrJitError, None)
+                return broken(name, f"call site outside its section: {site}")
+    return classify(name, OsrJitError, None)
 
 
 def object_targets(loader: ObjectLoader | None = None) -> tuple[Target, ...]:
@@ -617,220 +513,3 @@ def object_targets(loader: ObjectLoader | None = None) -> tuple[Target, ...]:
             Target("framemaps", run_framemaps, DeoptError),
             Target("loader", loader or ObjectLoader(), OsrJitError),
             Target("patching", run_patching, OsrJitError))
-
-
-# --------------------------------------------------------------------------
-# Text mutations: LLVM IR and reference-language source
-# --------------------------------------------------------------------------
-
-@functools.cache
-def seed_irs() -> tuple:
-    """The FunctionIRs of :data:`SEED_PROGRAMS` (slot and direct calls)."""
-    from osrjit import lang
-    return tuple(ir for calls in ("slot", "direct") for program in SEED_PROGRAMS
-                 for ir in lang.compile_source(program, calls=calls))
-
-
-_IR_TOKEN = re.compile(r'%"[^"]*"|@"[^"]*"|[%@][\w.$-]+|-?\d+|\w+|[^\s\w]')
-_SOURCE_TOKEN = re.compile(r"\d+|\w+|//|\*\*|[=!<>]=|[^\s\w]")
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """How a text is split into tokens (``pattern``) and what may replace one
-    (``tokens``: types, opcodes, keywords, constants, punctuation and names
-    that exist elsewhere)."""
-    pattern: re.Pattern
-    tokens: tuple[str, ...]
-
-
-IR_VOCABULARY = Vocabulary(_IR_TOKEN, (
-    "i64", "i32", "i1", "ptr", "void", "token", "label", "add", "sub", "call", "ret", "br",
-    "load", "store", "alloca", "icmp", "volatile", "define", "declare", "gc", "uwtable", "0",
-    "1", "-1", "9223372036854775807", "undef", "poison", "null", "(", ")", ",", "{", "}", "[",
-    "]", "=", "*", '"deopt"', "%entry", '%"var.n"', "@foo",
-    '@"llvm.experimental.gc.statepoint.p0"', '@"llvm.experimental.gc.result.i64"',
-    '"statepoint-example"', "!prof", "!0", "elementtype(i64 (i64))", ""))
-SOURCE_VOCABULARY = Vocabulary(_SOURCE_TOKEN, (
-    "def", "return", "if", "elif", "else", "while", "break", "continue", "pass", "and", "or",
-    "not", "hook", "safepoint", "lambda", "for", "in", "global", "yield", "class", "import",
-    ":", "(", ")", ",", "=", "+=", "+", "-", "*", "//", "%", "/", "**", "<", "==", "[", "]",
-    ".", "@", "0", "1", "-1", "9223372036854775807", "9223372036854775808", "1.5", "'s'",
-    "n", "x", "fib", "osrjit_x", "None", "True", "  ", "\t", ""))
-
-
-def _delete_line(lines, where, value, vocabulary):
-    if lines:
-        del lines[where % len(lines)]
-
-
-def _duplicate_line(lines, where, value, vocabulary):
-    if lines:
-        at = where % len(lines)
-        lines.insert(value % (len(lines) + 1), lines[at])
-
-
-def _swap_lines(lines, where, value, vocabulary):
-    if len(lines) > 1:
-        a, b = where % len(lines), value % len(lines)
-        lines[a], lines[b] = lines[b], lines[a]
-
-
-def _replace_token(lines, where, value, vocabulary):
-    if not lines:
-        return
-    at = where % len(lines)
-    tokens = list(vocabulary.pattern.finditer(lines[at]))
-    if tokens:
-        tok = tokens[value % len(tokens)]
-        new = vocabulary.tokens[(value // len(tokens)) % len(vocabulary.tokens)]
-        lines[at] = lines[at][:tok.start()] + new + lines[at][tok.end():]
-
-
-def _copy_token(lines, where, value, vocabulary):
-    """Replace a token by another token of the text (a name, a type or a
-    constant that exists, so the result often still parses)."""
-    if not lines:
-        return
-    at, other = where % len(lines), value % len(lines)
-    tokens = list(vocabulary.pattern.finditer(lines[at]))
-    donors = vocabulary.pattern.findall(lines[other])
-    if tokens and donors:
-        tok = tokens[(value // len(lines)) % len(tokens)]
-        new = donors[where // len(lines) % len(donors)]
-        lines[at] = lines[at][:tok.start()] + new + lines[at][tok.end():]
-
-
-def _flip_byte(lines, where, value, vocabulary):
-    if not lines:
-        return
-    at = where % len(lines)
-    raw = bytearray(lines[at].encode())
-    if raw:
-        raw[value % len(raw)] ^= 1 << (where % 8)
-        lines[at] = raw.decode("utf-8", "replace")
-
-
-#: Text edit kinds: name -> function ``(lines, where, value, vocabulary)``
-#: changing the list of lines in place.
-TEXT_EDITS: dict[str, Callable] = {
-    "delete_line": _delete_line, "duplicate_line": _duplicate_line, "swap_lines": _swap_lines,
-    "replace_token": _replace_token, "copy_token": _copy_token, "flip_byte": _flip_byte,
-}
-_TEXT_EDIT_LIST = tuple(TEXT_EDITS.values())
-
-
-def mutate_text(text: str, edits: Sequence[tuple[int, int, int]],
-                vocabulary: Vocabulary) -> str:
-    """``text`` with ``edits`` (kinds index :data:`TEXT_EDITS`) applied in order."""
-    lines = text.split("\n")
-    for kind, where, value in edits:
-        _TEXT_EDIT_LIST[kind % len(_TEXT_EDIT_LIST)](lines, where, value, vocabulary)
-    return "\n".join(lines)
-
-
-def mutate_ir(ir, edits: Sequence[tuple[int, int, int]]):
-    """A copy of FunctionIR ``ir`` whose ``module_ir`` has ``edits`` applied."""
-    from dataclasses import replace
-    return replace(ir, module_ir=mutate_text(ir.module_ir, edits, IR_VOCABULARY))
-
-
-def random_text_edits(rng, max_edits: int = 3) -> list[tuple[int, int, int]]:
-    """1 to ``max_edits`` text edits drawn from ``rng``."""
-    return [(rng.randrange(len(TEXT_EDITS)), rng.randrange(1 << 16), rng.randrange(1 << 16))
-            for _ in range(rng.randint(1, max_edits))]
-
-
-def run_source(source: str) -> Outcome:
-    """``lang.compile_source(source)``: a CompileError or FunctionIRs."""
-    from osrjit import lang
-    from osrjit.errors import CompileError
-    try:
-        irs = lang.compile_source(source)
-    except Exception as e:                          # noqa: BLE001 - classified below
-        return _classify("compile_source", CompileError, e)
-    if not all(ir.module_ir and ir.symbol for ir in irs):
-        return _broken("compile_source", "a FunctionIR without IR or symbol")
-    return _classify("compile_source", CompileError, None)
-
-
-def run_emit(ir, tm) -> Outcome:
-    """``emit_object(ir, tm)``: a CompileError or an object."""
-    from osrjit.compiling import emit_object
-    from osrjit.errors import CompileError
-    try:
-        obj = emit_object(ir, tm, 2)
-    except Exception as e:                          # noqa: BLE001 - classified below
-        return _classify("emit_object", CompileError, e)
-    if not obj.startswith(b"\x7fELF"):
-        return _broken("emit_object", "emit_object returned no ELF object")
-    return _classify("emit_object", CompileError, None)
-
-
-class RuntimeCompiler:
-    """``Runtime.compile_ir`` (or, with ``method="replace"``,
-    ``Runtime.replace``) of one native runtime as a target. A mutated
-    FunctionIR keeps its name, so a valid compile gives the function a new
-    version; the versions it replaced are unloaded at once (nothing ever
-    runs mutated code), so memory stays bounded. :meth:`check_alive`
-    compiles and calls a function no case touches. Errors allowed:
-    :class:`osrjit.OsrJitError` (``CompileError``, or the ``FrameMapError``
-    twin when LLVM accepts IR whose sites no longer match the FunctionIR's)."""
-
-    def __init__(self, runtime, method: str = "compile_ir"):
-        if method not in ("compile_ir", "replace"):
-            raise ValueError(f"method={method!r}")
-        self.runtime = runtime
-        self.name = method
-
-    def __call__(self, ir) -> Outcome:
-        from osrjit import OsrJitError
-        rt = self.runtime
-        try:
-            if self.name == "replace":
-                rt.replace(ir.name, ir)
-            else:
-                rt.compile_ir(ir)
-            for version in rt.versions(ir.name)[:-1]:
-                rt.unload(version)
-        except Exception as e:                      # noqa: BLE001 - classified below
-            return _classify(self.name, OsrJitError, e)
-        return _classify(self.name, OsrJitError, None)
-
-    def check_alive(self, k: int = 0) -> bool:
-        """Compile a fresh function and call it: the runtime still works."""
-        name = f"alive{k}"
-        self.runtime.compile(f"def {name}(a):\n    return a * 3 + {k}\n")
-        return self.runtime.function(name)(14) == 42 + k
-
-
-# --------------------------------------------------------------------------
-# Counting
-# --------------------------------------------------------------------------
-
-@dataclass
-class Tally:
-    """Outcome counts of one target: ``outcomes`` kind -> count, ``foreign``
-    (the first few foreign outcomes kept whole), ``seconds`` spent."""
-    target: str
-    cases: int = 0
-    outcomes: dict = field(default_factory=dict)
-    foreign: list = field(default_factory=list)
-    foreign_count: int = 0
-    seconds: float = 0.0
-
-    def add(self, outcome: Outcome, seconds: float = 0.0):
-        self.cases += 1
-        self.seconds += seconds
-        self.outcomes[outcome.kind] = self.outcomes.get(outcome.kind, 0) + 1
-        if outcome.foreign:
-            self.foreign_count += 1
-            if len(self.foreign) < 5:
-                self.foreign.append(outcome)
-
-    def timed(self, run: Callable[[], Outcome]) -> Outcome:
-        """Run one case, count it and its time; returns its outcome."""
-        t0 = time.perf_counter()
-        outcome = run()
-        self.add(outcome, time.perf_counter() - t0)
-        return outcome

@@ -20,6 +20,7 @@ import llvmlite.binding as llvm
 from . import lang
 from .abi import FunctionIR
 from .errors import CompileError
+from .ir import parse_module
 
 __all__ = ["target_machine", "emit_object", "replacement_irs", "validate_batch",
            "RETURN_TYPES"]
@@ -62,7 +63,7 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
     """
     init_llvm()
     try:
-        mod = llvm.parse_assembly(ir.module_ir)
+        mod = parse_module(ir.module_ir)
     except RuntimeError as e:
         raise CompileError(f"{ir.name}: LLVM rejected the IR: {e}") from None
     try:

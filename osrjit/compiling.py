@@ -21,6 +21,7 @@ import llvmlite.binding as llvm
 from . import lang
 from .abi import FunctionIR
 from .errors import CompileError
+from .ir import parse_module
 
 __all__ = ["target_machine", "emit_object", "replacement_irs", "validate_batch",
            "RETURN_TYPES", "EMITTABLE_GCS", "gc_strategies", "check_emittable"]
@@ -95,7 +96,7 @@ def emit_object(ir: FunctionIR, tm, opt_level: int = 2) -> bytes:
     """
     init_llvm()
     try:
-        mod = llvm.parse_assembly(ir.module_ir)
+        mod = parse_module(ir.module_ir)
     except (RuntimeError, UnicodeError) as e:
         raise CompileError(f"{ir.name}: LLVM rejected the IR: {_message(e)}") from None
     try:

@@ -108,8 +108,23 @@ from osrjit.errors import CompileError
 __all__ = [
     "I32", "I64", "DOUBLE", "PTR", "VOID", "TOKEN", "SYMBOL_PREFIX",
     "Mode", "VersionedFunction", "BodyBuilder", "StatepointInstr",
-    "VolatileLoadInstr", "default_symbol",
+    "VolatileLoadInstr", "default_symbol", "parse_module",
 ]
+
+def parse_module(*texts: str):
+    """Parse LLVM IR ``texts`` into one llvmlite module (each later text
+    linked into the first) in an LLVM context of its own, which the module
+    keeps alive. LLVM keeps every type, constant and metadata node a context
+    has seen until the context goes, so modules parsed into the global
+    context would leave some of each behind for the life of the process —
+    every runtime, every compile. Raises ``RuntimeError`` with LLVM's
+    diagnostic if a text does not parse."""
+    context = llvm.create_context()
+    module = llvm.parse_assembly(texts[0], context=context)
+    for text in texts[1:]:
+        module.link_in(llvm.parse_assembly(text, context=context))
+    return module
+
 
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
@@ -698,7 +713,7 @@ class _Run:
 
 def _verify(symbol: str, text: str) -> None:
     try:
-        llvm.parse_assembly(text).verify()
+        parse_module(text).verify()
     except RuntimeError as e:
         hint = ""
         if "dominate" in str(e):

@@ -42,6 +42,7 @@ from deopt.transfer import ResumeTarget, TransferError, return_through_stub
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
 from ..errors import OsrJitError
+from ..ir import parse_module
 
 _SAVED = ((RBX, "rbx"), (RBP, "rbp"), (R12, "r12"), (R13, "r13"), (R14, "r14"), (R15, "r15"))
 
@@ -86,7 +87,7 @@ class NativeDeopt:
         linker.keep(self._callback, self._cell, self._dummy_status)
 
         tm = linker.tm
-        obj = tm.emit_object(llvm.parse_assembly(stub_module_ir(tm.triple)))
+        obj = tm.emit_object(parse_module(stub_module_ir(tm.triple)))
         self.library = linker.link(
             obj, "osrjit.deopt-stub", exports=(STUB_SYMBOL, RETURN_SYMBOL),
             imports={TRANSFER_CELL_SYMBOL: ctypes.addressof(self._cell)},
@@ -273,7 +274,7 @@ class NativeTransferPath:
         # the value array is memory), code generation optimises at the
         # target machine's level, and llvmlite's pipeline leaks native memory
         # on every run (see osrjit.native.compiler).
-        mod = llvm.parse_assembly(text)
+        mod = parse_module(text)
         mod.verify()
         tm = self._native.tm
         mod.triple = tm.triple

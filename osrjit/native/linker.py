@@ -30,6 +30,7 @@ from deopt.framemaps import ObjectImage
 
 from ..compiling import target_machine
 from ..errors import CompileError
+from ..ir import parse_module
 
 __all__ = ["JitLibrary", "Linker"]
 
@@ -123,7 +124,7 @@ class Linker:
         """Parse and verify hand-written or generated IR text (no pass pipeline)
         and emit it as an object with ``tm`` (default: the runtime's)."""
         tm = tm or self.tm
-        mod = llvm.parse_assembly(module_text)
+        mod = parse_module(module_text)
         mod.verify()
         mod.triple = tm.triple
         mod.data_layout = str(tm.target_data)

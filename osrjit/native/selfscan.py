@@ -61,13 +61,12 @@ into deopt's functions are direct) and that into one JIT library.
 import ctypes
 import time
 
-import llvmlite.binding as llvm
-
 from deopt import native_hijack
 from deopt.native_hijack import APPLY_SYMBOL, APPLY_WRITE, LIFO_SYMBOL, SCAN_SYMBOL, ScanArgs
 from deopt.native_transfer import ThreadBlock
 from unwinder import nativesrc
 
+from ..ir import parse_module
 from . import threads
 
 __all__ = ["Handshake", "HS_IDLE", "HS_REQUESTED", "HS_SCANNING", "HS_SCANNED", "HS_APPLY",
@@ -172,8 +171,7 @@ def link_hijacker(linker):
     runtime's :class:`osrjit.native.linker.Linker`, which owns it) and
     return the :class:`SelfScanHijacker` of its functions."""
     tm = linker.tm
-    mod = llvm.parse_assembly(native_hijack.hijack_module_ir(tm.triple))
-    mod.link_in(llvm.parse_assembly(selfscan_module_ir(tm.triple)))
+    mod = parse_module(native_hijack.hijack_module_ir(tm.triple), selfscan_module_ir(tm.triple))
     mod.verify()
     obj = tm.emit_object(mod)
     clock = ctypes.cast(threads._libc.clock_gettime, ctypes.c_void_p).value

@@ -60,7 +60,6 @@ import threading
 import time
 from enum import IntEnum
 
-import llvmlite.binding as llvm
 from llvmlite import ir
 
 from deopt.stub import STATUS_RESUMED
@@ -70,7 +69,7 @@ from unwinder.x86_64 import (CALLEE_SAVED, R8, R9, R10, R11, R12, R13, R14, R15,
 
 from ..abi import ERROR_SYMBOL, HOOK_SYMBOL
 from ..errors import OsrJitError, ResourceExhausted, RuntimeClosed, SafepointTimeout
-from ..ir import DOUBLE, I32, I64, PTR, VOID
+from ..ir import DOUBLE, I32, I64, PTR, VOID, parse_module
 
 
 class ThreadStatus(IntEnum):
@@ -387,9 +386,9 @@ class SupportLibrary:
         self._service_cells = {name: ctypes.c_void_p(0) for name in self.SERVICES}
         linker.keep(self._key_cell, *self._service_cells.values())
         tm = linker.tm
-        mod = llvm.parse_assembly(f'target triple = "{tm.triple}"\n'
-                                  + nativesrc.module_asm(save_anchor_asm()) + support_ir())
-        mod.link_in(llvm.parse_assembly(service_wrappers_ir(tm.triple)))
+        mod = parse_module(f'target triple = "{tm.triple}"\n'
+                           + nativesrc.module_asm(save_anchor_asm()) + support_ir(),
+                           service_wrappers_ir(tm.triple))
         mod.verify()
         mod.data_layout = str(tm.target_data)
         obj = tm.emit_object(mod)

@@ -250,7 +250,7 @@ class Runtime:
             irs = validate_batch(function_irs, self._functions.signatures())
             new_cells = {ir.name: self._backend.new_cell(ir.name)
                          for ir in irs if ir.name not in self._functions}
-            linked = self._link(irs, new_cells)
+            linked = self._backend.link(irs, new_cells)
             for ir in irs:
                 if ir.name not in self._functions:
                     self._functions.add(ir.name, ir.params, ir.return_type, new_cells[ir.name])
@@ -258,9 +258,6 @@ class Runtime:
                 self._functions.publish(v)
             self._backend.publish(linked)
             return [ir.name for ir in irs]
-
-    def _link(self, irs, cells) -> list[Version]:
-        return self._backend.link(irs, cells)
 
     # -- queries ---------------------------------------------------------------
 
@@ -344,7 +341,7 @@ class Runtime:
             irs = replacement_irs(names, source, polls=polls, calls=self.calls,
                                   known=self._functions.arities())
             irs = validate_batch(irs, self._functions.signatures())
-            linked = self._link(irs, {})
+            linked = self._backend.link(irs, {})
             new = {v.name: v for v in linked}
             try:
                 incompatible = self._incompatible_versions(names, new)

@@ -239,7 +239,7 @@ class JitDump(_PerPid):
 
     Each function loaded gets a ``JIT_CODE_LOAD`` record (name, absolute
     address, a copy of its code bytes, a code index unique in the file). The
-    first page is mapped ``PROT_READ|PROT_EXEC`` for the life of the process:
+    header is mapped ``PROT_READ|PROT_EXEC`` for the life of the process:
     that ``mmap`` is the marker ``perf inject`` looks for.
     """
 
@@ -254,7 +254,7 @@ class JitDump(_PerPid):
         self._file.write(_JITDUMP_HEADER.pack(_JITDUMP_MAGIC, _JITDUMP_VERSION,
                                               _JITDUMP_HEADER.size, _EM_X86_64, 0, pid,
                                               _monotonic_ns(), 0))
-        self._marker = mmap.mmap(fd, mmap.PAGESIZE, mmap.MAP_PRIVATE,
+        self._marker = mmap.mmap(fd, _JITDUMP_HEADER.size, mmap.MAP_PRIVATE,
                                  mmap.PROT_READ | mmap.PROT_EXEC)
 
     def write(self, symbols) -> None:
@@ -385,6 +385,17 @@ class GdbJitInterface:
         while entry and ctypes.cast(entry, ctypes.c_void_p).value != head:
             out.append(ctypes.cast(entry, ctypes.c_void_p).value)
             entry = entry.contents.next_entry
+        return out
+
+    def registered_objects(self) -> list[bytes]:
+        """Copies of every object in the list gdb reads, newest first."""
+        out = []
+        with JIT_DEBUG_LOCK:
+            entry = self.descriptor.first_entry
+            while entry:
+                e = entry.contents
+                out.append(ctypes.string_at(e.symfile_addr, e.symfile_size))
+                entry = e.next_entry
         return out
 
     @staticmethod

@@ -194,7 +194,7 @@ def validate_batch(irs: Iterable[FunctionIR], signatures: Mapping[str, tuple]) -
 
 
 def replacement_irs(names, source, *, polls: bool, calls: str,
-                    known: Mapping[str, int], filename: str = "<string>") -> list[FunctionIR]:
+                    known: Mapping[str, int], filename: str | None = None) -> list[FunctionIR]:
     """The FunctionIRs a ``replace(names, source)`` call links, for every backend.
 
     ``source``: reference-language text (compiled with ``known``: name ->

@@ -222,11 +222,12 @@ class Runtime:
     # -- compiling -------------------------------------------------------------
 
     def compile(self, source: str, *, polls: bool = True,
-                filename: str = "<string>") -> list[str]:
+                filename: str | None = None) -> list[str]:
         """Compile reference-language ``source``; returns the names it defines.
 
-        ``filename``: the name debuggers show for it (``bt`` prints
-        ``filename:line`` for its frames; see *perf and gdb* in the README).
+        ``filename``: with it, the code carries DWARF line tables naming it
+        (gdb's ``bt`` prints ``filename:line`` for its frames; see *perf and
+        gdb* in the README).
 
         Functions already compiled may be called from ``source``; a name
         defined again gets a new version, which becomes current.
@@ -301,7 +302,7 @@ class Runtime:
 
     @_osrjit_errors
     def replace(self, names, source, *, polls: bool = True,
-                timeout: float | None = None, filename: str = "<string>") -> list[Version]:
+                timeout: float | None = None, filename: str | None = None) -> list[Version]:
         """Replace the functions ``names`` with new versions, frames and all.
 
         ``names``: a function name or a list of them. ``source``:

@@ -91,6 +91,74 @@ def test_code_symbols_are_the_functions_at_their_load_addresses():
     assert by_name[fir.resume_symbol].start >= entry.start + entry.size
 
 
+PROGRAM = """\
+def collatz(n):
+    steps = 0
+    while n != 1 and steps < 1000:
+        if n % 2 == 0:
+            n = n // 2
+        else:
+            n = 3 * n + 1
+        steps += 1
+        safepoint()
+    return steps
+
+def total(k):
+    s = 0
+    i = 1
+    while i <= k:
+        s += collatz(i) if i % 3 else -collatz(i) // 2
+        i += 1
+    return s + hook(s)
+"""
+
+
+def _run_program(filename):
+    with osrjit.Runtime() as rt:
+        rt.compile(PROGRAM, filename=filename)
+        rt.on_hook(lambda x: 1)
+        before = rt.function("total")(60)
+
+        def replace_inside(x):      # frames of collatz and total are live here
+            rt.replace("collatz", PROGRAM.split("\ndef total")[0].replace("steps += 1",
+                                                                          "steps += 2"),
+                       filename=filename)
+            rt.on_hook(lambda x: 1)
+            return 1
+        rt.on_hook(replace_inside)
+        during = rt.function("total")(60)
+        after = rt.function("total")(60)
+        return before, during, after, rt.stats()["pending_returns"]
+
+
+def test_line_tables_leave_the_code_and_its_replacement_alone():
+    plain = _run_program(None)
+    assert _run_program("program.py") == plain
+    assert plain[0] != plain[2]
+
+
+def test_ir_authors_source_info_reaches_gdb_with_versioned_subprograms():
+    from osrjit.ir import I64, SourceInfo, VersionedFunction
+
+    def body(fb):
+        fb.poll(1, live=["n"])
+        fb.set_line(3)
+        fb.builder.ret(fb.builder.add(fb.load("n"), I64(1)))
+
+    fir = VersionedFunction("inc", ["n"], source=SourceInfo("inc.ll", 2)).build(body)
+    with osrjit.Runtime() as rt:
+        rt.compile_ir(fir)
+        assert rt.function("inc")(41) == 42
+        if not GdbJitInterface.current().available:
+            pytest.skip(GdbJitInterface.current().reason)
+        [obj] = [o for o in GdbJitInterface.current().registered_objects()
+                 if b"inc@v1" in o]
+        dwarf = ELFFile(io.BytesIO(obj)).get_dwarf_info()
+        names = {die.attributes["DW_AT_name"].value for cu in dwarf.iter_CUs()
+                 for die in cu.iter_DIEs() if die.tag == "DW_TAG_subprogram"}
+        assert names == {b"inc@v1", b"inc@v1.resume"}
+
+
 # -- gdb registration, from inside --------------------------------------------------
 
 

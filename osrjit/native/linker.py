@@ -230,7 +230,8 @@ class Linker:
             except Exception as e:  # noqa: BLE001 - keep releasing, report the first
                 error = error or e
         try:
-            self.lljit._dispose()
+            with JIT_DEBUG_LOCK:
+                self.lljit._dispose()
         finally:
             self.lljit.detach()
             self.tm.close()

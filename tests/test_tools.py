@@ -4,6 +4,7 @@ The perf and gdb runs watch ``tests/tools_scenarios.py`` from outside, in a
 subprocess with a timeout; they skip, saying why, where the tool is missing
 or cannot record here.
 """
+import io
 import json
 import os
 import re
@@ -14,12 +15,11 @@ import sys
 
 import pytest
 from elftools.elf.elffile import ELFFile
-import io
 
 import osrjit
 from osrjit import lang
 from osrjit.compiling import emit_object, target_machine
-from osrjit.native.tooling import GdbJitInterface, code_symbols, debug_object
+from osrjit.native.tooling import GdbJitInterface, code_symbols, debug_object, line_rows
 from unwinder.elfobject import read_object
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -80,6 +80,15 @@ def test_debug_object_places_sections_and_names_symbols_and_subprograms_by_versi
     assert {e.state.line for e in lines.get_entries() if e.state} >= {2, 4}   # the calls
     # The object the loader runs is untouched.
     assert read_object(obj).section(".text").addr == 0
+
+
+def test_line_rows_are_the_line_table_at_the_load_address():
+    obj, fir = _fib_object()
+    rows = line_rows(obj, {".text": 0x1000})
+    assert {r.filename for r in rows} == {"/src/fib.py"}
+    assert {r.line for r in rows} >= {1, 2, 4}
+    [entry] = [s for s in code_symbols(obj, {".text": 0x1000}, {}) if s.name == fir.symbol]
+    assert all(0x1000 <= r.address for r in rows) and any(r.address == entry.start for r in rows)
 
 
 def test_code_symbols_are_the_functions_at_their_load_addresses():
@@ -245,8 +254,8 @@ def _check_before_and_after(samples):
     assert max(v1) < min(v2)        # v1 before the replace, v2 after
 
 
-def _report_symbols(data, tmp_path):
-    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "sym"],
+def _report_symbols(data, tmp_path, sort="sym"):
+    report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", sort],
                             capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     return report.stdout
@@ -282,6 +291,9 @@ def test_perf_inject_jit_attributes_samples_to_both_versions_with_a_jitdump(tmp_
     report = _report_symbols(injected, tmp_path)
     assert re.search(r"\[\.\] fib@v1\b", report) and re.search(r"\[\.\] fib@v2\b", report)
     _check_before_and_after(_samples(injected, tmp_path))
+    # The line tables went along (JIT_CODE_DEBUG_INFO): samples have source lines.
+    lines = _report_symbols(injected, tmp_path, "sym,srcline")
+    assert re.search(r"\[\.\] fib@v[12]\s+fib\.py:[1-9]", lines), lines[-3000:]
 
 
 # -- a real gdb session ------------------------------------------------------------------

@@ -38,18 +38,21 @@ entry, we insert and remove our own.
 from __future__ import annotations
 
 import ctypes
+import io
 import mmap
 import os
 import struct
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from unwinder.elf import open_elf
 from unwinder.elfobject import read_object
 
 __all__ = ["PERF_MODES", "JIT_DEBUG_LOCK", "Tools", "PerfMap", "JitDump", "GdbJitInterface",
-           "debug_object", "code_symbols", "CodeSymbol"]
+           "debug_object", "code_symbols", "CodeSymbol", "line_rows", "LineRow"]
 
 #: ``Runtime(perf=...)`` / ``OSRJIT_PERF`` choices (None: off).
 PERF_MODES = ("map", "jitdump")
@@ -98,6 +101,43 @@ def code_symbols(obj: bytes, load_addresses: Mapping[str, int],
                 size = max(end - sym.value, 0)
             out.append(CodeSymbol(base + sym.value, size, labels.get(sym.name, sym.name)))
     return tuple(sorted(out, key=lambda c: c.start))
+
+
+@dataclass(frozen=True)
+class LineRow:
+    """One row of a DWARF line table: from absolute ``address`` on, the code
+    is source ``filename`` line ``line``."""
+    address: int
+    line: int
+    filename: str
+
+
+def line_rows(obj: bytes, load_addresses: Mapping[str, int]) -> tuple[LineRow, ...]:
+    """The line table of ``obj`` (its ``.debug_line``, relocated) at the load
+    address of its ``.text``; () if it has none."""
+    text = load_addresses.get(".text")
+    if text is None:
+        return ()
+    elf = open_elf(io.BytesIO(obj))
+    if not elf.has_dwarf_info() or elf.get_section_by_name(".debug_line") is None:
+        return ()
+    dwarf = elf.get_dwarf_info()
+    rows = []
+    for cu in dwarf.iter_CUs():
+        program = dwarf.line_program_for_CU(cu)
+        if program is None:
+            continue
+        files, dirs = program["file_entry"], program["include_directory"]
+        for entry in program.get_entries():
+            state = entry.state
+            if state is None or state.end_sequence or not 0 < state.file <= len(files):
+                continue
+            file = files[state.file - 1]
+            name = file.name.decode(errors="replace")
+            if file.dir_index:
+                name = os.path.join(dirs[file.dir_index - 1].decode(errors="replace"), name)
+            rows.append(LineRow(text + state.address, state.line, name))
+    return tuple(rows)
 
 
 def debug_object(obj: bytes, load_addresses: Mapping[str, int],
@@ -222,10 +262,13 @@ _JITDUMP_MAGIC = 0x4A695444            # "JiTD" as a host-endian u32
 _JITDUMP_VERSION = 1
 _EM_X86_64 = 62
 _JIT_CODE_LOAD = 0
+_JIT_CODE_DEBUG_INFO = 2
 _JITDUMP_HEADER = struct.Struct("<IIIIIIQQ")   # magic, version, total_size, elf_mach,
 #                                                pad1, pid, timestamp, flags
 _RECORD_HEADER = struct.Struct("<IIQ")         # id, total_size, timestamp
 _CODE_LOAD = struct.Struct("<IIQQQQ")          # pid, tid, vma, code_addr, code_size, code_index
+_DEBUG_INFO = struct.Struct("<QQ")             # code_addr, nr_entry
+_DEBUG_ENTRY = struct.Struct("<QII")           # code_addr, line, discrim; then the file name
 
 
 def _monotonic_ns() -> int:
@@ -238,7 +281,9 @@ class JitDump(_PerPid):
     directory), for ``perf record -k mono`` + ``perf inject --jit``.
 
     Each function loaded gets a ``JIT_CODE_LOAD`` record (name, absolute
-    address, a copy of its code bytes, a code index unique in the file). The
+    address, a copy of its code bytes, a code index unique in the file),
+    preceded by a ``JIT_CODE_DEBUG_INFO`` record of its line table rows if
+    it has any (``perf inject`` turns them into ``.debug_line``). The
     header is mapped ``PROT_READ|PROT_EXEC`` for the life of the process:
     that ``mmap`` is the marker ``perf inject`` looks for.
     """
@@ -257,12 +302,20 @@ class JitDump(_PerPid):
         self._marker = mmap.mmap(fd, _JITDUMP_HEADER.size, mmap.MAP_PRIVATE,
                                  mmap.PROT_READ | mmap.PROT_EXEC)
 
-    def write(self, symbols) -> None:
+    def write(self, symbols, rows=()) -> None:
         tid = threading.get_native_id()
         with self._lock:
             for s in symbols:
                 if not s.size:
                     continue
+                mine = [r for r in rows if s.start <= r.address < s.start + s.size]
+                if mine:
+                    entries = b"".join(_DEBUG_ENTRY.pack(r.address, r.line, 0)
+                                       + r.filename.encode() + b"\0" for r in mine)
+                    size = _RECORD_HEADER.size + _DEBUG_INFO.size + len(entries)
+                    self._file.write(_RECORD_HEADER.pack(_JIT_CODE_DEBUG_INFO, size,
+                                                         _monotonic_ns())
+                                     + _DEBUG_INFO.pack(s.start, len(mine)) + entries)
                 name = s.name.encode() + b"\0"
                 code = ctypes.string_at(s.start, s.size)
                 size = _RECORD_HEADER.size + _CODE_LOAD.size + len(name) + len(code)
@@ -502,13 +555,27 @@ class Tools:
 
     def loaded(self, obj: bytes, load_addresses: Mapping[str, int],
                labels: Mapping[str, str], llvm_entries: list[int]) -> GdbRegistration | None:
-        """A library was linked: write its perf lines, register it with gdb."""
-        if self.perf is not None:
-            symbols = code_symbols(obj, load_addresses, labels)
-            (PerfMap if self.perf == "map" else JitDump).current().write(symbols)
+        """A library was linked: write its perf lines, register it with gdb.
+
+        Tools only watch: if writing or registering fails (a full disk, an
+        object gdb could not be shown), the runtime goes on and a
+        :class:`RuntimeWarning` says what was not recorded."""
+        try:
+            if self.perf is not None:
+                symbols = code_symbols(obj, load_addresses, labels)
+                if self.perf == "map":
+                    PerfMap.current().write(symbols)
+                else:
+                    JitDump.current().write(symbols, line_rows(obj, load_addresses))
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            warnings.warn(f"osrjit: perf={self.perf!r}: {e}", RuntimeWarning, stacklevel=2)
         if self.gdb is None:
             return None
-        llvm_entry = llvm_entries[0] if len(llvm_entries) == 1 else None
-        addresses = self.gdb.section_addresses(llvm_entry, obj) if llvm_entry else {}
-        return self.gdb.register(debug_object(obj, load_addresses, labels,
-                                              section_addresses=addresses), llvm_entry)
+        try:
+            llvm_entry = llvm_entries[0] if len(llvm_entries) == 1 else None
+            addresses = self.gdb.section_addresses(llvm_entry, obj) if llvm_entry else {}
+            symfile = debug_object(obj, load_addresses, labels, section_addresses=addresses)
+        except Exception as e:  # noqa: BLE001 - see the docstring
+            warnings.warn(f"osrjit: not registered with gdb: {e}", RuntimeWarning, stacklevel=2)
+            return None
+        return self.gdb.register(symfile, llvm_entry)

@@ -185,7 +185,8 @@ class Linker:
                 llvm_entries = gdb.entries_since(head) if gdb is not None else []
         except RuntimeError as e:
             if jit is not None:
-                jit._dispose()
+                with JIT_DEBUG_LOCK:
+                    jit._dispose()
                 jit.detach()
             raise CompileError(f"{name}: linking failed: {e}") from None
         tracker._owned = True

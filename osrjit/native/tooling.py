@@ -21,10 +21,11 @@ by the :class:`~.linker.Linker` as it links and releases a JIT library:
   ``.debug_*`` sections of such an object itself, so DWARF line tables of the
   code (``!dbg``) give ``file:line``.
 
-Which descriptor: the process has exactly one, the one LLVM's ORC runtime
-defines inside llvmlite's ``libllvmlite.so`` (a local symbol, found through
-its ``.symtab``), and LLJIT's own listener already registers every object
-there under its original names. Rather than add a second entry for the same
+Which descriptor: gdb reads the descriptor of each loaded file that defines
+``__jit_debug_register_code``; here that is only llvmlite's
+``libllvmlite.so`` (LLVM's definition, a local symbol found through its
+``.symtab``; the Python binary and libpython define none), and LLJIT's own
+listener already registers every object there under its original names. Rather than add a second entry for the same
 code (gdb would then find two ``osrjit.fn.fib`` objects at one address), the
 entry LLVM made for a library is *adopted*: under :data:`JIT_DEBUG_LOCK` it
 is withdrawn from gdb, pointed at our object and announced again. LLVM still
@@ -45,7 +46,7 @@ import struct
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from unwinder.elf import open_elf
@@ -142,15 +143,15 @@ def line_rows(obj: bytes, load_addresses: Mapping[str, int]) -> tuple[LineRow, .
 
 def debug_object(obj: bytes, load_addresses: Mapping[str, int],
                  labels: Mapping[str, str], *,
-                 section_addresses: Mapping[int, int] | None = None) -> bytes:
+                 section_addresses: Sequence[tuple[str, int]] = ()) -> bytes:
     """``obj`` (a relocatable ELF object) as gdb should see it once loaded.
 
     Each section named in ``load_addresses`` gets ``sh_addr`` = its absolute
     load address (gdb places an ``ET_REL`` object's sections there and
     applies the ``.debug_*`` and ``.eh_frame`` relocations itself);
-    ``section_addresses`` (section index -> absolute address, e.g. read from
-    the object LLVM registered, which knows where every section went)
-    supplies the others. Each symbol named in
+    ``section_addresses`` (``(name, sh_addr)`` by section index, read from
+    the object LLVM registered, which knows where every section went; used
+    only if the section names agree with ``obj``'s) supplies the others. Each symbol named in
     ``labels`` (symbol -> new name) is renamed: the names go into a copy of
     ``.strtab`` appended to the object. DWARF strings equal to a renamed
     symbol get the new name too (a copy of ``.debug_str`` is appended and the
@@ -159,10 +160,12 @@ def debug_object(obj: bytes, load_addresses: Mapping[str, int],
     """
     image = read_object(obj)
     out = bytearray(obj)
+    if [name for name, _ in section_addresses] != [s.name for s in image.sections]:
+        section_addresses = ()
     for section in image.sections:
         address = load_addresses.get(section.name)
         if address is None and section_addresses:
-            address = section_addresses.get(section.index)
+            address = section_addresses[section.index][1] or None
         if address is not None:
             struct.pack_into("<Q", out, section.header_offset + _SHDR_ADDR, address)
     if not labels:
@@ -198,6 +201,20 @@ def debug_object(obj: bytes, load_addresses: Mapping[str, int],
                                          moved[rel.addend])
             append_section(debug_str, bytes(strings))
     return bytes(out)
+
+
+def _section_table(data: bytes) -> list[tuple[str, int]]:
+    """``(name, sh_addr)`` of every section of the ELF64 file ``data``, by index
+    (headers only: much cheaper than :func:`read_object`)."""
+    if data[:4] != b"\x7fELF":
+        raise ValueError("not an ELF file")
+    shoff, = struct.unpack_from("<Q", data, 40)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 58)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    _, _, _, _, names_offset, names_size = headers[shstrndx]
+    names = data[names_offset:names_offset + names_size]
+    return [(names[h[0]:names.index(b"\0", h[0])].decode(errors="replace"), h[3])
+            for h in headers]
 
 
 def _symtab_link(image) -> int:
@@ -452,20 +469,15 @@ class GdbJitInterface:
         return out
 
     @staticmethod
-    def section_addresses(entry: int, obj: bytes) -> dict[int, int]:
-        """Section index -> ``sh_addr`` of the object registered at ``entry``
-        (LLVM's copy of ``obj`` with its load addresses), for the sections
-        whose names agree with ``obj``'s; {} if it is not such a copy."""
+    def section_addresses(entry: int) -> list[tuple[str, int]]:
+        """``(name, sh_addr)`` of every section of the object registered at
+        ``entry`` (LLVM's copy of an object, with its load addresses); [] if it
+        is not an ELF object we can read."""
         e = _JitCodeEntry.from_address(entry)
         try:
-            theirs = read_object(ctypes.string_at(e.symfile_addr, e.symfile_size))
-            ours = read_object(obj)
-        except Exception:  # noqa: BLE001 - not an object we understand: no addresses
-            return {}
-        if len(theirs.sections) != len(ours.sections):
-            return {}
-        return {a.index: a.addr for a, b in zip(theirs.sections, ours.sections)
-                if a.name == b.name and a.addr}
+            return _section_table(ctypes.string_at(e.symfile_addr, e.symfile_size))
+        except (struct.error, ValueError):
+            return []
 
     def _announce(self, action: int, entry) -> None:
         self.descriptor.action_flag = action
@@ -573,7 +585,7 @@ class Tools:
             return None
         try:
             llvm_entry = llvm_entries[0] if len(llvm_entries) == 1 else None
-            addresses = self.gdb.section_addresses(llvm_entry, obj) if llvm_entry else {}
+            addresses = self.gdb.section_addresses(llvm_entry) if llvm_entry else ()
             symfile = debug_object(obj, load_addresses, labels, section_addresses=addresses)
         except Exception as e:  # noqa: BLE001 - see the docstring
             warnings.warn(f"osrjit: not registered with gdb: {e}", RuntimeWarning, stacklevel=2)

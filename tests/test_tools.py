@@ -195,8 +195,26 @@ def test_every_version_is_registered_with_gdb_by_version_and_withdrawn_when_free
     assert "fib@v2" not in _registered_names()
 
 
-def test_gdb_registration_can_be_turned_off():
-    with osrjit.Runtime(gdb=False) as rt:
+def test_an_object_llvm_did_not_register_gets_an_entry_of_its_own_until_withdrawn():
+    gdb = GdbJitInterface.current()
+    if not gdb.available:
+        pytest.skip(gdb.reason)
+    obj, fir = _fib_object()
+    symfile = debug_object(obj, {".text": 0x1000}, {fir.symbol: "lonely@v1"})
+    before = len(gdb.registered_objects())
+    registration = gdb.register(symfile, None)
+    objects = gdb.registered_objects()
+    assert len(objects) == before + 1 and objects[0] == symfile    # at the head
+    registration.release()
+    assert len(gdb.registered_objects()) == before
+    assert "lonely@v1" not in _registered_names()
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_gdb_registration_can_be_turned_off(how, monkeypatch):
+    if how == "environment":
+        monkeypatch.setenv("OSRJIT_GDB", "0")
+    with osrjit.Runtime(**({"gdb": False} if how == "argument" else {})) as rt:
         rt.compile(FIB)
         assert "fib@v1" not in _registered_names()
 

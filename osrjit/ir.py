@@ -108,8 +108,22 @@ from osrjit.errors import CompileError
 __all__ = [
     "I32", "I64", "DOUBLE", "PTR", "VOID", "TOKEN", "SYMBOL_PREFIX",
     "Mode", "VersionedFunction", "BodyBuilder", "StatepointInstr",
-    "VolatileLoadInstr", "default_symbol", "parse_module",
+    "VolatileLoadInstr", "default_symbol", "parse_module", "SourceInfo",
 ]
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """Where a function's source is, for DWARF line tables (``!dbg``).
+
+    ``filename``: as tools show it (``bt`` prints ``filename:line``);
+    ``line``: 1-based line of its definition. With it,
+    :class:`VersionedFunction` gives both entries a ``DISubprogram`` named
+    after its symbol and :meth:`BodyBuilder.set_line` sets the line of the
+    instructions that follow.
+    """
+    filename: str
+    line: int
 
 def parse_module(*texts: str):
     """Parse LLVM IR ``texts`` into one llvmlite module (each later text
@@ -319,6 +333,11 @@ class BodyBuilder:
         self._entry = ir.IRBuilder(function.append_basic_block("entry"))
         #: The author's IRBuilder, positioned at the start of the body.
         self.builder = ir.IRBuilder(function.append_basic_block("body"))
+        self._subprogram = function.metadata.get("dbg")
+        if self._subprogram is not None:
+            line = owner.source.line
+            self._entry.debug_metadata = self._location(line, 0)
+            self.builder.debug_metadata = self._location(line, 0)
         self._variables: dict[str, _Variable] = {}
         self._sites: dict[int, _Site] = {}
         #: Other functions called (names), through slots or directly.
@@ -352,6 +371,19 @@ class BodyBuilder:
     def variable(self, name: str) -> ir.AllocaInstr:
         """The alloca of variable ``name``."""
         return self._lookup(name).slot
+
+    # -- source lines ---------------------------------------------------------
+
+    def _location(self, line: int, col: int):
+        return self.module.add_debug_info("DILocation", {"line": line, "column": col,
+                                                         "scope": self._subprogram})
+
+    def set_line(self, line: int | None, col: int | None = None) -> None:
+        """Instructions emitted from now on belong to source ``line`` (1-based;
+        ``col`` 0-based). Does nothing for a function built without
+        :class:`SourceInfo` or for ``line`` None."""
+        if self._subprogram is not None and line:
+            self.builder.debug_metadata = self._location(line, (col or 0) + 1)
 
     def load(self, name: str) -> ir.Value:
         """Emit a load of variable ``name``."""
@@ -631,11 +663,13 @@ class VersionedFunction:
     first variables. ``symbol`` defaults to ``osrjit.fn.<name>``. ``calls``
     (``"slot"`` or ``"direct"``, see :mod:`osrjit.abi`) is how
     :meth:`BodyBuilder.call_function` reaches other functions by default.
+    ``source`` (a :class:`SourceInfo`) adds DWARF line tables.
     """
 
     def __init__(self, name: str, params: Sequence[str | tuple[str, ir.Type]], *,
                  return_type: ir.Type = I64, symbol: str | None = None,
-                 calls: str = CALLS_SLOT):
+                 calls: str = CALLS_SLOT, source: SourceInfo | None = None):
+        self.source = source
         if calls not in CALL_MODES:
             raise CompileError(f"{name}: calls={calls!r}, expected one of {CALL_MODES}")
         self.calls = calls
@@ -664,6 +698,8 @@ class VersionedFunction:
                                self.symbol)
         resume_fn = _GCFunction(module, ir.FunctionType(self.return_type, [I64, PTR]),
                                 self.resume_symbol)
+        if self.source is not None:
+            self._add_debug_info(module, (entry_fn, resume_fn))
 
         normal = self._run(body, BodyBuilder(self, module, entry_fn, entry_fn, Mode.NORMAL))
         resume = self._run(body, BodyBuilder(self, module, resume_fn, entry_fn, Mode.RESUME))
@@ -679,6 +715,32 @@ class VersionedFunction:
                           callees=frozenset(normal.fb.callees),
                           return_type=str(self.return_type),
                           direct_callees=frozenset(normal.fb.direct_callees))
+
+    def _add_debug_info(self, module: ir.Module, functions) -> None:
+        """A compile unit for :attr:`source` and one ``DISubprogram`` per
+        entry, named after its symbol (DWARF 4: the names are ``.debug_str``
+        entries tools can rename, see :mod:`osrjit.native.tooling`)."""
+        i32 = ir.IntType(32)
+        # The name as given (no directory): what bt prints is what the author passed.
+        di_file = module.add_debug_info("DIFile", {"filename": self.source.filename,
+                                                   "directory": ""})
+        unit = module.add_debug_info("DICompileUnit", {
+            "language": ir.DIToken("DW_LANG_C"), "file": di_file, "producer": "osrjit",
+            "isOptimized": True, "runtimeVersion": 0,
+            "emissionKind": ir.DIToken("FullDebug"),
+            "nameTableKind": ir.DIToken("None")}, is_distinct=True)
+        module.add_named_metadata("llvm.dbg.cu", unit)
+        for flag, value in (("Dwarf Version", 4), ("Debug Info Version", 3)):
+            module.add_named_metadata("llvm.module.flags",
+                                      module.add_metadata([i32(2), flag, i32(value)]))
+        signature = module.add_debug_info("DISubroutineType",
+                                          {"types": module.add_metadata([])})
+        for fn in functions:
+            fn.set_metadata("dbg", module.add_debug_info("DISubprogram", {
+                "name": fn.name, "scope": di_file, "file": di_file,
+                "line": self.source.line, "scopeLine": self.source.line, "type": signature,
+                "spFlags": ir.DIToken("DISPFlagDefinition | DISPFlagOptimized"),
+                "unit": unit}, is_distinct=True))
 
     def _run(self, body, fb: BodyBuilder) -> "_Run":
         args = fb.function.args

@@ -221,8 +221,13 @@ class Runtime:
 
     # -- compiling -------------------------------------------------------------
 
-    def compile(self, source: str, *, polls: bool = True) -> list[str]:
+    def compile(self, source: str, *, polls: bool = True,
+                filename: str | None = None) -> list[str]:
         """Compile reference-language ``source``; returns the names it defines.
+
+        ``filename``: with it, the code carries DWARF line tables naming it
+        (gdb's ``bt`` prints ``filename:line`` for its frames; see *perf and
+        gdb* in the README).
 
         Functions already compiled may be called from ``source``; a name
         defined again gets a new version, which becomes current.
@@ -231,7 +236,7 @@ class Runtime:
         with self._lock:
             self._check_open()
             irs = lang.compile_source(source, known=self._functions.arities(), polls=polls,
-                                      calls=self.calls)
+                                      calls=self.calls, filename=filename)
             return self.compile_ir(irs)
 
     @_osrjit_errors
@@ -297,13 +302,14 @@ class Runtime:
 
     @_osrjit_errors
     def replace(self, names, source, *, polls: bool = True,
-                timeout: float | None = None) -> list[Version]:
+                timeout: float | None = None, filename: str | None = None) -> list[Version]:
         """Replace the functions ``names`` with new versions, frames and all.
 
         ``names``: a function name or a list of them. ``source``:
         reference-language source defining exactly those functions (it may call
         any compiled function), or :class:`~osrjit.abi.FunctionIR` object(s)
-        for IR authors. Steps, in order (nothing that can run is modified
+        for IR authors; ``filename`` names the source in its line tables (as
+        in :meth:`compile`). Steps, in order (nothing that can run is modified
         before step 4):
 
         1. compile and link the new versions (not yet callable); plan
@@ -339,7 +345,7 @@ class Runtime:
             for name in names:
                 self._functions.get(name)          # UnknownFunction before compiling anything
             irs = replacement_irs(names, source, polls=polls, calls=self.calls,
-                                  known=self._functions.arities())
+                                  known=self._functions.arities(), filename=filename)
             irs = validate_batch(irs, self._functions.signatures())
             linked = self._backend.link(irs, {})
             new = {v.name: v for v in linked}

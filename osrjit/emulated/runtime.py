@@ -37,8 +37,9 @@ class EmulatedRuntime(Runtime, backend="emulated"):
     def _make_backend(self, backend, options):
         # Native-only choices: the emulated backend has one transfer (a
         # hypercall running the Python one), the reference walker and no LLJIT.
+        # Its code is not in this process's address space: nothing for perf or gdb.
         for option, only in (("transfer", "python"), ("walker", "python"),
-                             ("compiler", "inprocess")):
+                             ("compiler", "inprocess"), ("perf", None), ("gdb", None)):
             if options.pop(option, only) != only:
                 raise ValueError(f"the emulated backend supports {option}={only!r} only")
         return EmulatedBackend(self, **options)

@@ -90,15 +90,21 @@ class Cond:
     orelse: object
 
 
+#: ``line`` of a statement: the source line it comes from (None: unknown),
+#: for the DWARF line table; it takes no part in equality.
+
+
 @dataclass(frozen=True)
 class Assign:
     target: str
     value: object
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class Eval:
     value: object
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class If:
     test: object
     body: tuple
     orelse: tuple
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -126,11 +133,13 @@ class While:
     test: object
     body: tuple
     latch: Site | None      # back-edge poll
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class Return:
     value: object
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -152,3 +161,4 @@ class LoweredFunction:
     body: tuple
     sites: tuple[Site, ...]        # evaluation order
     live: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # key -> sorted names
+    line: int | None = None        # of the ``def``

@@ -44,6 +44,7 @@ class _Emitter:
             self.stmt(s)
 
     def stmt(self, s) -> None:
+        self.fb.set_line(getattr(s, "line", None))
         if isinstance(s, Assign):
             self.fb.store(s.target, self.expr(s.value))
         elif isinstance(s, Eval):
@@ -64,6 +65,7 @@ class _Emitter:
             raise TypeError(s)
 
     def site(self, s: Site) -> None:
+        self.fb.set_line(s.line, s.col)
         live = self.fn.live[s.key]
         if s.kind is SiteKind.POLL:
             self.fb.poll(s.id, live=live, line=s.line, col=s.col)
@@ -91,6 +93,7 @@ class _Emitter:
                                     self._new_block("while.latch"), self._new_block("while.exit"))
         self.b.branch(head)
         self.b.position_at_end(head)
+        self.fb.set_line(s.line)
         self.block(s.header)
         self.b.cbranch(self.truth(s.test), body, exit_)
         self.b.position_at_end(body)

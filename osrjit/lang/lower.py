@@ -10,6 +10,7 @@ temporaries. :func:`lower_function` adds the live set after each site
 from __future__ import annotations
 
 import ast
+import dataclasses
 from typing import Mapping
 
 from osrjit.abi import RESUME_SUFFIX, SiteKind
@@ -89,7 +90,7 @@ class _Lowering:
             body.append(self._site(SiteKind.POLL, "entry", None, (), self.fn))
         body += self._block(self.fn.body)
         return LoweredFunction(self.name, self.params, tuple(self.variables),
-                               tuple(body), tuple(self.sites))
+                               tuple(body), tuple(self.sites), line=self.fn.lineno)
 
     def _params(self, fn: ast.FunctionDef) -> tuple[str, ...]:
         a = fn.args
@@ -161,7 +162,7 @@ class _Lowering:
     def _block(self, stmts) -> list:
         out = []
         for stmt in stmts:
-            out += self._stmt(stmt)
+            out += [_at_line(s, stmt.lineno) for s in self._stmt(stmt)]
         return out
 
     def _stmt(self, node: ast.stmt) -> list:
@@ -392,7 +393,14 @@ def lower_function(fn: ast.FunctionDef, signatures: Mapping[str, int], *,
     """``fn`` in A-normal form with its sites' live sets (exposed for tests and tools)."""
     lowered = _Lowering(fn, signatures, polls).lower()
     return LoweredFunction(lowered.name, lowered.params, lowered.variables,
-                           lowered.body, lowered.sites, site_live_sets(lowered))
+                           lowered.body, lowered.sites, site_live_sets(lowered), lowered.line)
+
+
+def _at_line(stmt, line: int):
+    """``stmt`` from source ``line``, unless it has a line already."""
+    if getattr(stmt, "line", False) is None:
+        return dataclasses.replace(stmt, line=line)
+    return stmt
 
 
 def lower_source(source: str, *, known: Mapping[str, int] = {},

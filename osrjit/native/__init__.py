@@ -6,6 +6,7 @@
 * :mod:`.scan` — which frames to hijack on the stopped stacks (reference and native walks);
 * :mod:`.hijack` — writing the stubs and recording the pending returns;
 * :mod:`.replace` — one ``replace()`` / ``collect()`` pause, step by step.
+* :mod:`.tooling` — what perf and gdb see: perf maps, jitdump, the GDB JIT interface.
 
 The thread protocol (:mod:`osrjit.native.threads`), the transfers
 (:mod:`osrjit.native.deoptimizer`), the native scans (:mod:`osrjit.native.fastscan`) and

@@ -20,6 +20,7 @@ pause is a :class:`~.replace.NativePause`.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import itertools
@@ -43,6 +44,7 @@ from .hijack import Hijacker
 from .linker import Linker, address_of
 from .replace import NativePause
 from .scan import Scanner
+from .tooling import Tools
 
 __all__ = ["NativeBackend", "TRANSFERS", "WALKERS", "COMPILERS"]
 
@@ -102,7 +104,7 @@ class NativeBackend:
     reclaim_in_transfer = True
 
     def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = "python",
-                 walker: str = "python"):
+                 walker: str = "python", perf: str | None = None, gdb: bool | None = None):
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         if transfer not in TRANSFERS:
@@ -110,6 +112,7 @@ class NativeBackend:
         if walker not in WALKERS:
             raise ValueError(f"walker must be one of {WALKERS}, got {walker!r}")
         self.compiler, self.transfer, self.walker = compiler, transfer, walker
+        self.tools = Tools(perf, gdb)       # ValueError for a bad perf mode
         self.opt_level = runtime.opt_level
         self.calls = runtime.calls
         self.functions: FunctionTable = runtime._functions
@@ -118,6 +121,8 @@ class NativeBackend:
         self.space = unwinder.AddressSpace.current_process()
         self.closed = False
         self._ids = itertools.count(1)      # version ids, in link order
+        #: name -> versions linked so far: N in the ``<name>@v<N>`` perf and gdb show.
+        self._version_numbers: collections.Counter[str] = collections.Counter()
         self._runtime = weakref.ref(runtime)
         # What close() releases, newest first (see the class docstring).
         self._resources = contextlib.ExitStack()
@@ -131,7 +136,7 @@ class NativeBackend:
     def _take_resources(self, transfer):
         me = self._runtime
         release = self._resources.callback
-        self.linker = Linker(self.opt_level)
+        self.linker = Linker(self.opt_level, self.tools)
         release(self.linker.close)
 
         # The native transitions (entry thunks, service wrappers, the
@@ -291,8 +296,12 @@ class NativeBackend:
     def _load(self, ir: FunctionIR, cells) -> Version:
         obj = self._emit(ir)
         imports = self._imports(ir, ObjectImage(obj, {}, name=ir.name), cells)
+        self._version_numbers[ir.name] += 1
+        label = f"{ir.name}@v{self._version_numbers[ir.name]}"
         library = self.linker.link(obj, f"osrjit.{ir.name}", imports=imports,
-                                   exports=(ir.symbol, ir.resume_symbol), own_jit=True)
+                                   exports=(ir.symbol, ir.resume_symbol), own_jit=True,
+                                   labels={ir.symbol: label,
+                                           ir.resume_symbol: f"{label}.resume"})
         vid = self._next_id()
         try:
             image = ObjectImage(obj, library.load_addresses, name=f"{ir.name} v{vid}")

@@ -31,6 +31,7 @@ from deopt.framemaps import ObjectImage
 from ..compiling import target_machine
 from ..errors import CompileError
 from ..ir import parse_module
+from .tooling import JIT_DEBUG_LOCK, Tools
 
 __all__ = ["JitLibrary", "Linker"]
 
@@ -55,6 +56,8 @@ class JitLibrary:
         self.addresses = addresses
         self.load_addresses = load_addresses
         self.registration = None
+        #: Its object as gdb sees it (:class:`~.tooling.GdbRegistration`), or None.
+        self.debug_registration = None
         self.released = False
 
     def __getitem__(self, symbol: str) -> int:
@@ -74,24 +77,33 @@ class JitLibrary:
         self.released = True
         self._linker._forget(self)
         registration, tracker, jit = self.registration, self._tracker, self._jit
+        debug, self.debug_registration = self.debug_registration, None
         self.registration = self._tracker = self._jit = None
         try:
             if registration is not None:
                 space, handle = registration
                 space.remove_code_object(handle)
+            if debug is not None:
+                debug.withdraw()
         finally:
             try:
                 if tracker is not None:
                     try:
-                        tracker._dispose()
+                        with JIT_DEBUG_LOCK:        # LLVM withdraws its gdb entry here
+                            tracker._dispose()
                     finally:
                         tracker.detach()
             finally:
-                if jit is not None:
-                    try:
-                        jit._dispose()
-                    finally:
-                        jit.detach()
+                try:
+                    if jit is not None:
+                        try:
+                            with JIT_DEBUG_LOCK:
+                                jit._dispose()
+                        finally:
+                            jit.detach()
+                finally:
+                    if debug is not None:
+                        debug.release()
 
     def __repr__(self):
         state = " released" if self.released else ""
@@ -102,10 +114,13 @@ class Linker:
     """The runtime's target machine, shared LLJIT and the owner of every
     :class:`JitLibrary` (see the module docstring).
 
-    ``opt_level``: of the target machine (0-3).
+    ``opt_level``: of the target machine (0-3). ``tools``: the
+    :class:`~.tooling.Tools` every library is announced to (perf, gdb);
+    default: what the environment asks for.
     """
 
-    def __init__(self, opt_level: int = 2):
+    def __init__(self, opt_level: int = 2, tools: Tools | None = None):
+        self.tools = tools if tools is not None else Tools()
         self.tm = target_machine(opt_level)
         self.lljit = llvm.create_lljit_compiler(self.tm)
         self.lljit._owned = True          # disposed by close(), after every library
@@ -133,7 +148,7 @@ class Linker:
     def link(self, obj: bytes, name: str, *, exports: Iterable[str],
              imports: Mapping[str, int] | None = None, own_jit: bool = False,
              libraries: Iterable[JitLibrary] = (), register: str | None = None,
-             space=None) -> JitLibrary:
+             space=None, labels: Mapping[str, str] | None = None) -> JitLibrary:
         """Link ``obj`` as a new library named ``name`` (made unique).
 
         ``exports``: symbols to look up (their addresses; at least one, to
@@ -141,7 +156,9 @@ class Linker:
         ``libraries``: libraries of the shared LLJIT whose symbols it may use.
         ``own_jit``: link into an LLJIT of its own (freed with it). With
         ``register`` (a name) the object is registered with the unwinder
-        ``space``. Raises :class:`CompileError` when linking fails.
+        ``space``. ``labels``: symbol -> the name perf and gdb show for it
+        (e.g. ``fib@v2``; other symbols keep theirs). Raises
+        :class:`CompileError` when linking fails.
         """
         exports = list(exports)
         with self._lock:
@@ -160,11 +177,16 @@ class Linker:
         if own_jit:
             jit = llvm.create_lljit_compiler(self.tm)
             jit._owned = True
+        gdb = self.tools.gdb
         try:
-            tracker = builder.link(jit or self.lljit, unique)
+            with JIT_DEBUG_LOCK:    # LLVM adds its gdb entry here (see .tooling)
+                head = gdb.head() if gdb is not None else 0
+                tracker = builder.link(jit or self.lljit, unique)
+                llvm_entries = gdb.entries_since(head) if gdb is not None else []
         except RuntimeError as e:
             if jit is not None:
-                jit._dispose()
+                with JIT_DEBUG_LOCK:
+                    jit._dispose()
                 jit.detach()
             raise CompileError(f"{name}: linking failed: {e}") from None
         tracker._owned = True
@@ -177,6 +199,9 @@ class Linker:
                 library.load_addresses = ObjectImage.infer_load_addresses(obj, addresses)
             if register is not None:
                 library.register(space, obj, register)
+            if self.tools.active:
+                library.debug_registration = self.tools.loaded(
+                    obj, library.load_addresses, labels or {}, llvm_entries)
         except BaseException:
             library.release()
             raise
@@ -206,7 +231,8 @@ class Linker:
             except Exception as e:  # noqa: BLE001 - keep releasing, report the first
                 error = error or e
         try:
-            self.lljit._dispose()
+            with JIT_DEBUG_LOCK:
+                self.lljit._dispose()
         finally:
             self.lljit.detach()
             self.tm.close()

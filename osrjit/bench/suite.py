@@ -1,30 +1,33 @@
-"""osrjit's benchmark suite: every figure side by side in one run (also ``python -m osrjit bench``).
+"""osrjit's benchmark suite: every figure side by side in one run.
 
-Each part runs in its own child process (a crash or a leak in one cannot
+Each part is a module of :mod:`osrjit.bench` that runs in its own child
+process (``python -m osrjit.bench.<part>``: a crash or a leak in one cannot
 distort another) and reports medians of repeated runs as JSON, which this
-script merges:
+module merges:
 
 ====================================  =========================================================
 ``walk_ns_per_frame``                 ``{"python"|"native"|"glibc": {depth: ns}}`` — the same
-                                      stacks (``scripts/bench_native_walk.py``)
+                                      stacks (``osrjit/bench/native_walk.py``)
 ``deopt_ns_per_frame``                ``{"python"|"native"|"plain_return": ns}`` — 100,000
                                       pending frames returning through the stub
-                                      (``scripts/bench_deopt.py``)
+                                      (``osrjit/bench/deopt.py``)
 ``steady_state_ratio``                ``{"patched_direct"|"indirect_slot"|"orc_stub": ratio}``
-                                      — fib(27) against a fresh compile (``bench_steady.py``)
+                                      — fib(27) against a fresh compile (``steady.py``)
 ``stw_pause_ratio_vs_glibc``          ``{"1"|"2"|"4": ratio}`` — stop-the-world pause (the
                                       stopper's, plus the threads' own hijack writes after
                                       it) over glibc ``backtrace()`` of the same stacks
-                                      (``bench_stw.py``)
-``rss_growth_bytes_10k_cycles``       RSS growth over 10,000 replace cycles (``bench_memory.py``)
+                                      (``stw.py``)
+``rss_growth_bytes_10k_cycles``       RSS growth over 10,000 replace cycles (``memory.py``)
 ====================================  =========================================================
 
-    python scripts/bench.py [--quick] [--json PATH] [--only walk,deopt,...]
+    python -m osrjit bench [--quick | --smoke] [--json PATH] [--only walk,deopt,...]
 
-``--quick`` (under a minute or so): fewer rounds, depths up to 1,000, 300
-replace cycles instead of 10,000 (the RSS key then says how many ran).
-A part that fails is reported with its error and ``null`` figures; the
-exit status is then 1.
+(``python scripts/bench.py`` in a source checkout is the same.) ``--quick``
+(under a minute or so): fewer rounds, depths up to 1,000, 300 replace cycles
+instead of 10,000 (the RSS key then says how many ran). ``--smoke`` (seconds):
+every part once at its smallest size — it shows the suite runs on this
+installation, its figures mean nothing. A part that fails is reported with
+its error and ``null`` figures; the exit status is then 1.
 """
 import argparse
 import json
@@ -35,23 +38,38 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-
 PARTS = ("walk", "deopt", "steady", "stw", "memory")
 
+#: Part -> (module of osrjit.bench, its arguments by size: full, quick, smoke).
+_PART_RUNS = {
+    "walk": ("native_walk", {"full": ["--depths", "100,1000,10000", "--rounds", "7"],
+                             "quick": ["--depths", "100,1000", "--rounds", "3"],
+                             "smoke": ["--depths", "100", "--rounds", "1"]}),
+    "deopt": ("deopt", {"full": [], "quick": ["--quick"],
+                        "smoke": ["--depth", "1000", "--rounds", "1", "--python-rounds", "1"]}),
+    "steady": ("steady", {"full": ["--rounds", "21"], "quick": ["--rounds", "5"],
+                          "smoke": ["--n", "15", "--rounds", "1"]}),
+    "stw": ("stw", {"full": ["--rounds", "15"], "quick": ["--rounds", "3"],
+                    "smoke": ["--threads", "1", "--depth", "100", "--rounds", "1"]}),
+    "memory": ("memory", {"full": ["--cycles", "10000"], "quick": ["--cycles", "300"],
+                          "smoke": ["--cycles", "20", "--warmup", "5", "--settled", "10"]}),
+}
 
-def _commands(quick):
-    py = sys.executable
-    s = lambda name: os.path.join(HERE, name)  # noqa: E731
-    return {
-        "walk": [py, s("bench_native_walk.py"), "--depths",
-                 "100,1000" if quick else "100,1000,10000", "--rounds", "3" if quick else "7"],
-        "deopt": [py, s("bench_deopt.py")] + (["--quick"] if quick else []),
-        "steady": [py, s("bench_steady.py"), "--rounds", "5" if quick else "21"],
-        "stw": [py, s("bench_stw.py"), "--rounds", "3" if quick else "15"],
-        "memory": [py, s("bench_memory.py"), "--cycles", "300" if quick else "10000"],
-    }
+
+def _commands(size):
+    """Part -> the command line of its child process, for ``size`` ("full", "quick", "smoke")."""
+    return {part: [sys.executable, "-m", f"{__package__}.{module}"] + sizes[size]
+            for part, (module, sizes) in _PART_RUNS.items()}
+
+
+def _child_env():
+    """The environment of a part's process: the same ``osrjit`` as this one is
+    imported first (a source checkout or an installed package alike)."""
+    import osrjit
+    root = os.path.dirname(os.path.dirname(os.path.abspath(osrjit.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _extract(part, data):
@@ -85,9 +103,13 @@ _NULLS = {"walk": {"walk_ns_per_frame": None}, "deopt": {"deopt_ns_per_frame": N
           "memory": {"rss_growth_bytes_10k_cycles": None}}
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a run of about a minute")
+def main(argv=None, prog=None):
+    """Run the suite (``argv``: the command line after ``bench``); the exit status."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a run of about a minute")
+    size.add_argument("--smoke", action="store_true",
+                      help="every part once at its smallest size (seconds; figures meaningless)")
     ap.add_argument("--json", metavar="PATH", help="write the merged figures here")
     ap.add_argument("--only", default=",".join(PARTS),
                     help=f"comma-separated subset of {','.join(PARTS)}")
@@ -96,20 +118,19 @@ def main(argv=None):
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         ap.error(f"unknown parts {unknown}")
-    commands = _commands(args.quick)
+    commands = _commands("smoke" if args.smoke else "quick" if args.quick else "full")
     result = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
                           "cpus": os.cpu_count(), "processor": _cpu_name()},
-              "quick": args.quick, "errors": {}}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+              "quick": args.quick, "smoke": args.smoke, "errors": {}}
+    env = _child_env()
     started = time.perf_counter()
     for i, part in enumerate(parts, 1):
-        print(f"[{i}/{len(parts)}] {part}: {' '.join(os.path.basename(c) for c in commands[part][1:])}"
+        print(f"[{i}/{len(parts)}] {part}: {' '.join(commands[part][2:])}"
               f"   ({time.perf_counter() - started:.0f} s elapsed)", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, f"{part}.json")
             t0 = time.perf_counter()
-            proc = subprocess.run(commands[part] + ["--json", path], env=env, cwd=ROOT)
+            proc = subprocess.run(commands[part] + ["--json", path], env=env)
             seconds = time.perf_counter() - t0
             if proc.returncode != 0 or not os.path.exists(path):
                 result["errors"][part] = f"exit status {proc.returncode}"

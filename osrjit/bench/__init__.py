@@ -1,4 +1,4 @@
-"""osrjit's benchmarks, shipped with the package: ``python -m osrjit bench [--quick] [--json PATH]``.
+"""osrjit's benchmarks, shipped in the package: ``python -m osrjit bench [--quick] [--json PATH]``.
 
 :mod:`.suite` runs every part in a child process and merges the figures; each
 part is a module runnable on its own (``python -m osrjit.bench.stw --help``):

@@ -140,6 +140,8 @@ def test_the_installed_package_is_the_wheel_with_its_version_and_plugin(venv_pyt
     assert facts["plugin"] == ["osrjit.testing.plugin"]
     assert _run([venv_python, "-m", "osrjit", "--version"], cwd=elsewhere,
                 env=_clean_env()).strip() == f"osrjit {osrjit.__version__}"
+    assert _run([venv_python, "-m", "osrjit", "bench", "--help"], cwd=elsewhere,
+                env=_clean_env()).startswith("usage: python -m osrjit bench")
 
 
 def test_the_installed_wheel_runs_the_demo_from_another_directory(venv_python, elsewhere):

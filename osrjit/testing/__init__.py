@@ -168,8 +168,9 @@ def sweep(versions: Sequence[str], entry: str, args: tuple = (), *,
         raise ValueError("sweep() needs at least one version")
     if threads < 1:
         raise ValueError("threads must be >= 1")
+    poll_free = tuple(poll_free)
     options = dict(expect=expect, backend=backend, threads=threads, seed=seed, quantum=quantum,
-                   poll_free=tuple(poll_free), grace=grace, stagger=stagger, hook=hook,
+                   poll_free=poll_free, grace=grace, stagger=stagger, hook=hook,
                    opt_level=opt_level)
     cache: dict = {}
     poll_free = frozenset(poll_free)

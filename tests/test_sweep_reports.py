@@ -14,6 +14,7 @@ import sys
 
 import osrjit.testing
 from osrjit.testing import SweepFailure, sweep
+from osrjit.testing.report import FunctionReplaced
 from osrjit.testing.scenarios import SUM_V1, SUM_V2
 
 from childproc import ROOT_DIR
@@ -31,29 +32,35 @@ def test_a_failing_point_names_function_versions_site_line_and_replay_call():
     assert report.points_passed == 1 and not report.ok
     (failure,) = report.failures
     assert failure.k == 133 and failure.reason == f"results ({SUM_20},) != expected ({SUM_20 + 1},)"
-    first, thread = failure.where
-    assert first.startswith("replacement 1: sum versions[0] -> versions[1] (#1 -> #2); "
-                            "requested after 133 instructions")
-    # The innermost old frame is parked at a safepoint poll of sum v1: its site and source line.
-    match = re.fullmatch(r"  thread 1: innermost of its (\d+) old frames: sum#1 at site (\d+) "
-                         r"\((\w+)\), hijacked, line (\d+) of versions\[0\]: (.*)", thread)
-    assert match, thread
-    frames, site_id, kind, line, text = match.groups()
-    assert int(frames) > 1
+    (seen,) = failure.where
+    assert seen.number == 1 and seen.requested_at == 133 and seen.stopped_at >= 133
+    assert seen.functions == (FunctionReplaced("sum", old_source=0, new_source=1, old_version=1,
+                                               new_version=2),)
+    # The one thread is stopped at a safepoint poll of sum v1, many frames deep.
+    (thread,) = seen.threads
+    assert thread.version == "sum#1" and thread.old_frames > 1 and thread.hijacked
     rt = osrjit.Runtime(backend="emulated")
     try:
         rt.compile(SUM_V1)
-        site = rt.current("sum").sites[int(site_id)]
+        site = rt.current("sum").sites[thread.site_id]
     finally:
         rt.close()
-    assert (kind, int(line)) == (site.kind.value, site.line)
-    assert text == SUM_V1.splitlines()[site.line - 1].strip()
+    assert thread.site == site.kind.value == "poll"
+    assert thread.line == f"line {site.line} of versions[0]: " + \
+        SUM_V1.splitlines()[site.line - 1].strip()
+    assert str(seen).splitlines() == [
+        "replacement 1: sum versions[0] -> versions[1] (#1 -> #2); requested after 133 "
+        f"instructions, world stopped after {seen.stopped_at}; {seen.frames_hijacked} frames "
+        "hijacked, 0 threads stopped outside a poll",
+        f"  thread 1: innermost of its {thread.old_frames} old frames: sum#1 at site "
+        f"{thread.site_id} (poll), hijacked, {thread.line}"]
     assert failure.replay == (
         f"osrjit.testing.sweep([{SUM_V1!r}, {SUM_V2!r}], 'sum', (20,), "
         "expect=__import__('test_sweep_reports', fromlist=['_']).wrong_expectation, "
         "points=[133])")
-    text = str(failure)
-    assert text.startswith("k=133: results") and f"replay: {failure.replay}" in text
+    assert str(failure).splitlines() == (
+        [f"k=133: {failure.reason}"] + [f"    {line}" for line in seen.lines()]
+        + [f"    replay: {failure.replay}"])
     assert str(failure) in report.summary()
 
 
@@ -65,7 +72,8 @@ def test_the_replay_call_runs_just_that_point_and_fails_the_same_way():
     assert replayed.points_tried == 1
     assert [(f.k, f.reason, f.where) for f in replayed.failures] == \
         [(failure.k, failure.reason, failure.where)]
-    assert len(failure.where) == 3          # the replacement, then one line per thread
+    (seen,) = failure.where
+    assert [t.thread for t in seen.threads] == [1, 2]
 
 
 def test_only_the_first_failures_are_run_again_to_describe_them():
@@ -185,3 +193,33 @@ def test_a_site_of_hand_written_ir_is_named_by_its_statepoint_line():
     line = v.ir.module_ir.splitlines()[int(match.group(1)) - 1]
     assert line.strip() == match.group(2)
     assert "llvm.experimental.gc.statepoint" in line and "(i64 2, " in line and "down" in line
+
+
+def test_a_thread_stopped_between_sites_is_described_by_its_offset():
+    # With no roll-forward a thread spinning in the poll-free loop being
+    # replaced stays there, stopped by the emulated signal at no site.
+    from osrjit.testing.report import describe_replacement
+    from osrjit.testing.scenarios import POLL_FREE_V1
+    spin = POLL_FREE_V1.split("def work")[0]
+    rt = osrjit.Runtime(backend="emulated", grace=10, roll_limit=0)
+    try:
+        rt.compile(spin, polls=False)
+        rt.compile("def work(n):\n    if n == 0:\n        return spin(300)\n"
+                   "    return 1 + work(n - 1)\n")
+        thread = rt.spawn("work", 3)
+        rt.run(400)
+        old = rt.current("spin")
+        assert rt.version_at(thread.pc) is old
+        requested_at = rt.instructions
+        new = rt.replace("spin", spin, polls=False)
+        seen = describe_replacement(rt, [thread], ["spin"], {"spin": old}, new, number=1,
+                                    requested_at=requested_at, sources=[spin, spin],
+                                    source_of={old.id: 0, new[0].id: 1})
+    finally:
+        rt.close()
+    assert rt.last_pause.stopped_async == 1 == seen.stopped_async
+    (t,) = seen.threads
+    assert (t.version, t.old_frames, t.site_id, t.site) == (f"spin#{old.id}", 1, None, None)
+    assert 0 <= t.text_offset < old.code_range[1] - old.code_range[0]
+    assert str(t) == (f"thread {thread.id}: innermost of its 1 old frames: spin#{old.id} at "
+                      f".text+{t.text_offset:#x}, at no site (stopped by the signal)")

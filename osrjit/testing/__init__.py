@@ -47,21 +47,22 @@ DESCRIBED_FAILURES = 10
 class SweepFailure:
     """Point ``k`` (instructions executed before the replacement request) and why it failed.
 
-    ``where``: lines saying what each replacement of the point met — the
-    function, its versions (``versions[i] -> versions[j]``, runtime ids
-    ``#a -> #b``), and per thread the innermost frame of an old version: its
-    site (id, kind, callee) and the site's source line (or IR line); empty
-    past the first :data:`DESCRIBED_FAILURES` failures. ``replay``: the
-    Python call that runs just this point again.
+    ``where``: what each replacement of the point met, one
+    :class:`osrjit.testing.report.ReplacementSeen` each — the functions and
+    their versions (``versions[i] -> versions[j]``, runtime ids ``#a ->
+    #b``), and per thread the innermost frame of an old version: its site
+    (id, kind, callee) and the site's source line (or IR line); empty past
+    the first :data:`DESCRIBED_FAILURES` failures. ``replay``: the Python
+    call that runs just this point again.
     """
     k: int
     reason: str
-    where: tuple[str, ...] = ()
+    where: tuple = ()
     replay: str = ""
 
     def __str__(self):
         lines = [f"k={self.k}: {self.reason}"]
-        lines += [f"    {line}" for line in self.where]
+        lines += [f"    {line}" for seen in self.where for line in seen.lines()]
         if self.replay:
             lines.append(f"    replay: {self.replay}")
         return "\n".join(lines)
@@ -224,18 +225,16 @@ def sweep(versions: Sequence[str], entry: str, args: tuple = (), *,
 
 
 def _where(make, later, k, gap, n, expect, reference, poll_free, versions, describe):
-    """Run point ``k`` again, describing each replacement right after it."""
-    lines = []
+    """Run point ``k`` again (the same run: the emulator is deterministic),
+    describing each replacement right after it."""
+    seen = []
 
     def observe(number, rt, ts, names, old, new, requested_at, source_of):
-        lines.extend(describe(rt, ts, names, old, new, number=number, requested_at=requested_at,
-                              sources=versions, source_of=source_of))
+        seen.append(describe(rt, ts, names, old, new, number=number, requested_at=requested_at,
+                             sources=versions, source_of=source_of))
 
-    try:
-        _one_point(make, later, k, gap, n, expect, reference, poll_free, SweepReport(), observe)
-    except Exception as e:  # noqa: BLE001 - the description must not hide the failure itself
-        lines.append(f"(describing the point failed: {type(e).__name__}: {e})")
-    return tuple(lines)
+    _one_point(make, later, k, gap, n, expect, reference, poll_free, SweepReport(), observe)
+    return tuple(seen)
 
 
 def _compile(rt, source, poll_free, names=None):

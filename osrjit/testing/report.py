@@ -13,8 +13,88 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-__all__ = ["describe_replacement", "replay_call", "site_line"]
+__all__ = ["ReplacementSeen", "FunctionReplaced", "ThreadSeen", "describe_replacement",
+           "replay_call", "site_line"]
+
+
+@dataclass(frozen=True)
+class FunctionReplaced:
+    """One function of a replacement: ``name``, the sweep's source indexes
+    (``versions[old_source] -> versions[new_source]``) and the runtime's
+    version ids (``#old_version -> #new_version``); ``old_*`` are None for a
+    function the replacement brought in first."""
+    name: str
+    old_source: int | None
+    new_source: int
+    old_version: int | None
+    new_version: int
+
+    def __str__(self):
+        if self.old_version is None:
+            return f"{self.name} (new in versions[{self.new_source}])"
+        return (f"{self.name} versions[{self.old_source}] -> versions[{self.new_source}] "
+                f"(#{self.old_version} -> #{self.new_version})")
+
+
+@dataclass(frozen=True)
+class ThreadSeen:
+    """One emulated thread right after a replacement.
+
+    ``old_frames``: its frames in old versions of the replaced functions.
+    Of the innermost of them: ``version`` (``"sum#1"``), ``site_id`` and
+    ``site`` (kind and callee: ``"call sum"``, ``"poll"``; both None when
+    the frame is at no site — stopped there by the emulated signal — and
+    then ``text_offset`` is its pc in bytes from the version's ``.text``),
+    ``hijacked`` (its return address points at the deopt stub), ``line``
+    (:func:`site_line`). ``finished``: the thread had already returned.
+    """
+    thread: int
+    finished: bool = False
+    old_frames: int = 0
+    version: str | None = None
+    site_id: int | None = None
+    site: str | None = None
+    hijacked: bool = False
+    line: str | None = None
+    text_offset: int | None = None
+
+    def __str__(self):
+        if self.finished:
+            return f"thread {self.thread}: already finished"
+        if self.version is None:
+            return f"thread {self.thread}: no frame of an old version"
+        head = f"thread {self.thread}: innermost of its {self.old_frames} old frames: {self.version}"
+        if self.site_id is None:
+            return f"{head} at .text+{self.text_offset:#x}, at no site (stopped by the signal)"
+        state = "hijacked" if self.hijacked else "not hijacked"
+        return f"{head} at site {self.site_id} ({self.site}), {state}, {self.line}"
+
+
+@dataclass(frozen=True)
+class ReplacementSeen:
+    """What replacement ``number`` of a sweep point met (``versions[number]``
+    came in): the ``functions`` replaced, the instruction counts at the
+    request and when the world had stopped, the pause's figures, and each
+    thread (:class:`ThreadSeen`)."""
+    number: int
+    functions: tuple[FunctionReplaced, ...]
+    requested_at: int
+    stopped_at: int
+    frames_hijacked: int
+    stopped_async: int
+    threads: tuple[ThreadSeen, ...]
+
+    def lines(self) -> list[str]:
+        head = (f"replacement {self.number}: {', '.join(map(str, self.functions))}; requested "
+                f"after {self.requested_at} instructions, world stopped after {self.stopped_at}; "
+                f"{self.frames_hijacked} frames hijacked, {self.stopped_async} threads stopped "
+                f"outside a poll")
+        return [head] + [f"  {t}" for t in self.threads]
+
+    def __str__(self):
+        return "\n".join(self.lines())
 
 
 def site_line(version, site_id: int, sources: Sequence[str], source_index: int | None) -> str:
@@ -32,19 +112,18 @@ def site_line(version, site_id: int, sources: Sequence[str], source_index: int |
     return "no source or IR line known"
 
 
-def _site_words(version, site_id: int) -> str:
+def _site_words(version, site_id: int) -> str | None:
     site = version.sites.get(site_id)
     if site is None:
-        return f"site {site_id}"
+        return None
     callee = f" {site.callee}" if site.callee and site.kind.value in ("call", "external") else ""
-    return f"site {site_id} ({site.kind.value}{callee})"
+    return f"{site.kind.value}{callee}"
 
 
 def describe_replacement(rt, threads, names: Sequence[str], old: Mapping[str, object],
                          new: Sequence[object], *, number: int, requested_at: int,
-                         sources: Sequence[str], source_of: Mapping[int, int]) -> list[str]:
-    """Lines saying what replacement ``number`` (1-based: ``versions[number]``
-    came in) met, read right after ``replace()`` returned.
+                         sources: Sequence[str], source_of: Mapping[int, int]) -> ReplacementSeen:
+    """What replacement ``number`` met, read right after ``replace()`` returned.
 
     ``old``: name -> the version that was current before; ``new``: the
     versions ``replace()`` returned; ``requested_at``: the instruction count
@@ -56,18 +135,15 @@ def describe_replacement(rt, threads, names: Sequence[str], old: Mapping[str, ob
 
     pause = rt.last_pause
     by_name = {v.name: v for v in new}
-    arrows = ", ".join(
-        f"{name} versions[{source_of.get(old[name].id, '?')}] -> versions[{number}] "
-        f"(#{old[name].id} -> #{by_name[name].id})" if name in old and name in by_name
-        else f"{name} (new)" for name in names)
-    stopped = requested_at + (pause.time_to_safepoint_instructions or 0)
-    lines = [f"replacement {number}: {arrows}; requested after {requested_at} instructions, "
-             f"world stopped after {stopped}; {pause.frames_hijacked} frames hijacked, "
-             f"{pause.stopped_async} threads stopped outside a poll"]
+    functions = tuple(
+        FunctionReplaced(name, source_of.get(old[name].id) if name in old else None, number,
+                         old[name].id if name in old else None, by_name[name].id)
+        for name in names if name in by_name)
     m = rt.machine
+    seen = []
     for t in threads:
         if done(t):
-            lines.append(f"  thread {t.id}: already finished")
+            seen.append(ThreadSeen(t.id, finished=True))
             continue
         innermost, count = None, 0
         for frame in unwinder.walk(t.regs(), m.memory, m.space, caller_frame=False):
@@ -77,20 +153,21 @@ def describe_replacement(rt, threads, names: Sequence[str], old: Mapping[str, ob
                 if innermost is None:
                     innermost = (frame, v)
         if innermost is None:
-            lines.append(f"  thread {t.id}: no frame of an old version of {', '.join(names)}")
+            seen.append(ThreadSeen(t.id))
             continue
         frame, v = innermost
         fm = v.frame_map_at(frame.pc) if frame.lookup_pc != frame.pc else None
         if fm is None:
-            where = (f"at .text+{frame.pc - v.code_range[0]:#x}, at no site "
-                     f"(stopped there by the emulated signal)")
+            seen.append(ThreadSeen(t.id, old_frames=count, version=f"{v.name}#{v.id}",
+                                   text_offset=frame.pc - v.code_range[0]))
         else:
-            state = "hijacked" if frame.translated else "not hijacked"
-            where = (f"at {_site_words(v, fm.site_id)}, {state}, "
-                     f"{site_line(v, fm.site_id, sources, source_of.get(v.id))}")
-        lines.append(f"  thread {t.id}: innermost of its {count} old frames: "
-                     f"{v.name}#{v.id} {where}")
-    return lines
+            seen.append(ThreadSeen(t.id, old_frames=count, version=f"{v.name}#{v.id}",
+                                   site_id=fm.site_id, site=_site_words(v, fm.site_id),
+                                   hijacked=bool(frame.translated),
+                                   line=site_line(v, fm.site_id, sources, source_of.get(v.id))))
+    stopped = requested_at + (pause.time_to_safepoint_instructions or 0)
+    return ReplacementSeen(number, functions, requested_at, stopped, pause.frames_hijacked,
+                           pause.stopped_async, tuple(seen))
 
 
 def _callable_expr(fn: Callable) -> str:

@@ -8,6 +8,9 @@
 Layering: ``osrjit`` uses :mod:`deopt`, which uses :mod:`unwinder`; never the reverse.
 Everything :class:`Runtime` raises is an :class:`OsrJitError`.
 """
+#: The package version; the one source of it (pyproject.toml reads it from here).
+__version__ = "0.1.0"
+
 from .abi import FunctionIR, LiveValue, SiteInfo, SiteKind
 from .backend import PauseReport
 from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, EmulationError,

@@ -16,33 +16,59 @@ instructions, lets every thread finish, and checks:
 
 The emulator is deterministic (``seed`` fixes the schedule of ``threads``
 threads), so a failing point replays exactly: rerun :func:`sweep` with
-``points=[k]``.
+``points=[k]``. Each :class:`SweepFailure` carries that call
+(:attr:`SweepFailure.replay`) and, for the first
+:data:`DESCRIBED_FAILURES` failures, where each replacement found every
+thread: the function, the versions (old -> new), and the innermost old
+frame's site with its source line (:mod:`osrjit.testing.report`).
 
 Installed as a pytest plugin (entry point ``pytest11: osrjit``): the fixture
 ``osrjit_sweep`` is :func:`sweep` with the ``--osrjit-sweep-points`` option
-(``all`` or a sample size) as its default ``points``.
+(``all`` or a sample size) as its default ``points``, a progress line per
+sweep on a terminal, and the failing points of a failed test's sweeps in its
+report (:mod:`osrjit.testing.plugin`).
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["sweep", "SweepReport", "SweepFailure", "sample_points"]
+__all__ = ["sweep", "SweepReport", "SweepFailure", "sample_points", "DESCRIBED_FAILURES"]
+
+#: Failing points of one sweep that are run a second time to say where each
+#: replacement found the threads (:attr:`SweepFailure.where`).
+DESCRIBED_FAILURES = 10
 
 
 @dataclass(frozen=True)
 class SweepFailure:
-    """Point ``k`` (instructions executed before the replacement request) and why it failed."""
+    """Point ``k`` (instructions executed before the replacement request) and why it failed.
+
+    ``where``: what each replacement of the point met, one
+    :class:`osrjit.testing.report.ReplacementSeen` each — the functions and
+    their versions (``versions[i] -> versions[j]``, runtime ids ``#a ->
+    #b``), and per thread the innermost frame of an old version: its site
+    (id, kind, callee) and the site's source line (or IR line); empty past
+    the first :data:`DESCRIBED_FAILURES` failures. ``replay``: the Python
+    call that runs just this point again.
+    """
     k: int
     reason: str
+    where: tuple = ()
+    replay: str = ""
 
     def __str__(self):
-        return f"k={self.k}: {self.reason}"
+        lines = [f"k={self.k}: {self.reason}"]
+        lines += [f"    {line}" for seen in self.where for line in seen.lines()]
+        if self.replay:
+            lines.append(f"    replay: {self.replay}")
+        return "\n".join(lines)
 
 
-@dataclass
+@dataclass(repr=False)
 class SweepReport:
     """What :func:`sweep` found.
 
@@ -84,6 +110,13 @@ class SweepReport:
 
     __str__ = summary
 
+    def __repr__(self):
+        ks = ", ".join(str(f.k) for f in self.failures[:5])
+        more = ", ..." if len(self.failures) > 5 else ""
+        failed = f", failing k: {ks}{more}" if self.failures else ""
+        return (f"<SweepReport {self.points_passed}/{self.points_tried} points passed, "
+                f"{self.old_code_fetches} old-code fetches{failed}>")
+
 
 def sample_points(n_instructions: int, count: int, seed: int = 0) -> list[int]:
     """``count`` distinct points of ``range(n_instructions)`` drawn with ``seed``
@@ -124,7 +157,9 @@ def sweep(versions: Sequence[str], entry: str, args: tuple = (), *,
     polls (stopped by the emulated "signal" after ``grace`` instructions).
     ``hook``: the hook service. ``progress(done, total)`` is called after
     each point. Only ``backend="emulated"`` sweeps: a native CPU cannot be
-    stopped after an exact instruction count.
+    stopped after an exact instruction count. Each failure names the call
+    that replays it and, for the first :data:`DESCRIBED_FAILURES`, where the
+    replacements found the threads (its point is run once more to see).
     """
     if backend != "emulated":
         raise ValueError(f"sweep() needs backend='emulated' (got {backend!r}): only an "
@@ -134,6 +169,10 @@ def sweep(versions: Sequence[str], entry: str, args: tuple = (), *,
         raise ValueError("sweep() needs at least one version")
     if threads < 1:
         raise ValueError("threads must be >= 1")
+    poll_free = tuple(poll_free)
+    options = dict(expect=expect, backend=backend, threads=threads, seed=seed, quantum=quantum,
+                   poll_free=poll_free, grace=grace, stagger=stagger, hook=hook,
+                   opt_level=opt_level)
     cache: dict = {}
     poll_free = frozenset(poll_free)
     report = SweepReport()
@@ -173,8 +212,29 @@ def sweep(versions: Sequence[str], entry: str, args: tuple = (), *,
             report.failures.append(SweepFailure(k, failure))
         if progress is not None:
             progress(i + 1, len(points))
+    from .report import describe_replacement, replay_call
+    for i, f in enumerate(report.failures):
+        where = ()
+        if i < DESCRIBED_FAILURES:
+            where = _where(make, later, f.k, gap, n, expect, reference, poll_free, versions,
+                           describe_replacement)
+        report.failures[i] = dataclasses.replace(
+            f, where=where, replay=replay_call(sweep, versions, entry, args, options, f.k))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _where(make, later, k, gap, n, expect, reference, poll_free, versions, describe):
+    """Run point ``k`` again (the same run: the emulator is deterministic),
+    describing each replacement right after it."""
+    seen = []
+
+    def observe(number, rt, ts, names, old, new, requested_at, source_of):
+        seen.append(describe(rt, ts, names, old, new, number=number, requested_at=requested_at,
+                             sources=versions, source_of=source_of))
+
+    _one_point(make, later, k, gap, n, expect, reference, poll_free, SweepReport(), observe)
+    return tuple(seen)
 
 
 def _compile(rt, source, poll_free, names=None):
@@ -198,15 +258,23 @@ def _finish(thread):
     return finish(thread)
 
 
-def _one_point(make, later, k, gap, n, expect, reference, poll_free, report):
-    """Run one point; returns None or the reason it failed."""
+def _one_point(make, later, k, gap, n, expect, reference, poll_free, report, observe=None):
+    """Run one point; returns None or the reason it failed. ``observe(number,
+    rt, threads, names, old, new, requested_at, source_of)`` is called right
+    after each replacement (see :func:`osrjit.testing.report.describe_replacement`)."""
     rt, ts = make()
     try:
         budget = k
+        source_of = {rt.current(name).id: 0 for name in rt.names()} if observe else {}
         for j, (names, source) in enumerate(later):
             if budget:
                 rt.run(budget)
-            _compile(rt, source, poll_free, names)
+            old = {name: rt.current(name) for name in names if name in rt.names()}
+            requested_at = rt.instructions
+            new = _compile(rt, source, poll_free, names)
+            if observe is not None:
+                source_of.update((v.id, j + 1) for v in new)
+                observe(j + 1, rt, ts, names, old, new, requested_at, source_of)
             pause = rt.last_pause
             report.frames_hijacked += pause.frames_hijacked
             report.stopped_async += pause.stopped_async

@@ -17,8 +17,8 @@ releases. Reported (medians over the R replacements):
   one thread at a time) and the figure is the sum over the threads (a
   stop-the-world walks them all).
 
-    python scripts/bench_stw.py [--threads 1,2,4] [--depth 1000] [--rounds 15]
-                                [--mode fresh|rescan] [--walker W] [--transfer T] [--json PATH]
+    python -m osrjit.bench.stw [--threads 1,2,4] [--depth 1000] [--rounds 15]
+                               [--mode fresh|rescan] [--walker W] [--transfer T] [--json PATH]
 
 By default (``--mode fresh``) every replacement hijacks 1,000 new frames per
 thread: between replacements each thread returns out of its frames (they
@@ -29,14 +29,9 @@ through them.
 import argparse
 import ctypes
 import json
-import os
 import statistics
-import sys
 import threading
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 SPIN = """
 def spin(k):

@@ -8,7 +8,7 @@ first walk (process start → first ``unwinder.backtrace()`` through libc and
 libpython, including module discovery from ``/proc/self/maps``) is timed in
 fresh child processes.
 
-    python scripts/bench_unwind.py [--depths 100,1000] [--rounds 7] [--json PATH]
+    python -m osrjit.bench.unwind [--depths 100,1000] [--rounds 7] [--json PATH]
 """
 import argparse
 import ctypes
@@ -20,9 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 RECURSION_IR = r"""
 define i64 @rec(i64 %n, ptr %cb) {
@@ -106,9 +103,11 @@ def measure(loaded, depth, rounds, reps):
 
 
 def cold_walk(rounds):
+    import unwinder
+    root = os.path.dirname(os.path.dirname(os.path.abspath(unwinder.__file__)))  # the same one
     walks, syms, frames = [], [], 0
     for _ in range(rounds):
-        p = subprocess.run([sys.executable, "-c", COLD_SNIPPET.format(root=ROOT)],
+        p = subprocess.run([sys.executable, "-c", COLD_SNIPPET.format(root=root)],
                            capture_output=True, text=True, check=True)
         w, s, frames = p.stdout.split()
         walks.append(float(w))

@@ -17,22 +17,17 @@ nanoseconds per frame (the elapsed time divided by D + 1), the median of
 ``--rounds`` runs (``--python-rounds`` for the slow Python transfer). Each
 run checks the result and that every frame was transferred (or none was).
 
-    python scripts/bench_deopt.py [--depth 100000] [--rounds 7] [--python-rounds 3] [--json PATH]
-    python scripts/bench_deopt.py --quick        # depth 20,000, 3 rounds, 1 Python round
+    python -m osrjit.bench.deopt [--depth 100000] [--rounds 7] [--python-rounds 3] [--json PATH]
+    python -m osrjit.bench.deopt --quick        # depth 20,000, 3 rounds, 1 Python round
 
 ``--json PATH`` writes ``{"deopt_ns_per_frame": {"python": x, "native": y,
 "plain_return": z}, ...}``.
 """
 import argparse
 import json
-import os
 import statistics
-import sys
 import threading
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 V1 = """
 def sum(n):
@@ -100,7 +95,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--python-rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true",
-                    help="depth 20,000, 3 rounds, 1 Python round (scripts/bench.py --quick)")
+                    help="depth 20,000, 3 rounds, 1 Python round (python -m osrjit bench --quick)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
     if args.quick:

@@ -15,7 +15,7 @@ Two comparisons, each against a fresh compile of the same code, in one run
   so LLVM keeps both recursive calls in every variant (no accumulator
   recursion elimination in the direct one only).
 
-    python scripts/bench_steady.py [--n 27] [--rounds 9] [--json PATH]
+    python -m osrjit.bench.steady [--n 27] [--rounds 9] [--json PATH]
 
 JSON: ``{"steady_state_ratio": {"patched_direct": r, "indirect_slot": r,
 "orc_stub": r}, "seconds": {...}}`` (ratio = variant time / fresh time).
@@ -23,13 +23,9 @@ JSON: ``{"steady_state_ratio": {"patched_direct": r, "indirect_slot": r,
 import argparse
 import ctypes
 import json
-import os
 import statistics
 import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 FIB_V1 = """
 def fib(n):

@@ -9,7 +9,7 @@ bytes still loaded (``.text`` of every live version) are read after
 is the figure. The growth from ``--settled`` cycles on is reported too: the
 first few hundred cycles raise the allocator's high-water mark once.
 
-    python scripts/bench_memory.py [--cycles 10000] [--warmup 10] [--json PATH]
+    python -m osrjit.bench.memory [--cycles 10000] [--warmup 10] [--json PATH]
 
 JSON: ``{"rss_growth_bytes_10k_cycles": bytes, ...}`` (the key keeps its name
 when ``--cycles`` differs; ``cycles`` says how many ran).
@@ -20,9 +20,6 @@ import json
 import os
 import sys
 import time
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 F_V1 = """
 def f(x):

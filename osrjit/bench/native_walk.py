@@ -1,7 +1,7 @@
 """Benchmark: per-frame cost of the native walker beside the Python walker and glibc.
 
 All walkers walk the same stack in the same run: a JIT-compiled recursion
-(LLJIT, ``add_object_img``; see ``bench_unwind.py``) of depth D calls back
+(LLJIT, ``add_object_img``; see ``osrjit/bench/unwind.py``) of depth D calls back
 into Python, and inside that callback, with the registers captured by
 ``unwinder.with_captured_registers``, each walker is timed over repeated
 walks; the figure is the median over rounds, divided by the number of frames
@@ -21,21 +21,17 @@ that walker reported.
 It also reports what tables cost: the growing tables the walks compiled, and
 compiling every FDE of libc and libpython at once.
 
-    python scripts/bench_native_walk.py [--depths 100,1000,10000] [--rounds 7] [--json PATH]
+    python -m osrjit.bench.native_walk [--depths 100,1000,10000] [--rounds 7] [--json PATH]
 """
 import argparse
 import ctypes
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.dirname(os.path.abspath(__file__))]
-
-from bench_unwind import load_recursion  # noqa: E402  (the same JIT recursion)
+from .unwind import load_recursion  # the same JIT recursion
 
 #: Native loops that repeat a walk ``reps`` times, so the per-call cost of
 #: ctypes does not count: ``walk`` resets the state from ``init`` first.

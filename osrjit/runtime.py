@@ -235,8 +235,14 @@ class Runtime:
             return self.compile_ir(irs)
 
     @_osrjit_errors
-    def compile_ir(self, function_irs: FunctionIR | Iterable[FunctionIR]) -> list[str]:
-        """Compile IR authors' functions (see :mod:`osrjit.abi`); returns their names.
+    def compile_ir(self, function_irs, *, polls: bool = True) -> list[str]:
+        """Compile IR authors' functions; returns their names.
+
+        ``function_irs``: plain LLVM IR — text or an ``llvmlite.ir.Module``
+        of ordinary functions, which osrjit instruments itself
+        (:mod:`osrjit.plainir`; ``polls``: safepoint polls at function entry
+        and loop headers) — or :class:`~osrjit.abi.FunctionIR` object(s)
+        (see :mod:`osrjit.abi`).
 
         All-or-nothing: every function is linked as a new version before any
         becomes current; if one fails (CompileError for IR LLVM rejects or
@@ -247,6 +253,7 @@ class Runtime:
             function_irs = [function_irs]
         with self._lock:
             self._check_open()
+            function_irs = self._instrumented(function_irs, polls)
             irs = validate_batch(function_irs, self._functions.signatures())
             new_cells = {ir.name: self._backend.new_cell(ir.name)
                          for ir in irs if ir.name not in self._functions}
@@ -258,6 +265,15 @@ class Runtime:
                 self._functions.publish(v)
             self._backend.publish(linked)
             return [ir.name for ir in irs]
+
+    def _instrumented(self, source, polls: bool):
+        """``source`` as FunctionIRs if it is plain LLVM IR (text with a
+        ``define`` line, or an ``llvmlite.ir.Module``); else unchanged."""
+        from . import plainir
+        if not plainir.is_plain_ir(source):
+            return source
+        return plainir.instrument(source, polls=polls, calls=self.calls,
+                                  known_signatures=plainir.known_signatures(self._functions))
 
     # -- queries ---------------------------------------------------------------
 
@@ -302,7 +318,8 @@ class Runtime:
 
         ``names``: a function name or a list of them. ``source``:
         reference-language source defining exactly those functions (it may call
-        any compiled function), or :class:`~osrjit.abi.FunctionIR` object(s)
+        any compiled function), plain LLVM IR (text or ``llvmlite.ir.Module``,
+        see :meth:`compile_ir`), or :class:`~osrjit.abi.FunctionIR` object(s)
         for IR authors. Steps, in order (nothing that can run is modified
         before step 4):
 
@@ -338,8 +355,8 @@ class Runtime:
             self._check_open()
             for name in names:
                 self._functions.get(name)          # UnknownFunction before compiling anything
-            irs = replacement_irs(names, source, polls=polls, calls=self.calls,
-                                  known=self._functions.arities())
+            irs = replacement_irs(names, self._instrumented(source, polls), polls=polls,
+                                  calls=self.calls, known=self._functions.arities())
             irs = validate_batch(irs, self._functions.signatures())
             linked = self._backend.link(irs, {})
             new = {v.name: v for v in linked}

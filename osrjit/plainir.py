@@ -53,6 +53,7 @@ must be a constant (it is copied into each function's module) or external.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
@@ -864,7 +865,37 @@ def instrument(module, *, known_signatures: Mapping[str, str] | None = None,
     if calls not in CALL_MODES:
         raise CompileError(f"calls={calls!r}, expected one of {CALL_MODES}")
     known = dict(known_signatures or {})
-    mod = _parse(_text_of(module))
+    with _parsed(_text_of(module)) as mod:
+        names, own, text = _prepare(mod, known, polls)
+    jit_types = {**known, **own}
+    with _parsed(text) as mod:
+        declared = {f.name: str(f.global_value_type) for f in mod.functions}
+        globals_text = _module_globals(text, set(names), mod)
+        prof_id = _max_metadata_id(text) + 1
+        out = []
+        for name in names:
+            ctx = _Context(name, jit_types, calls, {}, set())
+            out.append(_function_ir(ctx, mod.get_function(name), globals_text, prof_id,
+                                    declared))
+    return out
+
+
+@contextlib.contextmanager
+def _parsed(text: str):
+    """The verified module of ``text``, closed on the way out. Closing it
+    explicitly matters when an error is raised: a traceback that keeps the
+    module alive can end in a reference cycle, and the garbage collector may
+    then free the module's LLVM context before the module (a crash)."""
+    mod = _parse(text)
+    try:
+        yield mod
+    finally:
+        mod.close()
+
+
+def _prepare(mod, known: Mapping[str, str], polls: bool):
+    """Step 1 on ``mod``: returns (defined names, name -> function type,
+    the prepared module's text with polls inserted)."""
     defined = [f for f in mod.functions if not f.is_declaration]
     if not defined:
         raise CompileError("the module defines no function")
@@ -872,31 +903,21 @@ def instrument(module, *, known_signatures: Mapping[str, str] | None = None,
     for name in names:
         if name.startswith(("llvm.", _PREFIX)) or name in (HOOK_SYMBOL, SAFEPOINT_SYMBOL):
             raise CompileError(f"cannot define a JIT function named {name!r}")
+    own = {f.name: str(f.global_value_type) for f in defined}
+    for name, sig in own.items():
+        old = known.get(name)
+        if old is not None and old != sig:
+            raise SignatureMismatch(name, old, sig)
     _promote(mod)
     for fn in defined:
         _name_everything(fn)
     for g in mod.global_variables:
         if not g.is_declaration:
             g.linkage = "internal"   # a private copy in every function's module
-    own = {f.name: str(f.global_value_type) for f in defined}
-    for name, sig in own.items():
-        old = known.get(name)
-        if old is not None and old != sig:
-            raise SignatureMismatch(name, old, sig)
     text = str(mod)
     if polls:
         text = _insert_polls(text, set(names), mod)
-        mod = _parse(text)
-        text = str(mod)
-    jit_types = {**known, **own}
-    declared = {f.name: str(f.global_value_type) for f in mod.functions}
-    globals_text = _module_globals(text, set(names), mod)
-    prof_id = _max_metadata_id(text) + 1
-    out = []
-    for name in names:
-        ctx = _Context(name, jit_types, calls, {}, set())
-        out.append(_function_ir(ctx, mod.get_function(name), globals_text, prof_id, declared))
-    return out
+    return names, own, text
 
 
 def known_signatures(functions: Iterable) -> dict[str, str]:

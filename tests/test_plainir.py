@@ -1,0 +1,371 @@
+"""Plain LLVM IR in: ordinary functions, instrumented by osrjit itself.
+
+The instrumentation (:func:`osrjit.plainir.instrument`) is checked on its
+FunctionIRs; every scenario that runs code, and above all every replacement
+with frames live, runs in a child process (``childproc.run_child``) with
+the default runtime and the fast one (native transfer and walker).
+"""
+import pytest
+
+import osrjit
+from childproc import run_child
+from osrjit import CompileError, SignatureMismatch, SiteKind
+from osrjit.plainir import instrument
+
+#: The runtimes every native scenario runs with.
+CONFIGS = {"default": {}, "fast": {"transfer": "native", "walker": "native"}}
+
+SUM_LOOP = """
+declare i64 @labs(i64)
+declare i64 @osrjit_hook(i64)
+
+define i64 @twice(i64 %x) {
+  %y = mul i64 %x, 2
+  ret i64 %y
+}
+
+define i64 @f(i64 %n) {
+entry:
+  br label %loop
+loop:
+  %i = phi i64 [ 0, %entry ], [ %i.next, %loop ]
+  %s = phi i64 [ 0, %entry ], [ %s.next, %loop ]
+  %neg = sub i64 0, %i
+  %a = call i64 @twice(i64 %neg)
+  %b = call i64 @labs(i64 %a)
+  %h = call i64 @osrjit_hook(i64 %i)
+  %t = add i64 %s, %b
+  %s.next = add i64 %t, %h
+  %i.next = add i64 %i, 1
+  %c = icmp slt i64 %i.next, %n
+  br i1 %c, label %loop, label %done
+done:
+  ret i64 %s.next
+}
+"""
+
+DOWN = """
+declare i64 @osrjit_hook(i64)
+
+define i64 @down(i64 %n) {{
+entry:
+  %leaf = icmp eq i64 %n, 0
+  br i1 %leaf, label %bottom, label %rec
+bottom:
+  %h = call i64 @osrjit_hook(i64 %n)
+  ret i64 %h
+rec:
+  %m = sub i64 %n, 1
+  %r = call i64 @down(i64 %m)
+  %out = add i64 %r, {k}
+  ret i64 %out
+}}
+"""
+
+# A loop with a hook inside; v2 adds {k} * i per iteration instead.
+LOOP = """
+declare i64 @osrjit_hook(i64)
+
+define i64 @loop(i64 %n) {{
+entry:
+  br label %head
+head:
+  %i = phi i64 [ 0, %entry ], [ %i.next, %body ]
+  %acc = phi i64 [ 0, %entry ], [ %acc.next, %body ]
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %exit
+body:
+  %h = call i64 @osrjit_hook(i64 %i)
+  %term = mul i64 %i, {k}
+  %acc.1 = add i64 %acc, %term
+  %acc.next = add i64 %acc.1, %h
+  %i.next = add i64 %i, 1
+  br label %head
+exit:
+  ret i64 %acc
+}}
+"""
+
+UNNAMED = """
+declare i64 @osrjit_hook(i64)
+
+define i64 @u(i64 %0) {{
+  %2 = mul i64 %0, {k}
+  %3 = call i64 @osrjit_hook(i64 %0)
+  %4 = add i64 %2, %3
+  ret i64 %4
+}}
+"""
+
+
+def _sites(fir, kind):
+    return [s for s in fir.sites.values() if s.kind is kind]
+
+
+# -- the instrumentation ----------------------------------------------------------
+
+def test_every_call_is_a_site_and_the_live_values_come_from_ssa_liveness():
+    irs = {f.name: f for f in instrument(SUM_LOOP, known_signatures={})}
+    assert set(irs) == {"twice", "f"}
+    f = irs["f"]
+    assert f.params == ("n",) and f.return_type == "i64" and f.callees == {"twice"}
+    [call] = _sites(f, SiteKind.CALL)
+    [external] = _sites(f, SiteKind.EXTERNAL)
+    [hook] = _sites(f, SiteKind.HOOK)
+    polls = _sites(f, SiteKind.POLL)
+    assert call.callee == "twice" and external.callee == "labs"
+    assert len(polls) == 2                       # function entry and the loop header
+    names = lambda site: [v.name for v in site.live]
+    # Across the call of twice: the phis i and s, and n (the loop bound); not a itself.
+    assert names(call) == ["i", "n", "s"]
+    assert names(external) == ["i", "n", "s"]
+    # b is used after the hook: it crosses the hook site.
+    assert names(hook) == ["b", "i", "n", "s"]
+    assert sorted(names(p) for p in polls) == [["i", "n", "s"], ["n"]]
+    # twice has one site (its entry poll), with x live.
+    [entry] = irs["twice"].sites.values()
+    assert entry.kind is SiteKind.POLL and names(entry) == ["x"]
+
+
+def test_site_ids_are_stable_across_an_edit_that_keeps_the_names():
+    v1 = {f.name: f for f in instrument(SUM_LOOP, known_signatures={})}["f"]
+    edited = SUM_LOOP.replace("%s.next = add i64 %t, %h",
+                              "%t2 = mul i64 %t, 3\n  %s.next = add i64 %t2, %h")
+    v2 = {f.name: f for f in instrument(edited, known_signatures={})}["f"]
+    assert set(v1.sites) == set(v2.sites)
+    assert all(v1.sites[i].live == v2.sites[i].live for i in v1.sites)
+
+
+def test_without_polls_only_calls_are_sites():
+    f = {f.name: f for f in instrument(SUM_LOOP, known_signatures={}, polls=False)}["f"]
+    assert not _sites(f, SiteKind.POLL) and len(f.sites) == 3
+
+
+def test_unnamed_values_get_names_no_other_version_has():
+    [v1] = instrument(UNNAMED.format(k=3), known_signatures={})
+    [same] = instrument(UNNAMED.format(k=3), known_signatures={})
+    [v2] = instrument(UNNAMED.format(k=4), known_signatures={})
+    hook = lambda fir: _sites(fir, SiteKind.HOOK)[0]
+    assert hook(v1).live == hook(same).live             # the same text: the same names
+    [product] = hook(v1).live                           # %2 = mul %0, k
+    assert product.name.startswith("osrjit.t") and product.type == "i64"
+    assert not {v.name for v in hook(v1).live} & {v.name for v in hook(v2).live}
+
+
+def test_direct_calls_reference_the_callee_symbol():
+    f = {f.name: f for f in instrument(SUM_LOOP, known_signatures={}, calls="direct")}["f"]
+    assert f.direct_callees == {"twice"}
+    assert '@"osrjit.fn.twice"' in f.module_ir or "@osrjit.fn.twice" in f.module_ir
+
+
+def test_a_known_function_is_called_as_a_jit_function():
+    src = "declare i64 @g(i64)\ndefine i64 @h(i64 %x) {\n  %r = call i64 @g(i64 %x)\n  ret i64 %r\n}\n"
+    [h] = instrument(src, known_signatures={"g": "i64 (i64)"}, polls=False)
+    [site] = h.sites.values()
+    assert site.kind is SiteKind.CALL and h.callees == {"g"}
+    [h] = instrument(src, known_signatures={}, polls=False)
+    assert [s.kind for s in h.sites.values()] == [SiteKind.EXTERNAL] and not h.callees
+
+
+# -- refusals ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("src,known,words", [
+    # a JIT->JIT call whose type differs from the callee's definition
+    ("define i64 @g(i64 %x) {\n  ret i64 %x\n}\n"
+     "define i64 @h(i64 %x) {\n  %r = call i64 @g(double 1.0)\n  ret i64 %r\n}\n",
+     {}, ["'g'", "i64 (double)", "i64 (i64)"]),
+    ("declare i64 @g(ptr)\n"
+     "define i64 @h(i64 %x) {\n  %r = call i64 @g(ptr null)\n  ret i64 %r\n}\n",
+     {"g": "i64 (i64)"}, ["'g'", "i64 (ptr)", "i64 (i64)"]),
+    # a site whose result comes back in XMM0
+    ("declare double @cos(double)\ndefine i64 @h(i64 %x) {\n  %d = sitofp i64 %x to double\n"
+     "  %c = call double @cos(double %d)\n  %r = fptosi double %c to i64\n  ret i64 %r\n}\n",
+     {}, ["double", "XMM0"]),
+    # a value of an unsupported type live across a site
+    ("declare i64 @osrjit_hook(i64)\ndefine i64 @h(i64 %x) {\n"
+     "  %v = insertelement <2 x double> zeroinitializer, double 1.0, i32 0\n"
+     "  %k = call i64 @osrjit_hook(i64 %x)\n  %e = extractelement <2 x double> %v, i32 0\n"
+     "  %r = fptosi double %e to i64\n  ret i64 %r\n}\n", {}, ["h", "%v", "<2 x double>"]),
+    # a stack slot whose address crosses a site
+    ("declare i64 @osrjit_hook(i64)\ndeclare void @fill(ptr)\ndefine i64 @h(i64 %x) {\n"
+     "  %buf = alloca i64\n  call void @fill(ptr %buf)\n  %k = call i64 @osrjit_hook(i64 %x)\n"
+     "  %r = load i64, ptr %buf\n  ret i64 %r\n}\n", {}, ["h", "%buf", "stack"]),
+    # a mutable global
+    ("@counter = global i64 0\ndefine i64 @h(i64 %x) {\n  store i64 %x, ptr @counter\n"
+     "  ret i64 %x\n}\n", {}, ["@counter", "mutable"]),
+    # a JIT function's address taken
+    ("declare void @qsort(ptr, i64, i64, ptr)\ndefine i32 @cmp(ptr %a, ptr %b) {\n  ret i32 0\n}\n"
+     "define void @h(ptr %p) {\n  call void @qsort(ptr %p, i64 1, i64 8, ptr @cmp)\n  ret void\n}\n",
+     {}, ["'cmp'", "address"]),
+    # IR LLVM rejects
+    ("define i64 @h(i64 %x) {\n  ret i32 %x\n}\n", {}, ["LLVM"]),
+])
+def test_what_this_cut_cannot_instrument_is_a_precise_compile_error(src, known, words):
+    with pytest.raises(CompileError) as info:
+        instrument(src, known_signatures=known)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_a_new_version_with_another_signature_is_refused():
+    src = "define double @g(double %x) {\n  ret double %x\n}\n"
+    with pytest.raises(SignatureMismatch) as info:
+        instrument(src, known_signatures={"g": "i64 (i64)"})
+    assert info.value.old == "i64 (i64)" and info.value.new == "double (double)"
+    assert "'g'" in str(info.value) and isinstance(info.value, osrjit.OsrJitError)
+
+
+# -- scenarios (child processes) ---------------------------------------------------
+
+def sum_loop_scenario(options, calls):
+    import osrjit
+    with osrjit.Runtime(calls=calls, **options) as rt:
+        rt.on_hook(lambda x: 100 * x)
+        names = rt.compile_ir(SUM_LOOP)
+        first = rt.function("f")(7)
+
+        def on_hook(x):             # twice becomes thrice at i == 3, mid-loop
+            if x == 3:
+                rt.replace("twice", "define i64 @twice(i64 %x) {\n  %y = mul i64 %x, 3\n"
+                                    "  ret i64 %y\n}\n")
+            return 100 * x
+        rt.on_hook(on_hook)
+        second = rt.function("f")(7)
+        return names, first, second, rt.stats()
+
+
+@pytest.mark.parametrize("calls", ["slot", "direct"])
+@pytest.mark.parametrize("config", CONFIGS)
+def test_loops_calls_between_plain_functions_libc_and_the_hook(config, calls):
+    names, first, second, stats = run_child(sum_loop_scenario, CONFIGS[config], calls)
+    assert names == ["twice", "f"]
+    assert first == sum(2 * i + 100 * i for i in range(7))
+    assert second == sum((2 if i <= 3 else 3) * i + 100 * i for i in range(7))
+    assert stats["pending_returns"] == 0 and stats["live_versions"] == {"twice": 1, "f": 1}
+
+
+def down_scenario(options, depth):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(DOWN.format(k=1))
+
+        def on_hook(_):
+            rt.replace("down", DOWN.format(k=2))
+            return 0
+        rt.on_hook(on_hook)
+        result = rt.function("down")(depth)
+        return result, rt.stats(), repr(rt.last_transfer_error)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_plain_recursion_replaced_from_the_hook_with_every_frame_live(config):
+    depth = 50
+    result, stats, error = run_child(down_scenario, CONFIGS[config], depth)
+    assert result == 2 * depth, error            # every pending frame finished in v2
+    assert stats["transfers"] == depth + 1 and stats["transfer_failures"] == 0
+    assert stats["pending_returns"] == 0 and stats["freed_versions"] == 1
+
+
+def loop_scenario(options, n, at):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(LOOP.format(k=1))
+
+        def on_hook(i):
+            if i == at:
+                rt.replace("loop", LOOP.format(k=5))
+            return 0
+        rt.on_hook(on_hook)
+        result = rt.function("loop")(n)
+        return result, rt.stats()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_loop_moved_at_a_hook_inside_it(config):
+    n, at = 20, 7
+    result, stats = run_child(loop_scenario, CONFIGS[config], n, at)
+    # The hook comes before the multiplication: iteration ``at`` already multiplies by 5.
+    assert result == sum(i * (1 if i < at else 5) for i in range(n))
+    assert stats["transfers"] == 1 and stats["freed_versions"] == 1
+
+
+def unnamed_scenario(options, new_k):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(UNNAMED.format(k=3))
+        out = {}
+
+        def on_hook(x):
+            try:
+                rt.replace("u", UNNAMED.format(k=new_k))
+                out["replaced"] = True
+            except osrjit.IncompatibleVersion as e:
+                out["refused"] = str(e)
+            return 1
+        rt.on_hook(on_hook)
+        out["result"] = rt.function("u")(10)
+        out["again"] = rt.function("u")(10)
+        return out
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_unnamed_values_make_frames_incompatible_and_nothing_changes(config):
+    out = run_child(unnamed_scenario, CONFIGS[config], 4)
+    assert "refused" in out and "osrjit.t" in out["refused"]
+    assert out["result"] == 31 and out["again"] == 31   # the frame finished in its version
+    same = run_child(unnamed_scenario, CONFIGS[config], 3)
+    assert same.get("replaced") and same["result"] == 31
+
+
+def signature_scenario():
+    import osrjit
+    with osrjit.Runtime() as rt:
+        rt.compile_ir("define i64 @g(i64 %x) {\n  %y = add i64 %x, 1\n  ret i64 %y\n}\n")
+        try:
+            rt.replace("g", "define double @g(double %x) {\n  ret double %x\n}\n")
+        except osrjit.SignatureMismatch as e:
+            refused = str(e)
+        mistyped = None
+        try:
+            rt.compile_ir("declare double @g(i64)\ndefine i64 @h(i64 %x) {\n"
+                          "  %r = call double @g(i64 %x)\n  %i = fptosi double %r to i64\n"
+                          "  ret i64 %i\n}\n")
+        except osrjit.CompileError as e:
+            mistyped = str(e)
+        return refused, rt.function("g")(21), mistyped, rt.names()
+
+
+def test_a_signature_change_is_refused_and_the_old_version_keeps_working():
+    refused, result, mistyped, names = run_child(signature_scenario)
+    assert "i64 (i64)" in refused and "double (double)" in refused
+    assert result == 22
+    assert mistyped is not None and "'g'" in mistyped and names == ["g"]
+
+
+def llvmlite_module():
+    """A tiny code generator: ``poly(x) = hook(x) + x*x + k`` for a given k."""
+    from llvmlite import ir
+    i64 = ir.IntType(64)
+    module = ir.Module()
+    hook = ir.Function(module, ir.FunctionType(i64, [i64]), "osrjit_hook")
+    fn = ir.Function(module, ir.FunctionType(i64, [i64]), "poly")
+    fn.args[0].name = "x"
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    x = fn.args[0]
+    square = b.mul(x, x, name="square")
+    h = b.call(hook, [x], name="h")
+    b.ret(b.add(b.add(h, square, name="sum"), i64(7), name="out"))
+    return module
+
+
+def llvmlite_scenario(options):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.on_hook(lambda x: 1000)
+        rt.compile_ir(llvmlite_module())
+        return rt.function("poly")(5)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_an_llvmlite_module_built_with_irbuilder(config):
+    assert run_child(llvmlite_scenario, CONFIGS[config]) == 1000 + 25 + 7

@@ -369,3 +369,99 @@ def llvmlite_scenario(options):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_an_llvmlite_module_built_with_irbuilder(config):
     assert run_child(llvmlite_scenario, CONFIGS[config]) == 1000 + 25 + 7
+
+
+# i1/i8/i16/i32/double/float/ptr values and nine arguments (two passed on the
+# stack) cross the hook site; v2 weighs %c by {k}.
+MIX = """
+declare i64 @osrjit_hook(i64)
+
+define i64 @mix(i64 %a1, i64 %a2, i64 %a3, i64 %a4, i64 %a5, i64 %a6, i64 %a7, i64 %a8,
+                i64 %a9) {{
+entry:
+  %b = icmp sgt i64 %a1, 0
+  %c = trunc i64 %a2 to i8
+  %s = trunc i64 %a3 to i16
+  %w = trunc i64 %a4 to i32
+  %d = sitofp i64 %a5 to double
+  %f = sitofp i64 %a6 to float
+  %p = inttoptr i64 %a7 to ptr
+  %h = call i64 @osrjit_hook(i64 %a9)
+  %bz = zext i1 %b to i64
+  %cz = sext i8 %c to i64
+  %sz = sext i16 %s to i64
+  %wz = sext i32 %w to i64
+  %d2 = fmul double %d, 1.5
+  %di = fptosi double %d2 to i64
+  %f2 = fmul float %f, 2.5
+  %fi = fptosi float %f2 to i64
+  %pi = ptrtoint ptr %p to i64
+  %x2 = mul i64 %cz, {k}
+  %x3 = add i64 %bz, %x2
+  %x4 = add i64 %x3, %sz
+  %x5 = add i64 %x4, %wz
+  %x6 = add i64 %x5, %di
+  %x7 = add i64 %x6, %fi
+  %x8 = add i64 %x7, %pi
+  %x9 = add i64 %x8, %a8
+  %x10 = add i64 %x9, %h
+  ret i64 %x10
+}}
+"""
+
+
+def mix_scenario(options, args):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(MIX.format(k=10))
+
+        def on_hook(x):
+            rt.replace("mix", MIX.format(k=1000))
+            return x
+        rt.on_hook(on_hook)
+        result = rt.function("mix")(*args)
+        [hook] = [s for s in rt.current("mix").ir.sites.values() if s.kind.value == "hook"]
+        return result, {v.name: v.type for v in hook.live}, rt.stats()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_narrow_float_and_pointer_values_and_nine_arguments_cross_a_hook_site(config):
+    args = (1, -3, -300, -70000, 11, 3, 0x12345678, 100000, 9)
+    result, live, stats = run_child(mix_scenario, CONFIGS[config], args)
+    assert live == {"a8": "i64", "b": "i1", "c": "i8", "s": "i16", "w": "i32", "d": "double",
+                    "f": "float", "p": "ptr"}
+    assert result == 1 + -3 * 1000 - 300 - 70000 + int(11 * 1.5) + int(3 * 2.5) \
+        + 0x12345678 + 100000 + 9
+    assert stats["transfers"] == 1 and stats["transfer_failures"] == 0
+
+
+SUM_REC = """
+define i64 @sum(i64 %n) {{
+entry:
+  %z = icmp eq i64 %n, 0
+  br i1 %z, label %leaf, label %rec
+leaf:
+  ret i64 0
+rec:
+  %m = sub i64 %n, 1
+  %r = call i64 @sum(i64 %m)
+  %k = mul i64 %n, {k}
+  %out = add i64 %r, %k
+  ret i64 %out
+}}
+"""
+
+
+def test_the_emulated_backend_replaces_a_plain_recursion_without_old_code_fetches():
+    rt = osrjit.Runtime(backend="emulated", seed=0)
+    try:
+        rt.compile_ir(SUM_REC.format(k=1))
+        t = rt.spawn("sum", 50)
+        rt.run(300)
+        rt.replace("sum", SUM_REC.format(k=2))
+        rt.run()
+        stats = rt.stats()
+        assert t.result == 2 * 50 * 51 // 2           # every level adds after its call returns
+        assert stats["transfers"] > 0 and stats["old_code_fetches"] == 0
+    finally:
+        rt.close()

@@ -10,17 +10,20 @@ function, named by its IR name. Conventions in the plain IR:
 * a call to another JIT function (defined in the module, or already known to
   the runtime) is a plain call to its name (a CALL site);
 * any other callee is resolved in the process (an EXTERNAL site); calls of
-  ``llvm.*`` intrinsics and inline asm are not sites.
+  ``llvm.*`` intrinsics, inline asm and vararg functions are not sites (LLVM
+  cannot wrap a vararg call in a statepoint): a frame waiting in one keeps
+  running its version until the call returns.
 
 The steps, per function:
 
 1. *Prepare* (module-wide): parse and verify in an LLVM context of its own,
    promote allocas to SSA values (SROA), and give every unnamed argument,
-   block and value a name. Unnamed values get ``osrjit.t<hash>.<n>``, where
-   ``<hash>`` digests the function's text: they never match a value of an
-   edited version, so frames where one is live cannot transfer (a clear
-   :class:`~osrjit.IncompatibleVersion`), while an unchanged function keeps
-   its names. With ``polls``, a ``call void @osrjit_safepoint()`` is added
+   block and value a name: the source variable a debug record
+   (``llvm.dbg.value`` with an empty expression) binds it to, else
+   ``osrjit.t<hash>.<n>``, where ``<hash>`` digests the function's text: such
+   a value never matches one of an edited version, so frames where one is
+   live cannot transfer (a clear :class:`~osrjit.IncompatibleVersion`), while
+   an unchanged function keeps its names. With ``polls``, a ``call void @osrjit_safepoint()`` is added
    after the entry block's allocas and after the phis of every block that a
    depth-first search enters through a back edge (every cycle has one).
 2. *Analyse*: live values (backward dataflow over blocks; a phi's operand is
@@ -45,8 +48,8 @@ Limits of this first cut (each a :class:`~osrjit.CompileError` naming the
 function, the value and its type): values crossing a site are ``i1``,
 ``i8``, ``i16``, ``i32``, ``i64``, ``float``, ``double`` or ``ptr``; a site
 call's result is an integer or ``ptr`` (the transfer restores RAX, not
-XMM0); no ``invoke``, ``callbr``, ``musttail``, vararg or ``byval``-style
-calls at sites; the address of a stack slot (an alloca that SROA could not
+XMM0); no ``invoke``, ``callbr``, ``musttail`` or ``byval``-style calls
+at sites, no vararg JIT functions; the address of a stack slot (an alloca that SROA could not
 promote, or a pointer derived from one) cannot cross a site; a function's
 address cannot be taken (only called); every global a function references
 must be a constant (it is copied into each function's module) or external.
@@ -179,21 +182,56 @@ def _promote(mod) -> None:
     mpm.run(mod, pb)
 
 
-def _name_everything(fn) -> None:
-    """Give every unnamed argument, block and non-void value of ``fn`` a name."""
-    digest = hashlib.blake2b(str(fn).encode(), digest_size=4).hexdigest()
+_DEBUG_VARIABLE = re.compile(r'^!(\d+) = !DILocalVariable\(name: "([^"]*)"', re.M)
+# A debug record or intrinsic binding a value to a variable as it is (empty expression).
+_DEBUG_VALUE = re.compile(
+    r"(?:#dbg_value\(|call void @llvm\.dbg\.value\(metadata )[^%\n]*?"
+    r'(%"[^"]*"|%[-a-zA-Z$._0-9]+), (?:metadata )?!(\d+), (?:metadata )?!DIExpression\(\)')
+
+
+_DEFINE = re.compile(r'^define [^@]*@("[^"]*"|[-a-zA-Z$._0-9]+)\(', re.M)
+
+
+def _function_texts(module_text: str) -> dict[str, str]:
+    """Raw function name -> its definition, as the printed module has it
+    (metadata numbered module-wide)."""
+    out = {}
+    for m in _DEFINE.finditer(module_text):
+        end = module_text.find("\n}\n", m.start())
+        out[_unref("%" + m.group(1))] = module_text[m.start():end + 2]
+    return out
+
+
+def _name_everything(fn, printed: str, variables: Mapping[str, str]) -> None:
+    """Give every unnamed argument, block and non-void value of ``fn`` (whose
+    definition, as the module prints it, is ``printed``) a name: the source
+    variable a debug record binds it to (``variables``: metadata number ->
+    ``DILocalVariable`` name), else ``osrjit.t<hash>.<n>``."""
+    digest = hashlib.blake2b(printed.encode(), digest_size=4).hexdigest()
+    bound = {}
+    for ref, var in _DEBUG_VALUE.findall(printed):
+        if var in variables:
+            bound.setdefault(_unref(ref), variables[var])
+    # LLVM numbers unnamed arguments, then per block the block and its
+    # non-void instructions, in order: the numbers the debug records use.
+    values = [a for a in fn.arguments]
+    blocks = list(fn.blocks)
+    for block in blocks:
+        values.append(block)
+        values.extend(i for i in block.instructions if str(i.type) != "void")
+    unnamed = [v for v in values if not v.name]
+    for number, value in enumerate(unnamed):
+        name = bound.get(str(number))
+        if name and not value.is_block:
+            value.name = name
     n = 0
-    for arg in fn.arguments:
-        if not arg.name:
-            arg.name = f"{_PREFIX}t{digest}.{n}"
-            n += 1
-    for i, block in enumerate(fn.blocks):
+    for i, block in enumerate(blocks):
         if not block.name:
             block.name = f"{_PREFIX}b{i}"
-        for inst in block.instructions:
-            if not inst.name and str(inst.type) != "void":
-                inst.name = f"{_PREFIX}t{digest}.{n}"
-                n += 1
+    for value in values:
+        if not value.name:
+            value.name = f"{_PREFIX}t{digest}.{n}"
+            n += 1
 
 
 # -- the function model ----------------------------------------------------------
@@ -420,9 +458,15 @@ def _classify(ctx: _Context, inst: _Inst, fn_args_types) -> _Site | None:
     fnty = f"{inst.type} ({', '.join(a.type for a in args)})"
     target = callee.function
     declared = fn_args_types.get(target) if target is not None else None
-    if declared is not None and declared.endswith("...)"):
-        raise CompileError(f"{ctx.name}: a call of vararg function @{target} cannot be a "
-                           f"site ({inst.text}); call it from a non-vararg wrapper")
+    if (declared is not None and declared.endswith("...)")) or (
+            target is None and re.search(r"\.\.\.\) %", inst.text)):
+        if target is not None and target in ctx.jit_types:
+            raise CompileError(f"{ctx.name}: JIT function {target!r} is vararg; JIT functions "
+                               f"cannot be vararg")
+        # LLVM cannot wrap a vararg call in a statepoint (the verifier refuses
+        # non-void ones, and none sets AL): it stays a plain call, and a frame
+        # waiting in it keeps running its version until the call returns.
+        return None
     for bad in ("byval", "sret", "inalloca", "preallocated"):
         if re.search(rf"\b{bad}\b", inst.text):
             raise CompileError(f"{ctx.name}: a {bad} argument cannot be passed at a site "
@@ -819,6 +863,10 @@ def _module_globals(text: str, defined: set[str], mod) -> str:
             raise CompileError(f"global @{g.name} is mutable: a module's functions become "
                                f"separate versions, which cannot share a mutable global; "
                                f"make it a constant or an external global")
+        for token in re.findall(r'@("[^"]*"|[-a-zA-Z$._0-9]+)', str(g).split("=", 1)[1]):
+            if _unref("%" + token) in defined:
+                raise CompileError(f"global @{g.name} holds the address of JIT function "
+                                   f"{_unref('%' + token)!r}; JIT functions can only be called")
     out = []
     skip = False
     for line in text.split("\n"):
@@ -905,12 +953,17 @@ def _prepare(mod, known: Mapping[str, str], polls: bool):
             raise CompileError(f"cannot define a JIT function named {name!r}")
     own = {f.name: str(f.global_value_type) for f in defined}
     for name, sig in own.items():
+        if sig.endswith("...)"):
+            raise CompileError(f"{name}: JIT functions cannot be vararg ({sig})")
         old = known.get(name)
         if old is not None and old != sig:
             raise SignatureMismatch(name, old, sig)
     _promote(mod)
+    printed = str(mod)
+    variables = dict(_DEBUG_VARIABLE.findall(printed))
+    texts = _function_texts(printed)
     for fn in defined:
-        _name_everything(fn)
+        _name_everything(fn, texts[fn.name], variables)
     for g in mod.global_variables:
         if not g.is_declaration:
             g.linkage = "internal"   # a private copy in every function's module

@@ -465,3 +465,97 @@ def test_the_emulated_backend_replaces_a_plain_recursion_without_old_code_fetche
         assert stats["transfers"] > 0 and stats["old_code_fetches"] == 0
     finally:
         rt.close()
+
+
+# Unnamed values (as clang emits them) bound to source variables by debug
+# records; v2 multiplies by {k}.
+DEBUG_NAMED = """
+declare i64 @osrjit_hook(i64)
+declare void @llvm.dbg.value(metadata, metadata, metadata)
+
+define i64 @dbg(i64 %0) !dbg !5 {{
+  call void @llvm.dbg.value(metadata i64 %0, metadata !10, metadata !DIExpression()), !dbg !11
+  %2 = mul i64 %0, 3, !dbg !11
+  call void @llvm.dbg.value(metadata i64 %2, metadata !13, metadata !DIExpression()), !dbg !11
+  %3 = call i64 @osrjit_hook(i64 %0), !dbg !11
+  %4 = mul i64 %2, {k}, !dbg !11
+  %5 = add i64 %4, %3, !dbg !11
+  ret i64 %5, !dbg !11
+}}
+
+!llvm.dbg.cu = !{{!0}}
+!llvm.module.flags = !{{!3}}
+!0 = distinct !DICompileUnit(language: DW_LANG_C99, file: !1, producer: "hand", isOptimized: false, runtimeVersion: 0, emissionKind: FullDebug)
+!1 = !DIFile(filename: "dbg.c", directory: "/tmp")
+!3 = !{{i32 2, !"Debug Info Version", i32 3}}
+!5 = distinct !DISubprogram(name: "dbg", scope: !1, file: !1, line: 1, type: !6, unit: !0, spFlags: DISPFlagDefinition)
+!6 = !DISubroutineType(types: !7)
+!7 = !{{null}}
+!10 = !DILocalVariable(name: "n", arg: 1, scope: !5, file: !1, line: 1, type: !12)
+!11 = !DILocation(line: 2, column: 3, scope: !5)
+!12 = !DIBasicType(name: "long", size: 64, encoding: DW_ATE_signed)
+!13 = !DILocalVariable(name: "triple", scope: !5, file: !1, line: 2, type: !12)
+"""
+
+
+def test_unnamed_values_take_the_names_of_their_debug_variables():
+    [f] = instrument(DEBUG_NAMED.format(k=1), known_signatures={})
+    [hook] = _sites(f, SiteKind.HOOK)
+    [entry] = _sites(f, SiteKind.POLL)
+    assert [v.name for v in hook.live] == ["triple"] and [v.name for v in entry.live] == ["n"]
+    assert f.params == ("n",)
+
+
+def debug_named_scenario(options):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(DEBUG_NAMED.format(k=1))
+
+        def on_hook(x):
+            rt.replace("dbg", DEBUG_NAMED.format(k=10))
+            return 1
+        rt.on_hook(on_hook)
+        return rt.function("dbg")(5), rt.stats()["transfers"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_an_edit_of_unnamed_ir_with_debug_variables_keeps_frames_transferable(config):
+    result, transfers = run_child(debug_named_scenario, CONFIGS[config])
+    assert result == 5 * 3 * 10 + 1 and transfers == 1
+
+
+VARARG = """
+declare ptr @malloc(i64)
+declare void @free(ptr)
+declare i32 @sprintf(ptr, ptr, ...)
+declare i64 @strtol(ptr, ptr, i32)
+@fmt = constant [4 x i8] c"%ld\\00"
+
+define i64 @roundtrip(i64 %x) {
+  %buf = call ptr @malloc(i64 32)
+  %n = call i32 (ptr, ptr, ...) @sprintf(ptr %buf, ptr @fmt, i64 %x)
+  %back = call i64 @strtol(ptr %buf, ptr null, i32 10)
+  call void @free(ptr %buf)
+  %len = sext i32 %n to i64
+  %out = mul i64 %back, 100
+  %r = add i64 %out, %len
+  ret i64 %r
+}
+"""
+
+
+def test_a_vararg_call_stays_a_plain_call():
+    [f] = instrument(VARARG, known_signatures={}, polls=False)
+    assert sorted(s.callee for s in f.sites.values()) == ["free", "malloc", "strtol"]
+
+
+def vararg_scenario(options):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(VARARG)
+        return rt.function("roundtrip")(-12345)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_constants_and_vararg_libc_calls_run(config):
+    assert run_child(vararg_scenario, CONFIGS[config]) == -12345 * 100 + 6

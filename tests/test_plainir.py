@@ -559,3 +559,72 @@ def vararg_scenario(options):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_constants_and_vararg_libc_calls_run(config):
     assert run_child(vararg_scenario, CONFIGS[config]) == -12345 * 100 + 6
+
+
+STEP = "define i64 @step(i64 %x) {{\n  %y = mul i64 %x, {k}\n  ret i64 %y\n}}\n"
+RUN = """
+declare i64 @step(i64)
+
+define i64 @run(i64 %n) {
+entry:
+  br label %loop
+loop:
+  %i = phi i64 [ 0, %entry ], [ %i.next, %loop ]
+  %acc = phi i64 [ 0, %entry ], [ %acc.next, %loop ]
+  %v = call i64 @step(i64 %i)
+  %acc.next = add i64 %acc, %v
+  %i.next = add i64 %i, 1
+  %more = icmp slt i64 %i.next, %n
+  br i1 %more, label %loop, label %done
+done:
+  ret i64 %acc.next
+}
+"""
+
+
+def alternation_scenario(options, calls, threads, replacements, n):
+    import threading
+    import osrjit
+    with osrjit.Runtime(calls=calls, **options) as rt:
+        rt.compile_ir(STEP.format(k=2))
+        rt.compile_ir(RUN)                   # step is known: a JIT call, by name
+        run = rt.function("run")
+        low, high = 2 * sum(range(n)), 3 * sum(range(n))
+        started = [threading.Event() for _ in range(threads)]
+        stop = threading.Event()
+        bad, counts = [], [0] * threads
+
+        def worker(w):
+            while True:
+                r = run(n)
+                if not low <= r <= high:
+                    bad.append(r)
+                counts[w] += 1
+                started[w].set()
+                if stop.is_set():
+                    return
+
+        pool = [threading.Thread(target=worker, args=(w,)) for w in range(threads)]
+        for t in pool:
+            t.start()
+        for e in started:
+            e.wait()
+        for j in range(replacements):
+            rt.replace("step", STEP.format(k=3 if j % 2 == 0 else 2))
+        stop.set()
+        for t in pool:
+            t.join()
+        return bad, counts, rt.stats(), run(n)
+
+
+@pytest.mark.parametrize("config,calls", [
+    ("default", "slot"), ("fast", "direct"),
+    pytest.param("default", "direct", marks=pytest.mark.slow),
+    pytest.param("fast", "slot", marks=pytest.mark.slow)])
+def test_a_plain_callee_replaced_a_hundred_times_while_callers_run(config, calls):
+    n = 2000
+    bad, counts, stats, last = run_child(alternation_scenario, CONFIGS[config], calls, 2, 100, n)
+    assert bad == [] and all(c >= 1 for c in counts)
+    assert last == 2 * sum(range(n))        # the 100th replacement (k=2) is current
+    assert stats["pending_returns"] == 0 and stats["transfer_failures"] == 0
+    assert stats["live_versions"] == {"step": 1, "run": 1}

@@ -167,6 +167,13 @@ def test_a_known_function_is_called_as_a_jit_function():
     assert [s.kind for s in h.sites.values()] == [SiteKind.EXTERNAL] and not h.callees
 
 
+def test_ir_text_is_told_from_reference_language_source():
+    from osrjit.plainir import is_plain_ir
+    assert is_plain_ir("define i64 @f(i64 %x) {\n  ret i64 %x\n}\n")
+    assert is_plain_ir(llvmlite_module())
+    assert not is_plain_ir("def f(x):\n    define = x\n    return define\n")
+
+
 # -- refusals ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("src,known,words", [
@@ -628,3 +635,82 @@ def test_a_plain_callee_replaced_a_hundred_times_while_callers_run(config, calls
     assert last == 2 * sum(range(n))        # the 100th replacement (k=2) is current
     assert stats["pending_returns"] == 0 and stats["transfer_failures"] == 0
     assert stats["live_versions"] == {"step": 1, "run": 1}
+
+
+# A switch, a phi of three site results (external, JIT, indirect through a
+# pointer argument), and the hook: the weight of r is {k}.
+SWITCHY = """
+declare i64 @labs(i64)
+declare i64 @osrjit_hook(i64)
+
+define i64 @triple(i64 %x) {{
+  %y = mul i64 %x, 3
+  ret i64 %y
+}}
+
+define i64 @switchy(i64 %n, ptr %fp) {{
+entry:
+  br label %head
+head:
+  %i = phi i64 [ 0, %entry ], [ %i.next, %join ]
+  %acc = phi i64 [ 0, %entry ], [ %acc.next, %join ]
+  %lane = urem i64 %i, 3
+  switch i64 %lane, label %other [ i64 0, label %zero
+                                   i64 1, label %one ]
+zero:
+  %neg = sub i64 0, %i
+  %r0 = call i64 @labs(i64 %neg)
+  br label %join
+one:
+  %r1 = call i64 @triple(i64 %i)
+  br label %join
+other:
+  %neg2 = sub i64 -5, %i
+  %r2 = call i64 %fp(i64 %neg2)
+  br label %join
+join:
+  %r = phi i64 [ %r0, %zero ], [ %r1, %one ], [ %r2, %other ]
+  %h = call i64 @osrjit_hook(i64 %i)
+  %w = mul i64 %r, {k}
+  %acc.1 = add i64 %acc, %w
+  %acc.next = add i64 %acc.1, %h
+  %i.next = add i64 %i, 1
+  %more = icmp ult i64 %i.next, %n
+  br i1 %more, label %head, label %exit
+exit:
+  ret i64 %acc.next
+}}
+"""
+
+
+def switchy_reference(n, at):
+    total = 0
+    for i in range(n):
+        r = (i, 3 * i, 5 + i)[i % 3]
+        total += r * (1 if i < at else 7) + i
+    return total
+
+
+def switchy_scenario(options, n, at):
+    import ctypes
+    import osrjit
+    labs = ctypes.cast(ctypes.CDLL(None).labs, ctypes.c_void_p).value
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(SWITCHY.format(k=1))
+
+        def on_hook(i):
+            if i == at:
+                rt.replace("switchy", SWITCHY.format(k=7).split("define i64 @triple")[0] +
+                           "declare i64 @triple(i64)\n" +
+                           "define i64 @switchy" + SWITCHY.format(k=7).split("define i64 @switchy")[1])
+            return i
+        rt.on_hook(on_hook)
+        return rt.function("switchy")(n, labs), rt.stats()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_switch_a_phi_of_site_results_and_an_indirect_call(config):
+    n, at = 30, 10
+    result, stats = run_child(switchy_scenario, CONFIGS[config], n, at)
+    assert result == switchy_reference(n, at)
+    assert stats["transfers"] == 1 and stats["transfer_failures"] == 0

@@ -77,12 +77,12 @@ __all__ = ["instrument", "is_plain_ir", "signature_of", "known_signatures", "SAF
 
 # -- input -----------------------------------------------------------------------
 
-_DEFINE_LINE = re.compile(r"^\s*define\b", re.M)
+_DEFINE_LINE = re.compile(r"^\s*define\b[^\n]*@", re.M)
 
 
 def is_plain_ir(source) -> bool:
-    """True for an ``llvmlite.ir.Module`` or text with a ``define`` line (IR, not
-    reference-language source)."""
+    """True for an ``llvmlite.ir.Module`` or text with a ``define ... @name``
+    line (IR; reference-language source has no ``@``)."""
     if isinstance(source, llir.Module):
         return True
     return isinstance(source, str) and _DEFINE_LINE.search(source) is not None

@@ -115,8 +115,8 @@ class _Emitter:
         self.symbol = default_symbol(ctx.name)
         self.sites = [i.site for b in blocks for i in b.insts if i.site is not None]
         self.slots: set[str] = set()        # global cells referenced
-        self.direct: set[str] = set()       # direct-call symbols declared: name -> fnty
-        self.direct_types: dict[str, str] = {}
+        self.direct: set[str] = set()       # JIT functions called directly
+        self.direct_types: dict[str, str] = {}   # ... and their function types
         self.uses_poll = any(s.kind is SiteKind.POLL for s in self.sites)
         self.uses_result: set[str] = set()
         self.counter = 0
@@ -194,7 +194,6 @@ class _Emitter:
         def emit_block_lines(b: Block):
             pending_phi_stores = []
             phis_done = False
-            loads_here: dict[str, str] = {}
 
             def value(op: Operand) -> str:
                 if op.local is not None and op.local in demoted:
@@ -270,7 +269,7 @@ class _Emitter:
                         if op.local is not None and op.local in demoted:
                             edge_loads.setdefault((pred, op.local), self.fresh(f"e.{op.local}"))
 
-        for i, b in enumerate(self.blocks):
+        for b in self.blocks:
             out.append(f"{lref(b.name)[1:]}:")
             emit_block_lines(b)
         return out
@@ -321,7 +320,13 @@ class _Emitter:
 
 
 def function_ir(ctx: Context, fn, module_globals: str, prof_id: int,
-                 declared_types: Mapping[str, str]) -> FunctionIR:
+                declared_types: Mapping[str, str]) -> FunctionIR:
+    """The FunctionIR of ``fn`` (a function of the prepared module, every
+    value named): its module is ``module_globals`` (the globals, declarations
+    and metadata every function shares), the normal and the resume entry,
+    and the declarations they need. ``prof_id``: a metadata number the
+    module does not use; ``declared_types``: name -> function type of every
+    function the module declares or defines."""
     blocks = model_of(fn)
     for arg in fn.arguments:
         ctx.types[arg.name] = str(arg.type)
@@ -337,37 +342,7 @@ def function_ir(ctx: Context, fn, module_globals: str, prof_id: int,
                         f"{ctx.name}: the address of JIT function {op.function!r} is taken "
                         f"({inst.text}); JIT functions can only be called")
     ctx.allocas = stack_derived(blocks)
-    live_out = live_out_sets(blocks)
-    demoted: set[str] = set()
-    used: set[str] = set()
-    for b in blocks:
-        for inst in b.insts:
-            used |= {o.local for o in inst.operands if o.local is not None}
-    for b in blocks:
-        live = set(live_out[b.name])
-        for inst in reversed(b.insts):
-            if inst.site is not None:
-                across = sorted(live - {inst.name})
-                for v in across:
-                    ty = ctx.types[v]
-                    if ty not in LIVE_TYPES:
-                        raise CompileError(
-                            f"{ctx.name}: value %{v} of type {ty} is live across the call "
-                            f"{inst.text!r}; values crossing a site are "
-                            f"{', '.join(sorted(LIVE_TYPES))}")
-                    if v in ctx.allocas:
-                        raise CompileError(
-                            f"{ctx.name}: %{v} points into the function's stack frame and is "
-                            f"live across the call {inst.text!r}; a frame's stack slots cannot "
-                            f"be transferred (keep the data in SSA values or on the heap)")
-                inst.site.live = tuple(LiveValue(v, ctx.types[v]) for v in across)
-                demoted |= set(across)
-                if inst.name is not None and inst.name in used:
-                    demoted.add(inst.name)
-            if inst.name is not None:
-                live.discard(inst.name)
-            if inst.opcode != "phi":
-                live |= {o.local for o in inst.operands if o.local is not None}
+    demoted, used = _live_across_sites(ctx, blocks)
     params = [(a.name, str(a.type)) for a in fn.arguments]
     demoted |= {n for n, _ in params if n in used}
     attrs = _header_attrs(ctx.name, ctx.header)
@@ -400,6 +375,44 @@ def function_ir(ctx: Context, fn, module_globals: str, prof_id: int,
     return FunctionIR(name=ctx.name, params=tuple(n for n, _ in params), module_ir=text,
                       symbol=em.symbol, sites=sites, callees=frozenset(jit_callees),
                       return_type=em.ret, direct_callees=frozenset(em.direct))
+
+
+def _live_across_sites(ctx: Context, blocks: list[Block]) -> tuple[set[str], set[str]]:
+    """Set every site's ``live`` (the values live right after its call, minus
+    its result, by name) and return (the values the resume entry keeps in
+    slots but for parameters, every value used anywhere)."""
+    live_out = live_out_sets(blocks)
+    demoted: set[str] = set()
+    used: set[str] = set()
+    for b in blocks:
+        for inst in b.insts:
+            used |= {o.local for o in inst.operands if o.local is not None}
+    for b in blocks:
+        live = set(live_out[b.name])
+        for inst in reversed(b.insts):
+            if inst.site is not None:
+                across = sorted(live - {inst.name})
+                for v in across:
+                    ty = ctx.types[v]
+                    if ty not in LIVE_TYPES:
+                        raise CompileError(
+                            f"{ctx.name}: value %{v} of type {ty} is live across the call "
+                            f"{inst.text!r}; values crossing a site are "
+                            f"{', '.join(sorted(LIVE_TYPES))}")
+                    if v in ctx.allocas:
+                        raise CompileError(
+                            f"{ctx.name}: %{v} points into the function's stack frame and is "
+                            f"live across the call {inst.text!r}; a frame's stack slots cannot "
+                            f"be transferred (keep the data in SSA values or on the heap)")
+                inst.site.live = tuple(LiveValue(v, ctx.types[v]) for v in across)
+                demoted |= set(across)
+                if inst.name is not None and inst.name in used:
+                    demoted.add(inst.name)
+            if inst.name is not None:
+                live.discard(inst.name)
+            if inst.opcode != "phi":
+                live |= {o.local for o in inst.operands if o.local is not None}
+    return demoted, used
 
 
 def _split_fnty(fnty: str) -> tuple[str, str]:

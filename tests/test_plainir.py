@@ -159,7 +159,8 @@ def test_direct_calls_reference_the_callee_symbol():
 
 
 def test_a_known_function_is_called_as_a_jit_function():
-    src = "declare i64 @g(i64)\ndefine i64 @h(i64 %x) {\n  %r = call i64 @g(i64 %x)\n  ret i64 %r\n}\n"
+    src = ("declare i64 @g(i64)\n"
+           "define i64 @h(i64 %x) {\n  %r = call i64 @g(i64 %x)\n  ret i64 %r\n}\n")
     [h] = instrument(src, known_signatures={"g": "i64 (i64)"}, polls=False)
     [site] = h.sites.values()
     assert site.kind is SiteKind.CALL and h.callees == {"g"}
@@ -202,7 +203,8 @@ def test_ir_text_is_told_from_reference_language_source():
      "  ret i64 %x\n}\n", {}, ["@counter", "mutable"]),
     # a JIT function's address taken
     ("declare void @qsort(ptr, i64, i64, ptr)\ndefine i32 @cmp(ptr %a, ptr %b) {\n  ret i32 0\n}\n"
-     "define void @h(ptr %p) {\n  call void @qsort(ptr %p, i64 1, i64 8, ptr @cmp)\n  ret void\n}\n",
+     "define void @h(ptr %p) {\n  call void @qsort(ptr %p, i64 1, i64 8, ptr @cmp)\n"
+     "  ret void\n}\n",
      {}, ["'cmp'", "address"]),
     # IR LLVM rejects
     ("define i64 @h(i64 %x) {\n  ret i32 %x\n}\n", {}, ["LLVM"]),
@@ -492,10 +494,12 @@ define i64 @dbg(i64 %0) !dbg !5 {{
 
 !llvm.dbg.cu = !{{!0}}
 !llvm.module.flags = !{{!3}}
-!0 = distinct !DICompileUnit(language: DW_LANG_C99, file: !1, producer: "hand", isOptimized: false, runtimeVersion: 0, emissionKind: FullDebug)
+!0 = distinct !DICompileUnit(language: DW_LANG_C99, file: !1, producer: "hand",
+                             isOptimized: false, runtimeVersion: 0, emissionKind: FullDebug)
 !1 = !DIFile(filename: "dbg.c", directory: "/tmp")
 !3 = !{{i32 2, !"Debug Info Version", i32 3}}
-!5 = distinct !DISubprogram(name: "dbg", scope: !1, file: !1, line: 1, type: !6, unit: !0, spFlags: DISPFlagDefinition)
+!5 = distinct !DISubprogram(name: "dbg", scope: !1, file: !1, line: 1, type: !6, unit: !0,
+                            spFlags: DISPFlagDefinition)
 !6 = !DISubroutineType(types: !7)
 !7 = !{{null}}
 !10 = !DILocalVariable(name: "n", arg: 1, scope: !5, file: !1, line: 1, type: !12)
@@ -699,10 +703,10 @@ def switchy_scenario(options, n, at):
         rt.compile_ir(SWITCHY.format(k=1))
 
         def on_hook(i):
-            if i == at:
-                rt.replace("switchy", SWITCHY.format(k=7).split("define i64 @triple")[0] +
-                           "declare i64 @triple(i64)\n" +
-                           "define i64 @switchy" + SWITCHY.format(k=7).split("define i64 @switchy")[1])
+            if i == at:         # v2 declares triple (compiled) and redefines switchy only
+                head, body = SWITCHY.format(k=7).split("define i64 @triple")
+                rt.replace("switchy", head + "declare i64 @triple(i64)\n" +
+                           "define i64 @switchy" + body.split("define i64 @switchy")[1])
             return i
         rt.on_hook(on_hook)
         return rt.function("switchy")(n, labs), rt.stats()
@@ -714,3 +718,41 @@ def test_a_switch_a_phi_of_site_results_and_an_indirect_call(config):
     result, stats = run_child(switchy_scenario, CONFIGS[config], n, at)
     assert result == switchy_reference(n, at)
     assert stats["transfers"] == 1 and stats["transfer_failures"] == 0
+
+
+QUOTED = """
+declare i64 @osrjit_hook(i64)
+
+define i64 @"my fn"(i64 %"the n") {{
+"entry block":
+  %"a b" = mul i64 %"the n", 3
+  %"q\\22uote" = add i64 %"the n", 1
+  %"5x" = add i64 %"the n", 2
+  %h = call i64 @osrjit_hook(i64 %"the n")
+  %r1 = mul i64 %"a b", {k}
+  %r2 = add i64 %r1, %"q\\22uote"
+  %r3 = add i64 %r2, %"5x"
+  %r = add i64 %r3, %h
+  ret i64 %r
+}}
+"""
+
+
+def quoted_scenario(options):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(QUOTED.format(k=1))
+
+        def on_hook(_):
+            rt.replace("my fn", QUOTED.format(k=10))
+            return 0
+        rt.on_hook(on_hook)
+        [hook] = [s for s in rt.current("my fn").ir.sites.values() if s.kind.value == "hook"]
+        return rt.function("my fn")(5), [v.name for v in hook.live]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_names_llvm_must_quote_work_as_function_and_value_names(config):
+    result, live = run_child(quoted_scenario, CONFIGS[config])
+    assert live == ["5x", "a b", 'q"uote']
+    assert result == 15 * 10 + 6 + 7

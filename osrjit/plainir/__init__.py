@@ -10,7 +10,8 @@ function, named by its IR name. Conventions in the plain IR:
 * a call to another JIT function (defined in the module, or already known to
   the runtime) is a plain call to its name (a CALL site);
 * any other callee is resolved in the process (an EXTERNAL site); calls of
-  ``llvm.*`` intrinsics, inline asm and vararg functions are not sites (LLVM
+  ``llvm.*`` intrinsics, inline asm, ``@osrjit_error`` and vararg functions
+  are not sites (LLVM
   cannot wrap a vararg call in a statepoint): a frame waiting in one keeps
   running its version until the call returns.
 
@@ -23,9 +24,10 @@ The steps, per function:
    ``osrjit.t<hash>.<n>``, where ``<hash>`` digests the function's text: such
    a value never matches one of an edited version, so frames where one is
    live cannot transfer (a clear :class:`~osrjit.IncompatibleVersion`), while
-   an unchanged function keeps its names. With ``polls``, a ``call void @osrjit_safepoint()`` is added
-   after the entry block's allocas and after the phis of every block that a
-   depth-first search enters through a back edge (every cycle has one).
+   an unchanged function keeps its names. With ``polls``, a ``call void
+   @osrjit_safepoint()`` is added after the entry block's allocas and after
+   the phis of every block that a depth-first search enters through a back
+   edge (every cycle has one).
 2. *Analyse*: live values (backward dataflow over blocks; a phi's operand is
    live out of its predecessor only). The values live across a site are those
    live right after its call, minus the call's own result, in name order.

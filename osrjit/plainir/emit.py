@@ -6,7 +6,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..abi import (CALLS_DIRECT, GC_STRATEGY, HOOK_SYMBOL, SAFEPOINT_FLAG_SYMBOL,
+from ..abi import (CALLS_DIRECT, ERROR_SYMBOL, GC_STRATEGY, HOOK_SYMBOL, SAFEPOINT_FLAG_SYMBOL,
                    SAFEPOINT_SLOW_SYMBOL, SLOT_PREFIX, STATE_LIVE_BASE, STATE_RESULT_INDEX,
                    FunctionIR, LiveValue, SiteInfo, SiteKind, direct_call_symbol)
 from ..errors import CompileError
@@ -47,8 +47,9 @@ def classify(ctx: Context, inst: Inst, fn_args_types) -> Site | None:
     if inst.opcode != "call":
         return None
     callee = inst.operands[-1]
-    if callee.asm or (callee.function is not None and callee.function.startswith("llvm.")):
-        return None
+    if callee.asm or (callee.function is not None and (
+            callee.function.startswith("llvm.") or callee.function == ERROR_SYMBOL)):
+        return None     # intrinsics, inline asm, @osrjit_error (see osrjit.abi)
     if "musttail call" in inst.text:
         raise CompileError(f"{ctx.name}: musttail calls are not supported ({inst.text})")
     args = inst.operands[:-1]

@@ -515,6 +515,7 @@ def test_unnamed_values_take_the_names_of_their_debug_variables():
     [entry] = _sites(f, SiteKind.POLL)
     assert [v.name for v in hook.live] == ["triple"] and [v.name for v in entry.live] == ["n"]
     assert f.params == ("n",)
+    assert (hook.line, hook.col) == (2, 3)         # the call's !DILocation
 
 
 def debug_named_scenario(options):

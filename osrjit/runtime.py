@@ -22,7 +22,7 @@ from unwinder.errors import UnwindError
 from deopt.framemaps import check_compatible as _check_maps
 from deopt.transfer import ResumeTarget, TransferError
 
-from . import abi
+from . import abi, plainir
 from .abi import FunctionIR
 from .backend import PauseReport
 from .compiling import replacement_irs, validate_batch
@@ -255,6 +255,7 @@ class Runtime:
             self._check_open()
             function_irs = self._instrumented(function_irs, polls)
             irs = validate_batch(function_irs, self._functions.signatures())
+            plainir.check_signatures(irs, self._functions)
             new_cells = {ir.name: self._backend.new_cell(ir.name)
                          for ir in irs if ir.name not in self._functions}
             linked = self._backend.link(irs, new_cells)
@@ -269,7 +270,6 @@ class Runtime:
     def _instrumented(self, source, polls: bool):
         """``source`` as FunctionIRs if it is plain LLVM IR (text with a
         ``define`` line, or an ``llvmlite.ir.Module``); else unchanged."""
-        from . import plainir
         if not plainir.is_plain_ir(source):
             return source
         return plainir.instrument(source, polls=polls, calls=self.calls,
@@ -358,6 +358,7 @@ class Runtime:
             irs = replacement_irs(names, self._instrumented(source, polls), polls=polls,
                                   calls=self.calls, known=self._functions.arities())
             irs = validate_batch(irs, self._functions.signatures())
+            plainir.check_signatures(irs, self._functions)
             linked = self._backend.link(irs, {})
             new = {v.name: v for v in linked}
             try:

@@ -757,3 +757,23 @@ def test_names_llvm_must_quote_work_as_function_and_value_names(config):
     result, live = run_child(quoted_scenario, CONFIGS[config])
     assert live == ["5x", "a b", 'q"uote']
     assert result == 15 * 10 + 6 + 7
+
+
+def versioned_signature_scenario():
+    import osrjit
+    from osrjit.ir import DOUBLE, I64, VersionedFunction
+
+    def body(fb):
+        fb.builder.ret(fb.load("x"))
+    with osrjit.Runtime() as rt:
+        rt.compile_ir(VersionedFunction("g", [("x", I64)]).build(body))
+        try:
+            rt.replace("g", VersionedFunction("g", [("x", DOUBLE)]).build(
+                lambda fb: fb.builder.ret(fb.builder.fptosi(fb.load("x"), I64))))
+        except osrjit.SignatureMismatch as e:
+            return str(e), rt.function("g")(21)
+
+
+def test_any_new_version_with_other_parameter_types_is_refused():
+    message, result = run_child(versioned_signature_scenario)
+    assert "i64 (i64)" in message and "i64 (double)" in message and result == 21

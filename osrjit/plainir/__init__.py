@@ -73,8 +73,8 @@ from ..ir import parse_module
 from .emit import LIVE_TYPES, RESULT_TYPES, Context, function_ir
 from .model import PREFIX, SAFEPOINT_SYMBOL, model_of, poll_headers, ref, unref
 
-__all__ = ["instrument", "is_plain_ir", "signature_of", "known_signatures", "SAFEPOINT_SYMBOL",
-           "LIVE_TYPES", "RESULT_TYPES"]
+__all__ = ["instrument", "is_plain_ir", "signature_of", "known_signatures", "check_signatures",
+           "SAFEPOINT_SYMBOL", "LIVE_TYPES", "RESULT_TYPES"]
 
 
 # -- input -----------------------------------------------------------------------
@@ -385,3 +385,17 @@ def known_signatures(functions: Iterable) -> dict[str, str]:
         if v is not None:
             out[fn.name] = signature_of(v.ir.module_ir, v.ir.symbol)
     return out
+
+
+def check_signatures(irs: Iterable[FunctionIR], functions) -> None:
+    """Raise :class:`SignatureMismatch` if a FunctionIR of ``irs`` redefines a
+    function of ``functions`` (the runtime's table) with another LLVM function
+    type — whatever produced it. Reads only ``define`` lines."""
+    for ir in irs:
+        fn = functions.find(ir.name)
+        if fn is None or fn.current is None:
+            continue
+        old = signature_of(fn.current.ir.module_ir, fn.current.ir.symbol)
+        new = signature_of(ir.module_ir, ir.symbol)
+        if old != new:
+            raise SignatureMismatch(ir.name, old, new)

@@ -206,6 +206,9 @@ def test_ir_text_is_told_from_reference_language_source():
      "define void @h(ptr %p) {\n  call void @qsort(ptr %p, i64 1, i64 8, ptr @cmp)\n"
      "  ret void\n}\n",
      {}, ["'cmp'", "address"]),
+    # osrjit's own symbols (a direct call the runtime would not know to patch)
+    ('declare i64 @"osrjit.fn.g"(i64)\ndefine i64 @h(i64 %x) {\n'
+     '  %r = call i64 @"osrjit.fn.g"(i64 %x)\n  ret i64 %r\n}\n', {}, ["osrjit.fn.g", "own"]),
     # IR LLVM rejects
     ("define i64 @h(i64 %x) {\n  ret i32 %x\n}\n", {}, ["LLVM"]),
 ])

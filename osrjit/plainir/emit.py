@@ -336,6 +336,11 @@ def function_ir(ctx: Context, fn, module_globals: str, prof_id: int,
             if inst.name is not None:
                 ctx.types[inst.name] = inst.type
             inst.site = classify(ctx, inst, declared_types)
+            for op in inst.operands:
+                if op.value.startswith(("@" + PREFIX, f'@"{PREFIX}')):
+                    raise CompileError(
+                        f"{ctx.name}: {op.value} is one of osrjit's own symbols ({inst.text}); "
+                        f"call a JIT function by its name")
             for op in (inst.operands if inst.site is None else
                        [*inst.site.args]):
                 if op.function is not None and op.function in ctx.jit_types:

@@ -11,9 +11,8 @@ function, named by its IR name. Conventions in the plain IR:
   the runtime) is a plain call to its name (a CALL site);
 * any other callee is resolved in the process (an EXTERNAL site); calls of
   ``llvm.*`` intrinsics, inline asm, ``@osrjit_error`` and vararg functions
-  are not sites (LLVM
-  cannot wrap a vararg call in a statepoint): a frame waiting in one keeps
-  running its version until the call returns.
+  are not sites (LLVM cannot wrap a vararg call in a statepoint): a frame
+  waiting in one keeps running its version until the call returns.
 
 The steps, per function:
 
@@ -51,10 +50,16 @@ function, the value and its type): values crossing a site are ``i1``,
 ``i8``, ``i16``, ``i32``, ``i64``, ``float``, ``double`` or ``ptr``; a site
 call's result is an integer or ``ptr`` (the transfer restores RAX, not
 XMM0); no ``invoke``, ``callbr``, ``musttail`` or ``byval``-style calls
-at sites, no vararg JIT functions; the address of a stack slot (an alloca that SROA could not
-promote, or a pointer derived from one) cannot cross a site; a function's
-address cannot be taken (only called); every global a function references
-must be a constant (it is copied into each function's module) or external.
+at sites, no vararg JIT functions; the address of a stack slot (an alloca
+that SROA could not promote, or a pointer derived from one) cannot cross a
+site; a JIT function's address cannot be taken (only called); osrjit's own
+symbols (``osrjit.fn.*``, ``osrjit.slot.*``) cannot be referenced; every
+global a function references must be a constant (an internal copy goes into
+each function's module) or external.
+
+Layout: :mod:`.model` reads a function (names, blocks, liveness, loop
+headers), :mod:`.emit` decides the sites and writes the two entries, and
+this module prepares the input and is the API.
 """
 from __future__ import annotations
 
@@ -260,7 +265,8 @@ def _module_globals(text: str, defined: set[str], mod) -> str:
     for g in mod.global_variables:
         if g.is_declaration:
             continue
-        if not re.search(r"\bconstant\b", str(g).split("=", 1)[1].split(",", 1)[0]):
+        keyword = re.search(r"\b(global|constant)\b", str(g).split("=", 1)[1])
+        if keyword is None or keyword.group(1) != "constant":   # the first one, before the type
             raise CompileError(f"global @{g.name} is mutable: a module's functions become "
                                f"separate versions, which cannot share a mutable global; "
                                f"make it a constant or an external global")
@@ -287,8 +293,6 @@ def _module_globals(text: str, defined: set[str], mod) -> str:
         if line.startswith("source_filename") or line.startswith("; ModuleID"):
             continue
         out.append(line)
-    # internal constants would be defined in every function's module: fine;
-    # make them private copies so no two libraries export the same symbol.
     return "\n".join(out)
 
 

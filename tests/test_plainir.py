@@ -269,10 +269,11 @@ def down_scenario(options, depth):
         return result, rt.stats(), repr(rt.last_transfer_error)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_a_plain_recursion_replaced_from_the_hook_with_every_frame_live(config):
+@pytest.mark.parametrize("options", [*CONFIGS.values(), {"opt_level": 0, "compiler": "worker"}],
+                         ids=[*CONFIGS, "O0-worker"])
+def test_a_plain_recursion_replaced_from_the_hook_with_every_frame_live(options):
     depth = 50
-    result, stats, error = run_child(down_scenario, CONFIGS[config], depth)
+    result, stats, error = run_child(down_scenario, options, depth)
     assert result == 2 * depth, error            # every pending frame finished in v2
     assert stats["transfers"] == depth + 1 and stats["transfer_failures"] == 0
     assert stats["pending_returns"] == 0 and stats["freed_versions"] == 1

@@ -781,3 +781,54 @@ def versioned_signature_scenario():
 def test_any_new_version_with_other_parameter_types_is_refused():
     message, result = run_child(versioned_signature_scenario)
     assert "i64 (i64)" in message and "i64 (double)" in message and result == 21
+
+
+# Variables in allocas, as a naive code generator (or clang -O0) emits them:
+# SROA turns them into SSA values before anything else; v2 adds {k} * i.
+ALLOCAS = """
+declare i64 @osrjit_hook(i64)
+
+define i64 @acc(i64 %n) {{
+entry:
+  %i.addr = alloca i64
+  %s.addr = alloca i64
+  store i64 0, ptr %i.addr
+  store i64 0, ptr %s.addr
+  br label %cond
+cond:
+  %i = load i64, ptr %i.addr
+  %more = icmp slt i64 %i, %n
+  br i1 %more, label %body, label %done
+body:
+  %h = call i64 @osrjit_hook(i64 %i)
+  %s = load i64, ptr %s.addr
+  %t = mul i64 %i, {k}
+  %s1 = add i64 %s, %t
+  store i64 %s1, ptr %s.addr
+  %i1 = add i64 %i, 1
+  store i64 %i1, ptr %i.addr
+  br label %cond
+done:
+  %r = load i64, ptr %s.addr
+  ret i64 %r
+}}
+"""
+
+
+def allocas_scenario(options, n, at):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(ALLOCAS.format(k=1))
+
+        def on_hook(i):
+            if i == at:
+                rt.replace("acc", ALLOCAS.format(k=4))
+            return 0
+        rt.on_hook(on_hook)
+        return rt.function("acc")(n), rt.stats()["transfers"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_variables_in_allocas_are_promoted_and_transfer(config):
+    result, transfers = run_child(allocas_scenario, CONFIGS[config], 12, 5)
+    assert result == sum(i * (1 if i < 5 else 4) for i in range(12)) and transfers == 1

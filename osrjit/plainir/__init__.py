@@ -141,13 +141,22 @@ def _parse(text: str):
 
 
 def _promote(mod) -> None:
-    """SROA: allocas only loaded and stored become SSA values (and phis)."""
+    """SROA: allocas only loaded and stored become SSA values (and phis).
+    Every pass object is closed here: a PassBuilder left to the garbage
+    collector keeps about a kilobyte of native memory for good."""
     from ..compiling import target_machine
     tm = target_machine(0)
-    pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=0))
+    pto = llvm.create_pipeline_tuning_options(speed_level=0)
+    pb = llvm.create_pass_builder(tm, pto)
     mpm = llvm.create_new_module_pass_manager()
-    mpm.add_sroa_pass()
-    mpm.run(mod, pb)
+    try:
+        mpm.add_sroa_pass()
+        mpm.run(mod, pb)
+    finally:
+        mpm.close()
+        pb.close()
+        pto.close()
+        tm.close()
 
 
 _DEBUG_VARIABLE = re.compile(r'^!(\d+) = !DILocalVariable\(name: "([^"]*)"', re.M)
@@ -365,7 +374,8 @@ def _prepare(mod, known: Mapping[str, str], polls: bool):
         old = known.get(name)
         if old is not None and old != sig:
             raise SignatureMismatch(name, old, sig)
-    _promote(mod)
+    if " = alloca " in str(mod):
+        _promote(mod)   # not otherwise: every pass-manager run keeps ~1.5 KiB of LLVM's
     printed = str(mod)
     variables = dict(_DEBUG_VARIABLE.findall(printed))
     texts = _function_texts(printed)

@@ -48,6 +48,7 @@ def unref(token: str) -> str:
 
 
 def lref(name: str) -> str:
+    """A local value or block ``name`` as LLVM prints a reference to it."""
     return ref("%", name)
 
 
@@ -66,6 +67,7 @@ def substitute(text: str, replace: Mapping[str, str]) -> str:
 
 @dataclass
 class Operand:
+    """One operand of an instruction."""
     text: str            # typed, as in a call's argument list: "i64 %x", "ptr @g", "i64 5"
     value: str           # the value alone: "%x", "@g", "5"
     type: str
@@ -76,6 +78,7 @@ class Operand:
 
 @dataclass
 class Site:
+    """A call that becomes a frame-map site (``live`` is filled by the liveness pass)."""
     key: str
     id: int
     kind: SiteKind
@@ -92,6 +95,7 @@ class Site:
 
 @dataclass
 class Inst:
+    """One instruction as the prepared module prints it, and what it reads."""
     text: str                 # as printed, without indentation
     name: str | None          # defined value (raw), or None
     type: str
@@ -103,12 +107,14 @@ class Inst:
 
 @dataclass
 class Block:
+    """A basic block: its instructions in order and its successors (names)."""
     name: str
     insts: list[Inst]
     succs: list[str]
 
 
 def operand(op) -> Operand:
+    """The :class:`Operand` of llvmlite ``ValueRef`` ``op``."""
     ty = str(op.type)
     kind = op.value_kind
     if kind in (_VK.argument, _VK.instruction):
@@ -129,6 +135,7 @@ def operand(op) -> Operand:
 
 
 def model_of(fn) -> list[Block]:
+    """The blocks of llvmlite function ``fn`` (every block and value named), in order."""
     blocks = []
     for block in fn.blocks:
         insts = []
@@ -172,7 +179,14 @@ def poll_headers(blocks: list[Block]) -> list[str]:
 # -- liveness --------------------------------------------------------------------
 
 def live_out_sets(blocks: list[Block]) -> dict[str, set[str]]:
-    """Live-out set (raw names) of every block."""
+    """Live-out set (raw names) of every block, to the fixed point of::
+
+        live_in(B)  = use(B) | (live_out(B) - def(B))
+        live_out(B) = phi_use(B) | union(live_in(S) for S in succ(B))
+
+    where ``use(B)`` are the values B reads before defining them (phis
+    excluded), ``def(B)`` the values B defines (phis included), and
+    ``phi_use(B)`` the phi operands the successors take on an edge from B."""
     use: dict[str, set[str]] = {}
     defs: dict[str, set[str]] = {}
     phi_out: dict[str, set[str]] = {b.name: set() for b in blocks}  # pred -> phi operands

@@ -33,6 +33,19 @@ class CompileError(OsrJitError):
 
 # --- runtime (osrjit.runtime) ------------------------------------------------
 
+class SignatureMismatch(CompileError):
+    """A new version of function ``name`` has another LLVM function type than
+    the compiled one (``old`` and ``new``, e.g. ``"i64 (i64)"``); compiled
+    callers use the old one, so nothing is compiled or published."""
+
+    def __init__(self, name, old, new):
+        super().__init__(f"cannot redefine {name!r} as {new}: it is {old}, and compiled "
+                         f"callers use that signature")
+        self.name = name
+        self.old = old
+        self.new = new
+
+
 class UnknownFunction(OsrJitError, LookupError):
     """No function of that name has been compiled into the runtime.
 

@@ -22,7 +22,7 @@ from unwinder.errors import UnwindError
 from deopt.framemaps import check_compatible as _check_maps
 from deopt.transfer import ResumeTarget, TransferError
 
-from . import abi
+from . import abi, plainir
 from .abi import FunctionIR
 from .backend import PauseReport
 from .compiling import replacement_irs, validate_batch
@@ -240,8 +240,14 @@ class Runtime:
             return self.compile_ir(irs)
 
     @_osrjit_errors
-    def compile_ir(self, function_irs: FunctionIR | Iterable[FunctionIR]) -> list[str]:
-        """Compile IR authors' functions (see :mod:`osrjit.abi`); returns their names.
+    def compile_ir(self, function_irs, *, polls: bool = True) -> list[str]:
+        """Compile IR authors' functions; returns their names.
+
+        ``function_irs``: plain LLVM IR — text or an ``llvmlite.ir.Module``
+        of ordinary functions, which osrjit instruments itself
+        (:mod:`osrjit.plainir`; ``polls``: safepoint polls at function entry
+        and loop headers) — or :class:`~osrjit.abi.FunctionIR` object(s)
+        (see :mod:`osrjit.abi`).
 
         All-or-nothing: every function is linked as a new version before any
         becomes current; if one fails (CompileError for IR LLVM rejects or
@@ -252,7 +258,9 @@ class Runtime:
             function_irs = [function_irs]
         with self._lock:
             self._check_open()
+            function_irs = self._instrumented(function_irs, polls)
             irs = validate_batch(function_irs, self._functions.signatures())
+            plainir.check_signatures(irs, self._functions)
             new_cells = {ir.name: self._backend.new_cell(ir.name)
                          for ir in irs if ir.name not in self._functions}
             linked = self._backend.link(irs, new_cells)
@@ -263,6 +271,14 @@ class Runtime:
                 self._functions.publish(v)
             self._backend.publish(linked)
             return [ir.name for ir in irs]
+
+    def _instrumented(self, source, polls: bool):
+        """``source`` as FunctionIRs if it is plain LLVM IR (text with a
+        ``define`` line, or an ``llvmlite.ir.Module``); else unchanged."""
+        if not plainir.is_plain_ir(source):
+            return source
+        return plainir.instrument(source, polls=polls, calls=self.calls,
+                                  known_signatures=plainir.known_signatures(self._functions))
 
     # -- queries ---------------------------------------------------------------
 
@@ -307,9 +323,10 @@ class Runtime:
 
         ``names``: a function name or a list of them. ``source``:
         reference-language source defining exactly those functions (it may call
-        any compiled function), or :class:`~osrjit.abi.FunctionIR` object(s)
-        for IR authors; ``filename`` names the source in its line tables (as
-        in :meth:`compile`). Steps, in order (nothing that can run is modified
+        any compiled function), plain LLVM IR (text or ``llvmlite.ir.Module``,
+        see :meth:`compile_ir`), or :class:`~osrjit.abi.FunctionIR` object(s)
+        for IR authors; ``filename`` names reference-language source in its
+        line tables (as in :meth:`compile`). Steps, in order (nothing that can run is modified
         before step 4):
 
         1. compile and link the new versions (not yet callable); plan
@@ -344,9 +361,11 @@ class Runtime:
             self._check_open()
             for name in names:
                 self._functions.get(name)          # UnknownFunction before compiling anything
-            irs = replacement_irs(names, source, polls=polls, calls=self.calls,
-                                  known=self._functions.arities(), filename=filename)
+            irs = replacement_irs(names, self._instrumented(source, polls), polls=polls,
+                                  calls=self.calls, known=self._functions.arities(),
+                                  filename=filename)
             irs = validate_batch(irs, self._functions.signatures())
+            plainir.check_signatures(irs, self._functions)
             linked = self._backend.link(irs, {})
             new = {v.name: v for v in linked}
             try:

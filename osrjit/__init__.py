@@ -14,7 +14,7 @@ from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, Emulation
                      EmulationFault, FrameMapError, HijackError, HookNotSet, IncompatibleVersion,
                      NotACallSite, ObjectFormatError, OsrJitError, PatchError, ResourceExhausted,
                      RuntimeClosed,
-                     SafepointTimeout, TransferError, UnknownFunction, UnpatchableReference,
+                     SafepointTimeout, StackOverflow, TransferError, UnknownFunction, UnpatchableReference,
                      UnwindFailure, VersionInUse)
 from .runtime import Runtime
 from .versions import Version
@@ -28,5 +28,5 @@ __all__ = [
     "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
     "TransferError", "DeoptFailure", "UnwindFailure", "PatchError", "EmulationError",
     "EmulationFault", "ObjectFormatError", "NotACallSite", "CallTargetOutOfRange",
-    "UnpatchableReference", "ResourceExhausted",
+    "UnpatchableReference", "ResourceExhausted", "StackOverflow",
 ]

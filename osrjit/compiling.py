@@ -194,15 +194,17 @@ def validate_batch(irs: Iterable[FunctionIR], signatures: Mapping[str, tuple]) -
 
 
 def replacement_irs(names, source, *, polls: bool, calls: str,
-                    known: Mapping[str, int]) -> list[FunctionIR]:
+                    known: Mapping[str, int], stack_check: bool = False) -> list[FunctionIR]:
     """The FunctionIRs a ``replace(names, source)`` call links, for every backend.
 
     ``source``: reference-language text (compiled with ``known``: name ->
-    arity of the functions already compiled) or FunctionIR object(s). They
+    arity of the functions already compiled, and the entry stack check if
+    ``stack_check``) or FunctionIR object(s). They
     must define exactly ``names``: :class:`CompileError` otherwise.
     """
     if isinstance(source, str):
-        irs = lang.compile_source(source, known=known, polls=polls, calls=calls)
+        irs = lang.compile_source(source, known=known, polls=polls, calls=calls,
+                                  stack_check=stack_check)
     else:
         irs = [source] if isinstance(source, FunctionIR) else list(source)
     defined = {ir.name for ir in irs}

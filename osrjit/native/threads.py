@@ -91,9 +91,28 @@ assert [int(s) for s in ThreadStatus] == list(range(len(STATUS_NAMES)))
 #: Statuses in which a thread runs no JIT code and its stack can be walked.
 STOPPED = frozenset((DETACHED, OUTSIDE, PARKED, PARKED_SIGNAL))
 
-#: Bits of the safepoint flag word: stop the world; call the Python safepoint service.
+#: Bits of the safepoint flag word: stop the world; call the Python safepoint
+#: service; SIGINT arrived while the main thread ran JIT code (its next poll
+#: abandons its JIT frames, see :class:`SigintHook`).
 FLAG_STOP = 1
 FLAG_USER = 2
+FLAG_INTERRUPT = 4
+
+
+class AbandonReason(IntEnum):
+    """Why ``osrjit_abandon`` unwound a thread's JIT frames to its entry thunk
+    (:attr:`ThreadState.abandoned`)."""
+    NONE = 0
+    STACK_OVERFLOW = 1       #: a function's entry check found RSP below the stack limit
+    INTERRUPT = 2            #: a poll of the main thread saw FLAG_INTERRUPT
+
+
+#: The entry thunk's resume buffer: LLVM's ``llvm.eh.sjlj.setjmp`` buffer
+#: (word 0 the frame pointer, 1 the resume address, 2 the stack pointer,
+#: 3-4 the target's own), then the enclosing entry's buffer address.
+ENTRY_FRAME_WORDS = 6
+ENTRY_FRAME_SP = 2
+ENTRY_FRAME_PREVIOUS = 5
 #: Seconds :meth:`World.stop` polls the threads' statuses yielding the CPU
 #: (a sleep costs ~60 µs of timer slack) before it polls every 20 µs.
 SPIN_SECONDS = 0.0002
@@ -124,12 +143,25 @@ class ThreadState(ctypes.Structure):
     :class:`deopt.native_transfer.ThreadBlock` (its hijack LIFO), 0 if none;
     written only while the world is stopped, read by ``osrjit_transfer``.
     ``handshake``: address of the block the park path hands to
-    ``osrjit_park_scan`` (see :class:`osrjit.native.fastscan.SelfScan`), 0 if none."""
+    ``osrjit_park_scan`` (see :class:`osrjit.native.fastscan.SelfScan`), 0 if none.
+    ``entry_frame``: address of the innermost entry thunk's resume buffer
+    (:data:`ENTRY_FRAME_WORDS` u64 in the thunk's frame, chained through
+    word :data:`ENTRY_FRAME_PREVIOUS` to the enclosing entry's), 0 outside
+    JIT code. ``abandoned``: the :class:`AbandonReason` ``osrjit_abandon``
+    stored, read and cleared by the Python entry; ``abandoned_lo`` /
+    ``abandoned_hi``: the absolute byte range ``[lo, hi)`` of the stack it
+    abandoned (its own RSP, the thunk's). ``is_main``: 1 on the process's
+    main thread (the one CPython raises ``KeyboardInterrupt`` in)."""
     _fields_ = [("status", ctypes.c_int64),
                 ("anchor", ctypes.c_uint64 * ANCHOR_SLOTS),
                 ("ucontext", ctypes.c_uint64),
                 ("transfer_block", ctypes.c_uint64),
-                ("handshake", ctypes.c_uint64)]
+                ("handshake", ctypes.c_uint64),
+                ("entry_frame", ctypes.c_uint64),
+                ("abandoned", ctypes.c_int64),
+                ("abandoned_lo", ctypes.c_uint64),
+                ("abandoned_hi", ctypes.c_uint64),
+                ("is_main", ctypes.c_int64)]
 
 
 assert ThreadState.status.offset == 0
@@ -155,7 +187,12 @@ def support_ir():
     return nativesrc.render_file(__package__, "threads_support.ll", structs=[ThreadState], values={
         # DETACHED is Python's alone: attaching and detaching are Python.
         **{s.name: int(s) for s in ThreadStatus if s is not ThreadStatus.DETACHED},
-        "FLAG_STOP": FLAG_STOP, "FLAG_USER": FLAG_USER, "SYS_FUTEX": _SYS_FUTEX,
+        "FLAG_STOP": FLAG_STOP, "FLAG_USER": FLAG_USER, "FLAG_INTERRUPT": FLAG_INTERRUPT,
+        "NOT_FLAG_INTERRUPT": ~FLAG_INTERRUPT,
+        "STACK_OVERFLOW": int(AbandonReason.STACK_OVERFLOW),
+        "INTERRUPT": int(AbandonReason.INTERRUPT),
+        "ENTRY_FRAME_SP": ENTRY_FRAME_SP,
+        "SYS_FUTEX": _SYS_FUTEX,
         "FUTEX_WAIT_PRIVATE": _FUTEX_WAIT_PRIVATE, "FUTEX_WAKE_PRIVATE": _FUTEX_WAKE_PRIVATE,
         "FUTEX_WAKE_ALL": _FUTEX_WAKE_ALL})
 
@@ -258,9 +295,13 @@ def service_wrappers_ir(triple):
 def entry_thunk_ir(return_type, arity, triple):
     """``(name, IR)`` of ``osrjit_entry_<ret>_<n>(ptr slot, i64 x n)``, the
     runtime's entry thunk: keep the thread's anchor (an entry nested in a
-    hook must not lose the outer one), enter (``IN_JIT``; waits while the
-    world is stopped), call the slot's current version, put the anchor back,
-    leave (``OUTSIDE``)."""
+    hook must not lose the outer one) and push a resume buffer on the
+    thread's chain of entries (``llvm.eh.sjlj.setjmp``: ``osrjit_abandon``
+    comes back here with the JIT frames above abandoned), enter
+    (``IN_JIT``; waits while the world is stopped), call the slot's current
+    version, pop the buffer, put the anchor back, leave (``OUTSIDE``).
+    After an abandon it returns 0 (the Python entry reads
+    :attr:`ThreadState.abandoned`)."""
     name = f"osrjit_entry_{return_type}_{arity}"
     module = ir.Module(name)
     module.triple = triple
@@ -269,19 +310,48 @@ def entry_thunk_ir(return_type, arity, triple):
     anchor_bytes = I64(ThreadState.anchor.size)
     memcpy = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, I64, _I1]),
                          "llvm.memcpy.p0.p0.i64")
-    fn = e.function(name, _SIGNATURE_TYPES[return_type], [PTR] + [I64] * arity)
+    frameaddress = ir.Function(module, ir.FunctionType(PTR, [I32]), "llvm.frameaddress.p0")
+    stacksave = ir.Function(module, ir.FunctionType(PTR, []), "llvm.stacksave.p0")
+    setjmp = ir.Function(module, ir.FunctionType(I32, [PTR]), "llvm.eh.sjlj.setjmp")
+    ret_type = _SIGNATURE_TYPES[return_type]
+    fn = e.function(name, ret_type, [PTR] + [I64] * arity)
     slot, *args = fn.args
     slot.name = "slot"
     for i, a in enumerate(args):
         a.name = f"a{i}"
+    run, abandoned, done = (fn.append_basic_block(n) for n in ("run", "abandoned", "done"))
     b = e.builder
     ts = b.call(e.current_thread, [], name="ts")
     saved = b.alloca(anchor_type, name="saved")
     saved.align = 8
+    buf = b.alloca(ir.ArrayType(I64, ENTRY_FRAME_WORDS), name="resume")
+    buf.align = 8
     anchor = e.field(ts, "anchor")
     b.call(memcpy, [saved, anchor, anchor_bytes, _I1(0)])
+    chain = e.field(ts, "entry_frame")
+    previous = b.load(chain, typ=I64, name="previous")
+
+    def word(i):
+        return b.gep(buf, [I64(0), I32(i)], inbounds=True)
+    b.store(previous, word(ENTRY_FRAME_PREVIOUS))
+    b.store(b.ptrtoint(b.call(frameaddress, [I32(0)]), I64), word(0))
+    b.store(b.ptrtoint(b.call(stacksave, []), I64), word(ENTRY_FRAME_SP))
+    b.store(b.ptrtoint(buf, I64), chain)
+    again = b.call(setjmp, [buf], name="again")
+    b.cbranch(b.icmp_signed("==", again, I32(0)), run, abandoned)
+    b.position_at_end(run)
     b.call(e.enter, [ts])
-    result = e.call_cell(slot, _SIGNATURE_TYPES[return_type], args)
+    result = e.call_cell(slot, ret_type, args)
+    b.branch(done)
+    b.position_at_end(abandoned)
+    b.branch(done)
+    b.position_at_end(done)
+    if ret_type != VOID:
+        phi = b.phi(ret_type, name="result")
+        phi.add_incoming(result, run)
+        phi.add_incoming(ir.Constant(ret_type, None), abandoned)
+        result = phi
+    b.store(previous, chain)
     b.call(memcpy, [anchor, saved, anchor_bytes, _I1(0)])
     e.store_status(ts, OUTSIDE)
     e.ret(result)
@@ -330,6 +400,85 @@ def _query_stack_bounds():
         _libc.pthread_attr_destroy(attr)
 
 
+#: Bytes kept free below the stack limit JIT code checks at function entry
+#: (at most a quarter of a stack): what runs on a thread deep in a recursion
+#: — the slow paths, a hook or safepoint service in Python, the Python
+#: transfer, the runtime's and SIGINT's signal handlers — and the abandon.
+STACK_MARGIN_BYTES = 256 * 1024
+#: glibc's ``PTHREAD_KEY_2NDLEVEL_SIZE``: keys below it live in the thread
+#: descriptor itself (``specific_1stblock``), at a fixed offset from %fs.
+_KEYS_IN_DESCRIPTOR = 32
+#: Bytes of the thread descriptor searched for the key's slot.
+_DESCRIPTOR_SCAN_BYTES = 2048
+
+
+class StackLimitSlot:
+    """The process's *stack limit* key: a pthread key, made once per process
+    and never deleted, whose value on each thread is the lowest RSP its JIT
+    code may run at (absolute address; 0, never checked, on a thread that
+    never attached).
+
+    JIT code reads it at function entry with one ``%fs``-relative load: on
+    x86-64 glibc, ``%fs`` points at the thread's descriptor, which holds the
+    values of keys below :data:`_KEYS_IN_DESCRIPTOR` at a fixed offset.
+    :attr:`offset` (bytes from ``%fs``) is found by setting the key to two
+    marker values and searching the calling thread's descriptor for them;
+    :class:`OsrJitError` if it is not there (not glibc, or 32 keys taken).
+    """
+
+    def __init__(self):
+        key = ctypes.c_uint(0)
+        if _libc.pthread_key_create(ctypes.byref(key), None) != 0:
+            raise ResourceExhausted("pthread_key_create failed: the process has no free "
+                                    "pthread key (for the stack limit)", resource="pthread key")
+        self.key = key.value
+        if self.key >= _KEYS_IN_DESCRIPTOR:
+            raise OsrJitError(f"the stack limit's pthread key is {self.key}: JIT code can only "
+                              f"read keys below {_KEYS_IN_DESCRIPTOR} with one load")
+        self.offset = self._find_offset()
+
+    def _find_offset(self):
+        words = (ctypes.c_uint64 * (_DESCRIPTOR_SCAN_BYTES // 8)).from_address(_libc.pthread_self())
+        found = None
+        for marker in (0x6F73726A69740001, 0x6F73726A69740002):
+            if _libc.pthread_setspecific(self.key, marker) != 0:
+                raise OsrJitError("pthread_setspecific failed for the stack limit key")
+            hits = {i for i, w in enumerate(words) if w == marker}
+            found = hits if found is None else found & hits
+        _libc.pthread_setspecific(self.key, None)
+        if len(found or ()) != 1:
+            raise OsrJitError("the stack limit key's slot is not in the thread descriptor "
+                              "(JIT stack checks need x86-64 glibc)")
+        return 8 * found.pop()
+
+    def set_current(self, bounds):
+        """Set the calling thread's limit from its stack ``(lo, hi)``
+        (:func:`current_stack_bounds`; None: no check on this thread)."""
+        limit = 0
+        if bounds is not None:
+            lo, hi = bounds
+            limit = lo + min(STACK_MARGIN_BYTES, (hi - lo) // 4)
+        _libc.pthread_setspecific(self.key, limit or None)
+
+    @staticmethod
+    def current_limit(offset):
+        """The calling thread's limit as JIT code reads it (``%fs:offset``; tests)."""
+        return ctypes.c_uint64.from_address(_libc.pthread_self() + offset).value
+
+
+_stack_limit = None
+_stack_limit_lock = threading.Lock()
+
+
+def stack_limit_slot():
+    """The process's :class:`StackLimitSlot` (made on first use)."""
+    global _stack_limit
+    with _stack_limit_lock:
+        if _stack_limit is None:
+            _stack_limit = StackLimitSlot()
+        return _stack_limit
+
+
 _ENTER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 # PYFUNCTYPE: called with the GIL held (these never block). Releasing it
 # around clear_flag would let the threads it wakes take the GIL first, and the
@@ -360,10 +509,13 @@ class SupportLibrary:
     """
 
     SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer",
-                "osrjit_native_transfer", "osrjit_park_scan", "osrjit_park_apply")
+                "osrjit_native_transfer", "osrjit_park_scan", "osrjit_park_apply",
+                # Not services, cells all the same (see SigintHook):
+                "osrjit_sigint_previous", "osrjit_main_thread")
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
-               "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")
+               "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor",
+               "osrjit_stack_overflow", "osrjit_sigint_handler")
 
     def __init__(self, linker, space, flag):
         self._linker = linker
@@ -423,6 +575,10 @@ class SupportLibrary:
         """The address the cell of service ``name`` points at (0: none)."""
         return self._service_cells[name].value or 0
 
+    def cell(self, name):
+        """The ``c_void_p`` cell of service ``name`` (kept alive by the linker)."""
+        return self._service_cells[name]
+
     def entry_thunk(self, return_type, arity):
         """Address of the entry thunk for functions ``(i64 x arity) -> return_type``."""
         key = (return_type, arity)
@@ -448,8 +604,11 @@ class ThreadRegistry:
     blocks; attaching afterwards raises :class:`RuntimeClosed`.
     """
 
-    def __init__(self, key):
+    def __init__(self, key, main_cell=None):
         self._key = key
+        #: ``c_void_p`` set to the main thread's block while it is attached
+        #: (``osrjit_main_thread``, read by the SIGINT handler), or None.
+        self._main_cell = main_cell
         self._lock = threading.Lock()
         self._states = {}              # ident -> (ThreadState, thread name)
         self._bounds = {}              # ident -> (lo, hi) of its stack
@@ -491,6 +650,8 @@ class ThreadRegistry:
             states = [st for st, _name in self._states.values()]
             self._states.clear()
             self._bounds.clear()
+            if self._main_cell is not None:
+                self._main_cell.value = None
         for st in states:
             st.status = DETACHED
         # A new thread-local: the old one goes, and with it every thread's
@@ -516,7 +677,9 @@ class ThreadRegistry:
     def _attach(self, holder):
         st = holder.state
         bounds = current_stack_bounds()
+        stack_limit_slot().set_current(bounds)
         name = threading.current_thread().name
+        st.is_main = int(threading.current_thread() is threading.main_thread())
         # Under the lock: once close() has run, no thread sets a value for
         # the key (it may be deleted, and its index reused by another runtime).
         with self._lock:
@@ -526,6 +689,8 @@ class ThreadRegistry:
             if _libc.pthread_setspecific(self._key, ctypes.addressof(st)) != 0:
                 raise OsrJitError("pthread_setspecific failed")
             self._states[holder.ident] = (st, name)
+            if st.is_main and self._main_cell is not None:
+                self._main_cell.value = ctypes.addressof(st)
             if bounds is not None:
                 self._bounds[holder.ident] = bounds
 
@@ -536,6 +701,9 @@ class ThreadRegistry:
             # ident and attached: only forget the entry if it is still ours.
             entry = self._states.get(holder.ident)
             if entry is not None and entry[0] is holder.state:
+                if self._main_cell is not None and self._main_cell.value == ctypes.addressof(
+                        holder.state):
+                    self._main_cell.value = None
                 del self._states[holder.ident]
                 self._bounds.pop(holder.ident, None)
 
@@ -652,6 +820,68 @@ class RuntimeSignal:
 
 
 _SIGNALS_LOCK = threading.Lock()
+_SIGINT = 2
+
+
+class SigintHook:
+    """The runtime's SIGINT handler, chained in front of the process's.
+
+    ``handler_address``: ``osrjit_sigint_handler``; ``previous_cell``: its
+    ``osrjit_sigint_previous`` cell. Installed only over a handler that is a
+    function (CPython's, normally; not ``SIG_DFL``/``SIG_IGN``): the native
+    handler calls it first, so Python's own SIGINT behaviour (its flag, a
+    ``signal.signal`` handler, ``KeyboardInterrupt``) is unchanged, then sets
+    :data:`FLAG_INTERRUPT` if the main thread is in JIT code, whose next
+    poll abandons its JIT frames. Same flags as the previous action (CPython
+    wants ``EINTR``: no ``SA_RESTART``), plus ``SA_SIGINFO``.
+
+    Runtimes open at once chain their hooks; :meth:`close` restores the
+    previous action when this hook is the installed one, else unlinks it
+    from the hook installed over it. A ``signal.signal(SIGINT, ...)`` made
+    after the runtime opened replaces the chain (JIT loops then no longer
+    stop on SIGINT; Python's behaviour is whatever that call asked for).
+    """
+
+    def __init__(self, handler_address, previous_cell):
+        self.handler = handler_address
+        self.previous = previous_cell
+        self.installed = False
+        with _SIGNALS_LOCK:
+            old = _Sigaction()
+            if _libc.sigaction(_SIGINT, None, ctypes.byref(old)) != 0 or \
+                    (old.sa_sigaction or 0) in (0, 1):
+                return
+            new = _Sigaction()
+            new.sa_sigaction = handler_address
+            new.sa_mask = old.sa_mask
+            new.sa_flags = old.sa_flags | _SA_SIGINFO
+            previous_cell.value = old.sa_sigaction
+            if _libc.sigaction(_SIGINT, ctypes.byref(new), None) != 0:
+                previous_cell.value = None
+                return
+            self._old = old
+            self.installed = True
+            _SIGINT_HOOKS.append(self)
+
+    def close(self):
+        """Take the handler out of the chain (idempotent)."""
+        with _SIGNALS_LOCK:
+            if not self.installed:
+                return
+            self.installed = False
+            _SIGINT_HOOKS.remove(self)
+            current = _Sigaction()
+            _libc.sigaction(_SIGINT, None, ctypes.byref(current))
+            if current.sa_sigaction == self.handler:
+                _libc.sigaction(_SIGINT, ctypes.byref(self._old), None)
+                return
+            for other in _SIGINT_HOOKS:
+                if other.previous.value == self.handler:
+                    other.previous.value = self._old.sa_sigaction
+                    other._old = self._old
+
+
+_SIGINT_HOOKS = []
 
 
 class World:

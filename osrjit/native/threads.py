@@ -191,7 +191,7 @@ def support_ir():
         "NOT_FLAG_INTERRUPT": ~FLAG_INTERRUPT,
         "STACK_OVERFLOW": int(AbandonReason.STACK_OVERFLOW),
         "INTERRUPT": int(AbandonReason.INTERRUPT),
-        "ENTRY_FRAME_SP": ENTRY_FRAME_SP,
+        "ENTRY_FRAME_SP": ENTRY_FRAME_SP, "RSP": RSP,
         "SYS_FUTEX": _SYS_FUTEX,
         "FUTEX_WAIT_PRIVATE": _FUTEX_WAIT_PRIVATE, "FUTEX_WAKE_PRIVATE": _FUTEX_WAKE_PRIVATE,
         "FUTEX_WAKE_ALL": _FUTEX_WAKE_ALL})
@@ -832,7 +832,9 @@ class SigintHook:
     handler calls it first, so Python's own SIGINT behaviour (its flag, a
     ``signal.signal`` handler, ``KeyboardInterrupt``) is unchanged, then sets
     :data:`FLAG_INTERRUPT` if the main thread is in JIT code, whose next
-    poll abandons its JIT frames. Same flags as the previous action (CPython
+    poll abandons its JIT frames (also when it is in a hook called from JIT
+    code: Python raises there, the hook's exception is pending, and the poll
+    after the hook abandons the frames). Same flags as the previous action (CPython
     wants ``EINTR``: no ``SA_RESTART``), plus ``SA_SIGINFO``.
 
     Runtimes open at once chain their hooks; :meth:`close` restores the

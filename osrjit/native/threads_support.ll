@@ -290,8 +290,9 @@ done:
 
 ; SIGINT (async-signal-safe): run the previous handler (CPython's, which
 ; trips KeyboardInterrupt for the main thread's next bytecode), then, if the
-; main thread is inside JIT code, set FLAG_INTERRUPT so its next poll
-; abandons its JIT frames and returns to Python.
+; main thread has JIT frames (it is not OUTSIDE, or it is OUTSIDE in a hook or
+; service with its anchor set), set FLAG_INTERRUPT so its next poll abandons
+; its JIT frames and returns to Python.
 define void @osrjit_sigint_handler(i32 %sig, ptr %info, ptr %uc) uwtable {
 entry:
   %prev = load atomic ptr, ptr @osrjit_sigint_previous acquire, align 8
@@ -308,7 +309,12 @@ check:
   %status = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.status}
   %s = load atomic i64, ptr %status seq_cst, align 8
   %out = icmp eq i64 %s, ${OUTSIDE}
-  br i1 %out, label %done, label %set
+  br i1 %out, label %anchored, label %set
+anchored:
+  %asp = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.anchor}, i64 ${RSP}
+  %a = load atomic i64, ptr %asp monotonic, align 8
+  %hasa = icmp ne i64 %a, 0
+  br i1 %hasa, label %set, label %done
 set:
   %o = atomicrmw or ptr @osrjit_safepoint_flag, i64 ${FLAG_INTERRUPT} seq_cst
   br label %done

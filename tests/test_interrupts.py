@@ -207,3 +207,63 @@ def test_stack_overflow_is_exported_as_a_recursion_error():
     assert issubclass(osrjit.StackOverflow, osrjit.OsrJitError)
     assert issubclass(osrjit.StackOverflow, RecursionError)
     assert "StackOverflow" in osrjit.__all__
+
+
+DOWN = """
+def down(n):
+    if n == 0:
+        return hook(0)
+    return down(n - 1) + 1
+"""
+
+
+def deepest_scenario(transfer):
+    """Find the deepest ``down(n)`` that fits (StackOverflow beyond it), then
+    run a hook at that depth that replaces ``down`` (hijacking every frame)
+    and calls JIT code again: the hook's Python runs within the margin below
+    the limit, so JIT code it calls overflows at once, and says so."""
+    out = {}
+    with osrjit.Runtime(transfer=transfer) as rt:
+        rt.compile(DOWN)
+        down = rt.function("down")
+        rt.on_hook(lambda _: 0)
+
+        def fits(n):
+            try:
+                down(n)
+                return True
+            except osrjit.StackOverflow:
+                return False
+        lo, hi = 1, 1
+        while fits(hi):
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        out["depth"] = lo
+
+        def deep_hook(_):
+            rt.replace(["down"], DOWN.replace("+ 1", "+ 2"))
+            out["pending_in_hook"] = rt.stats()["pending_returns"]
+            for n in (3, 1_000_000):
+                try:
+                    down(n)
+                except osrjit.StackOverflow:
+                    out.setdefault("inner", []).append(n)
+            return 7
+        rt.on_hook(deep_hook)
+        out["result"] = down(lo)
+        out["after"] = _figures(rt)
+    return out
+
+
+@pytest.mark.parametrize("transfer", [pytest.param("python", marks=pytest.mark.slow), "native"])
+def test_the_margin_holds_a_hook_that_replaces_and_calls_jit_code_at_the_deepest_depth(transfer):
+    out = run_child(deepest_scenario, transfer, timeout=300)
+    depth = out["depth"]
+    print(f"deepest down(n): {depth}")
+    assert depth > 10_000
+    assert out["pending_in_hook"] == depth + 1
+    assert out["inner"] == [3, 1_000_000]
+    assert out["result"] == 7 + 2 * depth
+    assert out["after"] == {"pending_returns": 0, "live_versions": {"down": 1}}

@@ -27,8 +27,20 @@ rendered from :class:`ThreadState`, :class:`ThreadStatus` and the flag bits
 llvmlite's ``IRBuilder``:
 
 * ``osrjit_entry_<sig>(slot, args...)`` — the entry thunk Python calls:
-  saves the previous anchor, enters (``IN_JIT``; waits while the world is
-  stopped), calls the slot's current version, restores, leaves (``OUTSIDE``);
+  saves the previous anchor, pushes a resume buffer on the thread's chain
+  (``entry_frame``), enters (``IN_JIT``; waits while the world is
+  stopped), calls the slot's current version, pops, restores, leaves
+  (``OUTSIDE``);
+* ``osrjit_abandon(ts, reason)`` — unwinds the thread's JIT frames to its
+  innermost entry thunk (``llvm.eh.sjlj.longjmp`` to its buffer), which
+  returns as usual with :attr:`ThreadState.abandoned` set; the Python entry
+  drops the abandoned frames' hijacks and raises. Called by
+  ``osrjit_stack_overflow`` (a function's entry found RSP below the limit
+  in the :class:`StackLimitSlot`) and by the poll slow path of the main
+  thread when :data:`FLAG_INTERRUPT` is set;
+* ``osrjit_sigint_handler`` — SIGINT, chained before CPython's handler
+  (:class:`SigintHook`): sets :data:`FLAG_INTERRUPT` while the main thread
+  has JIT frames;
 * ``osrjit_hook`` / ``osrjit_error`` — save the anchor, go ``OUTSIDE``, call
   the Python service, enter again (blocking while the world is stopped);
 * ``osrjit_safepoint_slow`` — a poll's slow path: with the STOP bit set it
@@ -47,9 +59,9 @@ llvmlite's ``IRBuilder``:
 * ``osrjit_signal_handler`` — async-signal-safe (no Python, no malloc): a
   thread ``IN_JIT`` when the world is stopping saves its ucontext and parks.
 
-The flag word (``osrjit_safepoint_flag``) that polls test has two bits:
-:data:`FLAG_STOP` (stop the world) and :data:`FLAG_USER` (call the Python
-safepoint service). Entering checks STOP after publishing ``IN_JIT`` with a
+The flag word (``osrjit_safepoint_flag``) that polls test has three bits:
+:data:`FLAG_STOP` (stop the world), :data:`FLAG_USER` (call the Python
+safepoint service) and :data:`FLAG_INTERRUPT` (SIGINT for the main thread). Entering checks STOP after publishing ``IN_JIT`` with a
 locked exchange, and the stopper sets STOP with a locked ``or`` before reading
 statuses, so a thread either sees STOP or is seen ``IN_JIT`` (Dekker).
 """

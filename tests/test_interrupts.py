@@ -267,3 +267,57 @@ def test_the_margin_holds_a_hook_that_replaces_and_calls_jit_code_at_the_deepest
     assert out["inner"] == [3, 1_000_000]
     assert out["result"] == 7 + 2 * depth
     assert out["after"] == {"pending_returns": 0, "live_versions": {"down": 1}}
+
+
+NESTED = SPIN + """
+def outer():
+    hook(2)
+    i = 0
+    while i >= 0:
+        i = i + 1
+    return i
+"""
+
+
+def nested_sigint_scenario():
+    """JIT code calls a hook that calls a JIT loop; SIGINT stops the inner
+    loop (KeyboardInterrupt in the hook, pending for the outer call) and
+    then the outer one at its next poll."""
+    out = {}
+    with osrjit.Runtime() as rt:
+        rt.compile(NESTED)
+        started = threading.Event()
+        spin = rt.function("spin")
+
+        def hook(which):
+            if which == 1:
+                started.set()
+            elif which == 2:
+                try:
+                    spin(0)
+                except KeyboardInterrupt:
+                    out["inner"] = True
+                    raise
+            return 0
+        rt.on_hook(hook)
+
+        def interrupter():
+            started.wait()
+            os.kill(os.getpid(), signal.SIGINT)
+        helper = threading.Thread(target=interrupter)
+        helper.start()
+        try:
+            rt.function("outer")()
+        except KeyboardInterrupt:
+            out["outer"] = True
+        helper.join()
+        out["after"] = _figures(rt)
+        out["count"] = rt.function("count")(5)
+    return out
+
+
+def test_sigint_stops_nested_jit_loops_one_after_the_other():
+    out = run_child(nested_sigint_scenario, timeout=120)
+    assert out == {"inner": True, "outer": True, "count": 5,
+                   "after": {"pending_returns": 0,
+                             "live_versions": {"spin": 1, "count": 1, "outer": 1}}}

@@ -6,6 +6,8 @@ import ctypes
 from ..errors import OsrJitError, RuntimeClosed, StackOverflow
 from ..services import INT64_MAX, INT64_MIN
 from ..versions import Function
+from unwinder.x86_64 import RSP
+
 from .threads import FLAG_INTERRUPT, AbandonReason
 
 __all__ = ["JitFunction"]
@@ -80,9 +82,15 @@ class JitFunction:
             if reason:
                 state.abandoned = AbandonReason.NONE
                 self._backend.abandoned(state)
-            elif state.is_main and self._backend.flag.value & FLAG_INTERRUPT:
-                # SIGINT came as the main thread left JIT code without a poll.
-                self._backend.support.clear_flag(FLAG_INTERRUPT)
+            if state.is_main and (reason == AbandonReason.INTERRUPT
+                                  or self._backend.flag.value & FLAG_INTERRUPT):
+                if state.anchor[RSP]:
+                    # JIT frames of an outer call (this one came from a hook):
+                    # they stop at their next poll too.
+                    self._backend.support.set_flag(FLAG_INTERRUPT)
+                else:
+                    # None left (or SIGINT came as they returned without a poll).
+                    self._backend.support.clear_flag(FLAG_INTERRUPT)
         if reason == AbandonReason.STACK_OVERFLOW:
             raise StackOverflow(f"{fn.name}(): the JIT code ran out of stack (less than "
                                 f"the margin was left); its frames were abandoned")

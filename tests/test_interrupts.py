@@ -321,3 +321,31 @@ def test_sigint_stops_nested_jit_loops_one_after_the_other():
     assert out == {"inner": True, "outer": True, "count": 5,
                    "after": {"pending_returns": 0,
                              "live_versions": {"spin": 1, "count": 1, "outer": 1}}}
+
+
+def thread_overflow_scenario(stack_bytes):
+    """f overflows on a thread with a ``stack_bytes`` stack."""
+    out = {}
+    with osrjit.Runtime() as rt:
+        rt.compile(COUNTDOWN)
+        f = rt.function("f")
+
+        def run():
+            try:
+                f(10_000_000, -1)
+            except osrjit.StackOverflow:
+                out["error"] = "StackOverflow"
+            out["f100"] = f(100, -1)
+        threading.stack_size(stack_bytes)
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()
+        out["after"] = _figures(rt)
+    return out
+
+
+@pytest.mark.parametrize("stack_bytes", [1 << 20, 16 << 20])
+def test_a_thread_s_overflow_is_checked_against_its_own_stack(stack_bytes):
+    out = run_child(thread_overflow_scenario, stack_bytes)
+    assert out == {"error": "StackOverflow", "f100": 100,
+                   "after": {"pending_returns": 0, "live_versions": {"f": 1}}}

@@ -109,6 +109,7 @@ STOPPED = frozenset((DETACHED, OUTSIDE, PARKED, PARKED_SIGNAL))
 FLAG_STOP = 1
 FLAG_USER = 2
 FLAG_INTERRUPT = 4
+_SIGINT = 2
 
 
 class AbandonReason(IntEnum):
@@ -163,7 +164,9 @@ class ThreadState(ctypes.Structure):
     stored, read and cleared by the Python entry; ``abandoned_lo`` /
     ``abandoned_hi``: the absolute byte range ``[lo, hi)`` of the stack it
     abandoned (its own RSP, the thunk's). ``is_main``: 1 on the process's
-    main thread (the one CPython raises ``KeyboardInterrupt`` in)."""
+    main thread (the one CPython raises ``KeyboardInterrupt`` in).
+    ``sigint_owed``: 1 while a SIGINT that came as the main thread ran JIT
+    code waits to be handed to the previous handler (see :class:`SigintHook`)."""
     _fields_ = [("status", ctypes.c_int64),
                 ("anchor", ctypes.c_uint64 * ANCHOR_SLOTS),
                 ("ucontext", ctypes.c_uint64),
@@ -173,7 +176,8 @@ class ThreadState(ctypes.Structure):
                 ("abandoned", ctypes.c_int64),
                 ("abandoned_lo", ctypes.c_uint64),
                 ("abandoned_hi", ctypes.c_uint64),
-                ("is_main", ctypes.c_int64)]
+                ("is_main", ctypes.c_int64),
+                ("sigint_owed", ctypes.c_int64)]
 
 
 assert ThreadState.status.offset == 0
@@ -203,7 +207,7 @@ def support_ir():
         "NOT_FLAG_INTERRUPT": ~FLAG_INTERRUPT,
         "STACK_OVERFLOW": int(AbandonReason.STACK_OVERFLOW),
         "INTERRUPT": int(AbandonReason.INTERRUPT),
-        "ENTRY_FRAME_SP": ENTRY_FRAME_SP, "RSP": RSP,
+        "ENTRY_FRAME_SP": ENTRY_FRAME_SP, "RSP": RSP, "SIGINT": _SIGINT,
         "SYS_FUTEX": _SYS_FUTEX,
         "FUTEX_WAIT_PRIVATE": _FUTEX_WAIT_PRIVATE, "FUTEX_WAKE_PRIVATE": _FUTEX_WAKE_PRIVATE,
         "FUTEX_WAKE_ALL": _FUTEX_WAKE_ALL})
@@ -311,13 +315,15 @@ def entry_thunk_ir(return_type, arity, triple):
     thread's chain of entries (``llvm.eh.sjlj.setjmp``: ``osrjit_abandon``
     comes back here with the JIT frames above abandoned), enter
     (``IN_JIT``; waits while the world is stopped), call the slot's current
-    version, pop the buffer, put the anchor back, leave (``OUTSIDE``).
-    After an abandon it returns 0 (the Python entry reads
+    version, pop the buffer, put the anchor back, leave (``OUTSIDE``), hand
+    a SIGINT owed to Python over (``osrjit_sigint_deliver``: Python's handler
+    then runs as the call returns). After an abandon it returns 0 (the Python entry reads
     :attr:`ThreadState.abandoned`)."""
     name = f"osrjit_entry_{return_type}_{arity}"
     module = ir.Module(name)
     module.triple = triple
     e = _Emitter(module)
+    deliver = ir.Function(module, ir.FunctionType(VOID, [PTR]), "osrjit_sigint_deliver")
     anchor_type = ir.ArrayType(I64, ANCHOR_SLOTS)
     anchor_bytes = I64(ThreadState.anchor.size)
     memcpy = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, I64, _I1]),
@@ -366,6 +372,7 @@ def entry_thunk_ir(return_type, arity, triple):
     b.store(previous, chain)
     b.call(memcpy, [anchor, saved, anchor_bytes, _I1(0)])
     e.store_status(ts, OUTSIDE)
+    b.call(deliver, [ts])
     e.ret(result)
     return name, str(module)
 
@@ -527,7 +534,7 @@ class SupportLibrary:
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
                "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor",
-               "osrjit_stack_overflow", "osrjit_sigint_handler")
+               "osrjit_stack_overflow", "osrjit_sigint_handler", "osrjit_sigint_deliver")
 
     def __init__(self, linker, space, flag):
         self._linker = linker
@@ -832,7 +839,6 @@ class RuntimeSignal:
 
 
 _SIGNALS_LOCK = threading.Lock()
-_SIGINT = 2
 
 
 class SigintHook:
@@ -843,10 +849,14 @@ class SigintHook:
     function (CPython's, normally; not ``SIG_DFL``/``SIG_IGN``): the native
     handler calls it first, so Python's own SIGINT behaviour (its flag, a
     ``signal.signal`` handler, ``KeyboardInterrupt``) is unchanged, then sets
-    :data:`FLAG_INTERRUPT` if the main thread is in JIT code, whose next
-    poll abandons its JIT frames (also when it is in a hook called from JIT
-    code: Python raises there, the hook's exception is pending, and the poll
-    after the hook abandons the frames). Same flags as the previous action (CPython
+    :data:`FLAG_INTERRUPT` if the main thread has JIT frames: its next poll
+    abandons them. If the main thread is *running* JIT code (not in a hook
+    called from it), the previous handler is called later instead, by the
+    entry thunk as the call returns to Python (``sigint_owed``): CPython
+    would otherwise raise ``KeyboardInterrupt`` in the first Python callback
+    the thread makes — a Python deopt transfer among them, which must not
+    fail. In a hook, Python raises there, the hook's exception is pending,
+    and the poll after the hook abandons the frames. Same flags as the previous action (CPython
     wants ``EINTR``: no ``SA_RESTART``), plus ``SA_SIGINFO``.
 
     Runtimes open at once chain their hooks; :meth:`close` restores the

@@ -288,35 +288,66 @@ done:
   ret void
 }
 
-; SIGINT (async-signal-safe): run the previous handler (CPython's, which
-; trips KeyboardInterrupt for the main thread's next bytecode), then, if the
-; main thread has JIT frames (it is not OUTSIDE, or it is OUTSIDE in a hook or
-; service with its anchor set), set FLAG_INTERRUPT so its next poll abandons
-; its JIT frames and returns to Python.
+; What the previous SIGINT handler gets when it is called late: a siginfo_t
+; (128 bytes) with si_signo = SIGINT, no ucontext.
+@osrjit_sigint_info = internal global [16 x i64] [i64 ${SIGINT}, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0]
+
+; SIGINT (async-signal-safe). If the main thread has no JIT frames (it is
+; OUTSIDE without an anchor), only the previous handler runs (CPython's:
+; KeyboardInterrupt at the main thread's next bytecode). If it has, set
+; FLAG_INTERRUPT so its next poll abandons them; and if it is running JIT
+; code rather than a hook or service, owe the previous handler's call to
+; the entry thunk, which makes it as the call returns to Python
+; (osrjit_sigint_deliver): no Python callback of the thread (a Python deopt
+; transfer) may meet the KeyboardInterrupt first.
 define void @osrjit_sigint_handler(i32 %sig, ptr %info, ptr %uc) uwtable {
 entry:
-  %prev = load atomic ptr, ptr @osrjit_sigint_previous acquire, align 8
-  %hasprev = icmp ne ptr %prev, null
-  br i1 %hasprev, label %chain, label %mark
-chain:
-  call void %prev(i32 %sig, ptr %info, ptr %uc)
-  br label %mark
-mark:
   %mt = load atomic ptr, ptr @osrjit_main_thread acquire, align 8
   %hasmt = icmp ne ptr %mt, null
-  br i1 %hasmt, label %check, label %done
+  br i1 %hasmt, label %check, label %chain
 check:
   %status = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.status}
   %s = load atomic i64, ptr %status seq_cst, align 8
   %out = icmp eq i64 %s, ${OUTSIDE}
-  br i1 %out, label %anchored, label %set
+  br i1 %out, label %anchored, label %owe
 anchored:
   %asp = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.anchor}, i64 ${RSP}
   %a = load atomic i64, ptr %asp monotonic, align 8
   %hasa = icmp ne i64 %a, 0
-  br i1 %hasa, label %set, label %done
+  br i1 %hasa, label %set, label %chain
+owe:
+  %op = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.sigint_owed}
+  store atomic i64 1, ptr %op seq_cst, align 8
+  %o1 = atomicrmw or ptr @osrjit_safepoint_flag, i64 ${FLAG_INTERRUPT} seq_cst
+  br label %done
 set:
-  %o = atomicrmw or ptr @osrjit_safepoint_flag, i64 ${FLAG_INTERRUPT} seq_cst
+  %o2 = atomicrmw or ptr @osrjit_safepoint_flag, i64 ${FLAG_INTERRUPT} seq_cst
+  br label %chain
+chain:
+  %prev = load atomic ptr, ptr @osrjit_sigint_previous acquire, align 8
+  %hasprev = icmp ne ptr %prev, null
+  br i1 %hasprev, label %call, label %done
+call:
+  call void %prev(i32 %sig, ptr %info, ptr %uc)
+  br label %done
+done:
+  ret void
+}
+
+; The entry thunk, as it returns to Python: make the previous SIGINT
+; handler's call that osrjit_sigint_handler owed this thread (if any).
+define void @osrjit_sigint_deliver(ptr %ts) uwtable {
+entry:
+  %op = getelementptr %ThreadState, ptr %ts, i32 0, i32 ${ThreadState.sigint_owed}
+  %owed = atomicrmw xchg ptr %op, i64 0 seq_cst
+  %is = icmp ne i64 %owed, 0
+  br i1 %is, label %chain, label %done
+chain:
+  %prev = load atomic ptr, ptr @osrjit_sigint_previous acquire, align 8
+  %hasprev = icmp ne ptr %prev, null
+  br i1 %hasprev, label %call, label %done
+call:
+  call void %prev(i32 ${SIGINT}, ptr @osrjit_sigint_info, ptr null)
   br label %done
 done:
   ret void

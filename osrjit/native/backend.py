@@ -100,7 +100,9 @@ class NativeBackend:
     name = "native"
     #: A transfer may free its version at once (the runtime lock permitting).
     reclaim_in_transfer = True
-    #: Reference-language functions start with the stack check (StackOverflow).
+    #: Reference-language functions start with the stack check (StackOverflow);
+    #: False, per instance, in a process without a stack limit key
+    #: (:data:`osrjit.native.threads.stack_limit_error` says why).
     stack_checks = True
 
     def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = "python",
@@ -154,9 +156,13 @@ class NativeBackend:
             abi.SAFEPOINT_SLOW_SYMBOL: support.addresses["osrjit_safepoint_slow"],
             abi.ERROR_SYMBOL: support.addresses["osrjit_error"],
             abi.SAFEPOINT_FLAG_SYMBOL: ctypes.addressof(self.flag),
-            abi.STACK_LIMIT_SYMBOL: threads.stack_limit_slot().offset,
             abi.STACK_OVERFLOW_SYMBOL: support.addresses["osrjit_stack_overflow"],
         }
+        stack_limit = threads.stack_limit_slot()
+        if stack_limit is None:
+            self.stack_checks = False         # IR with stack_check() then fails to link
+        else:
+            self.service_addresses[abi.STACK_LIMIT_SYMBOL] = stack_limit.offset
         services = self._services
         for cell, cb in (("osrjit_py_hook", _HOOK_TYPE(services.hook_service)),
                          ("osrjit_py_safepoint", _SAFEPOINT_SLOW_TYPE(services.safepoint_service)),

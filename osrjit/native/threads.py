@@ -490,12 +490,21 @@ _stack_limit_lock = threading.Lock()
 
 
 def stack_limit_slot():
-    """The process's :class:`StackLimitSlot` (made on first use)."""
-    global _stack_limit
+    """The process's :class:`StackLimitSlot` (made on first use), or None if
+    it cannot be made (the :class:`OsrJitError` is kept in
+    :data:`stack_limit_error`; it is not tried again)."""
+    global _stack_limit, stack_limit_error
     with _stack_limit_lock:
-        if _stack_limit is None:
-            _stack_limit = StackLimitSlot()
+        if _stack_limit is None and stack_limit_error is None:
+            try:
+                _stack_limit = StackLimitSlot()
+            except OsrJitError as e:
+                stack_limit_error = e
         return _stack_limit
+
+
+#: Why the process has no :class:`StackLimitSlot` (None: it has one, or it was not asked yet).
+stack_limit_error = None
 
 
 _ENTER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
@@ -696,7 +705,9 @@ class ThreadRegistry:
     def _attach(self, holder):
         st = holder.state
         bounds = current_stack_bounds()
-        stack_limit_slot().set_current(bounds)
+        slot = stack_limit_slot()
+        if slot is not None:
+            slot.set_current(bounds)
         name = threading.current_thread().name
         st.is_main = int(threading.current_thread() is threading.main_thread())
         # Under the lock: once close() has run, no thread sets a value for

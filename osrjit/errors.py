@@ -118,7 +118,7 @@ class UnpatchableReference(PatchError):
 
 class StackOverflow(OsrJitError, RecursionError):
     """JIT code would have run past its thread's stack: a function's entry
-    check found less than the margin left (``osrjit.native.threads.STACK_MARGIN_BYTES``,
+    check found less than the margin left (``osrjit.native.stacklimit.STACK_MARGIN_BYTES``,
     at most a quarter of the stack). The thread's JIT frames of that call were
     abandoned (their pending hijacks dropped); the runtime stays usable."""
 

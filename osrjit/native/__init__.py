@@ -7,7 +7,8 @@
 * :mod:`.hijack` — writing the stubs and recording the pending returns;
 * :mod:`.replace` — one ``replace()`` / ``collect()`` pause, step by step.
 
-The thread protocol (:mod:`osrjit.native.threads`), the transfers
+The thread protocol (:mod:`osrjit.native.threads`), the stack limit
+(:mod:`osrjit.native.stacklimit`), the transfers
 (:mod:`osrjit.native.deoptimizer`), the native scans (:mod:`osrjit.native.fastscan`) and
 call patching (:mod:`osrjit.native.patching`) are this backend's collaborators.
 """

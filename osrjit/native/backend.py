@@ -36,7 +36,7 @@ from ..abi import FunctionIR
 from ..compiling import emit_object
 from ..errors import CompileError, FrameMapError, VersionInUse
 from ..versions import Function, FunctionTable, Version
-from . import patching, threads
+from . import patching, stacklimit, threads
 from .deoptimizer import NativeDeopt, NativeTransferPath
 from .function import JitFunction
 from .hijack import Hijacker
@@ -102,7 +102,7 @@ class NativeBackend:
     reclaim_in_transfer = True
     #: Reference-language functions start with the stack check (StackOverflow);
     #: False, per instance, in a process without a stack limit key
-    #: (:data:`osrjit.native.threads.stack_limit_error` says why).
+    #: (:data:`osrjit.native.stacklimit.stack_limit_error` says why).
     stack_checks = True
 
     def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = "python",
@@ -158,7 +158,7 @@ class NativeBackend:
             abi.SAFEPOINT_FLAG_SYMBOL: ctypes.addressof(self.flag),
             abi.STACK_OVERFLOW_SYMBOL: support.addresses["osrjit_stack_overflow"],
         }
-        stack_limit = threads.stack_limit_slot()
+        stack_limit = stacklimit.stack_limit_slot()
         if stack_limit is None:
             self.stack_checks = False         # IR with stack_check() then fails to link
         else:

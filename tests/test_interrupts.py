@@ -349,3 +349,42 @@ def test_a_thread_s_overflow_is_checked_against_its_own_stack(stack_bytes):
     out = run_child(thread_overflow_scenario, stack_bytes)
     assert out == {"error": "StackOverflow", "f100": 100,
                    "after": {"pending_returns": 0, "live_versions": {"f": 1}}}
+
+
+def two_runtimes_scenario():
+    """Two runtimes chain their SIGINT handlers; closing the first one (not
+    the last installed) leaves the second one's working, closing both
+    gives Python its handler back."""
+    out = []
+    a, b = osrjit.Runtime(), osrjit.Runtime()
+    for rt in (a, b):
+        rt.compile(SPIN)
+    a.close()
+    started = threading.Event()
+    b.on_hook(lambda which: (which == 1 and started.set(), 0)[1])
+
+    def interrupter():
+        started.wait()
+        os.kill(os.getpid(), signal.SIGINT)
+    helper = threading.Thread(target=interrupter)
+    helper.start()
+    try:
+        b.function("spin")(0)
+    except KeyboardInterrupt:
+        out.append("KeyboardInterrupt")
+    helper.join()
+    out.append(b.function("count")(3))
+    b.close()
+    out.append(signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000_000):
+            pass
+    except KeyboardInterrupt:
+        out.append("KeyboardInterrupt")
+    return out
+
+
+def test_sigint_with_two_runtimes_closed_out_of_order():
+    assert run_child(two_runtimes_scenario, timeout=120) == ["KeyboardInterrupt", 3, True,
+                                                              "KeyboardInterrupt"]

@@ -17,7 +17,8 @@ from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, Emulation
                      EmulationFault, FrameMapError, HijackError, HookNotSet, IncompatibleVersion,
                      NotACallSite, ObjectFormatError, OsrJitError, PatchError, ResourceExhausted,
                      RuntimeClosed,
-                     SafepointTimeout, SignatureMismatch, TransferError, UnknownFunction, UnpatchableReference,
+                     SafepointTimeout, SignatureMismatch, StackOverflow, TransferError,
+                     UnknownFunction, UnpatchableReference,
                      UnwindFailure, VersionInUse)
 from .runtime import Runtime
 from .versions import Version
@@ -31,5 +32,5 @@ __all__ = [
     "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
     "TransferError", "DeoptFailure", "UnwindFailure", "PatchError", "EmulationError",
     "EmulationFault", "ObjectFormatError", "NotACallSite", "CallTargetOutOfRange",
-    "UnpatchableReference", "ResourceExhausted", "SignatureMismatch",
+    "UnpatchableReference", "ResourceExhausted", "SignatureMismatch", "StackOverflow",
 ]

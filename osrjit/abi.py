@@ -57,6 +57,14 @@ HOOK_SYMBOL = "osrjit_hook"
 SAFEPOINT_FLAG_SYMBOL = "osrjit_safepoint_flag"
 #: ``declare void @osrjit_safepoint_slow()`` — a poll's slow path.
 SAFEPOINT_SLOW_SYMBOL = "osrjit_safepoint_slow"
+#: ``@osrjit_stack_limit_tls = external global i8`` — an absolute symbol whose
+#: *value* is the byte offset from ``%fs`` of the thread's stack limit (see
+#: :meth:`osrjit.ir.BodyBuilder.stack_check`).
+STACK_LIMIT_SYMBOL = "osrjit_stack_limit_tls"
+#: ``declare void @osrjit_stack_overflow()`` — the stack check's slow path:
+#: abandons the thread's JIT frames (not a site; it does not return when the
+#: thread is in an entry).
+STACK_OVERFLOW_SYMBOL = "osrjit_stack_overflow"
 #: ``declare void @osrjit_error(i64 code)`` — reports a language-level error
 #: (an :class:`ErrorCode`). *Not* a site: no frame map, no statepoint, so the
 #: service must not wait for a safepoint or walk/replace the calling frame.

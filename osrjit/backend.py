@@ -95,6 +95,9 @@ class Backend(Protocol):
     #: Whether a transfer may free its old version at once (native), or asks
     #: for a reclaim later (:meth:`request_reclaim`, emulated: between quanta).
     reclaim_in_transfer: bool
+    #: Whether reference-language functions start with the stack check
+    #: (:meth:`osrjit.ir.BodyBuilder.stack_check`): natively, not emulated.
+    stack_checks: bool
 
     def new_cell(self, name: str):
         """A slot cell for a function compiled for the first time."""

@@ -194,17 +194,18 @@ def validate_batch(irs: Iterable[FunctionIR], signatures: Mapping[str, tuple]) -
 
 
 def replacement_irs(names, source, *, polls: bool, calls: str,
-                    known: Mapping[str, int], filename: str | None = None) -> list[FunctionIR]:
+                    known: Mapping[str, int], filename: str | None = None,
+                    stack_check: bool = False) -> list[FunctionIR]:
     """The FunctionIRs a ``replace(names, source)`` call links, for every backend.
 
     ``source``: reference-language text (compiled with ``known``: name ->
     arity of the functions already compiled; ``filename`` names it in the
-    line tables) or FunctionIR object(s). They
+    line tables; ``stack_check`` adds the entry stack check) or FunctionIR object(s). They
     must define exactly ``names``: :class:`CompileError` otherwise.
     """
     if isinstance(source, str):
         irs = lang.compile_source(source, known=known, polls=polls, calls=calls,
-                                  filename=filename)
+                                  filename=filename, stack_check=stack_check)
     else:
         irs = [source] if isinstance(source, FunctionIR) else list(source)
     defined = {ir.name for ir in irs}

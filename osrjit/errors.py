@@ -129,6 +129,13 @@ class UnpatchableReference(PatchError):
         self.relocation_type = relocation_type
 
 
+class StackOverflow(OsrJitError, RecursionError):
+    """JIT code would have run past its thread's stack: a function's entry
+    check found less than the margin left (``osrjit.native.stacklimit.STACK_MARGIN_BYTES``,
+    at most a quarter of the stack). The thread's JIT frames of that call were
+    abandoned (their pending hijacks dropped); the runtime stays usable."""
+
+
 class SafepointTimeout(OsrJitError):
     """Threads did not stop in time; nothing was modified.
 

@@ -101,7 +101,8 @@ from llvmlite import ir
 from osrjit.abi import (CALL_MODES, CALLS_DIRECT, CALLS_SLOT, DIRECT_CALL_PREFIX,
                         ERROR_SYMBOL, GC_STRATEGY, HOOK_SYMBOL, RESUME_SUFFIX,
                         SAFEPOINT_FLAG_SYMBOL, SAFEPOINT_SLOW_SYMBOL,
-                        SLOT_PREFIX, STATE_LIVE_BASE, STATE_RESULT_INDEX,
+                        SLOT_PREFIX, STACK_LIMIT_SYMBOL, STACK_OVERFLOW_SYMBOL,
+                        STATE_LIVE_BASE, STATE_RESULT_INDEX,
                         FunctionIR, LiveValue, SiteInfo, SiteKind, direct_call_symbol)
 from osrjit.errors import CompileError
 
@@ -549,6 +550,39 @@ class BodyBuilder:
         self._record(_Site(site_id, SiteKind.POLL, SAFEPOINT_SLOW_SYMBOL,
                            None if live is None else tuple(live), None, None, None,
                            statepoint, continuation, line, col))
+
+    def stack_check(self) -> None:
+        """Emit the entry stack check (not a site; put it first in the body)::
+
+            %limit = load i64, ptr addrspace(257) @osrjit_stack_limit_tls  ; %fs:<offset>
+            %sp = call i64 @llvm.read_register.i64(metadata !"rsp")
+            %low = icmp ult i64 %sp, %limit
+            br i1 %low, label %stack.overflow, label %stack.ok, !prof (1, 2000)
+          stack.overflow:  call void @osrjit_stack_overflow() ; br label %stack.ok
+
+        ``@osrjit_stack_limit_tls`` is an absolute symbol whose value is the
+        offset from ``%fs`` (address space 257) of the thread's limit: one
+        load (plus the GOT's) and a compare. A thread with limit 0 never
+        fails it. The slow path abandons the thread's JIT frames up to its
+        entry (the Python caller gets :class:`osrjit.StackOverflow`); the
+        native backend links it, the emulated one compiles without checks.
+        """
+        b = self.builder
+        tls = self._declare_global(STACK_LIMIT_SYMBOL, ir.IntType(8))
+        fs_ptr = ir.PointerType(addrspace=257)
+        limit = b.load(tls.ptrtoint(I64).inttoptr(fs_ptr), typ=I64, name="stack.limit")
+        md = self.module.add_metadata([ir.MetaDataString(self.module, "rsp")])
+        read_register = self.declare_function(
+            "llvm.read_register.i64", ir.FunctionType(I64, [ir.MetaDataType()]))
+        sp = b.call(read_register, [md], name="stack.sp")
+        low = b.icmp_unsigned("<", sp, limit, name="stack.low")
+        slow = self.function.append_basic_block("stack.overflow")
+        ok = self.function.append_basic_block("stack.ok")
+        b.cbranch(low, slow, ok).set_weights(POLL_BRANCH_WEIGHTS)
+        b.position_at_end(slow)
+        b.call(self.declare_function(STACK_OVERFLOW_SYMBOL, ir.FunctionType(VOID, [])), [])
+        b.branch(ok)
+        b.position_at_end(ok)
 
     def report_error(self, code: int) -> None:
         """Emit ``call void @osrjit_error(i64 code)`` (not a site; see :mod:`osrjit.abi`)."""

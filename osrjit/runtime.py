@@ -236,7 +236,8 @@ class Runtime:
         with self._lock:
             self._check_open()
             irs = lang.compile_source(source, known=self._functions.arities(), polls=polls,
-                                      calls=self.calls, filename=filename)
+                                      calls=self.calls, filename=filename,
+                                      stack_check=self._backend.stack_checks)
             return self.compile_ir(irs)
 
     @_osrjit_errors
@@ -363,7 +364,7 @@ class Runtime:
                 self._functions.get(name)          # UnknownFunction before compiling anything
             irs = replacement_irs(names, self._instrumented(source, polls), polls=polls,
                                   calls=self.calls, known=self._functions.arities(),
-                                  filename=filename)
+                                  filename=filename, stack_check=self._backend.stack_checks)
             irs = validate_batch(irs, self._functions.signatures())
             plainir.check_signatures(irs, self._functions)
             linked = self._backend.link(irs, {})
@@ -533,6 +534,16 @@ class Runtime:
                 owner.pending_returns -= n
                 self.native_transfers += n
         self._reclaim_later.extend(owners)
+
+    def _frames_abandoned(self, owners):
+        """Hijacked frames that will never return (their thread abandoned
+        them, :class:`StackOverflow` or an interrupt): ``{old version: count}``
+        (runtime lock held)."""
+        with self._count_lock:
+            for owner, n in owners.items():
+                owner.pending_returns -= n
+        self._reclaim_later.extend(owners)
+        self._reclaim()
 
     def _reclaim(self):
         """Free every old version nothing can return into or is executing."""

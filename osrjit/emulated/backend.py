@@ -183,6 +183,8 @@ class EmulatedBackend:
     name = "emulated"
     #: A transfer runs inside a hypercall: versions are freed between quanta.
     reclaim_in_transfer = False
+    #: No entry stack checks (the emulator has no %fs thread block).
+    stack_checks = False
 
     def __init__(self, runtime, *, seed: int = 0, quantum: tuple[int, int] = (1, 100),
                  grace: int = 10_000, roll_limit: int = 100_000,

@@ -102,7 +102,7 @@ __all__ = ["compile_source", "lower_source", "lower_function", "site_key", "site
 
 def compile_source(source: str, *, known: Mapping[str, int] = {},
                    polls: bool = True, calls: str = CALLS_SLOT,
-                   filename: str | None = None) -> list[FunctionIR]:
+                   filename: str | None = None, stack_check: bool = False) -> list[FunctionIR]:
     """Compile every function in ``source``; one :class:`FunctionIR` each, in source order.
 
     ``known`` maps functions already compiled into the runtime to their arity;
@@ -112,7 +112,10 @@ def compile_source(source: str, *, known: Mapping[str, int] = {},
     functions: ``"slot"`` (load ``@"osrjit.slot.<g>"``, call through it) or
     ``"direct"`` (``call @"osrjit.fn.<g>"``, an ``E8 rel32`` the runtime
     patches; listed in :attr:`FunctionIR.direct_callees`); self-calls are
-    direct either way and site ids do not depend on the mode. Raises
+    direct either way and site ids do not depend on the mode.
+    ``stack_check`` starts every function with a check of RSP against its
+    thread's stack limit (:meth:`osrjit.ir.BodyBuilder.stack_check`; the
+    native backend asks for it). Raises
     :class:`CompileError` (with line and column) for anything outside the
     language. With ``filename``, each function carries a DWARF line table
     (``!dbg``) naming it, so debuggers show ``filename:line`` for its frames
@@ -122,5 +125,5 @@ def compile_source(source: str, *, known: Mapping[str, int] = {},
         raise ValueError(f"calls={calls!r}, expected one of {CALL_MODES}")
     return [VersionedFunction(fn.name, fn.params, calls=calls,
                               source=None if filename is None else SourceInfo(filename, fn.line or 1)
-                              ).build(emitter_for(fn))
+                              ).build(emitter_for(fn, stack_check=stack_check))
             for fn in lower_source(source, known=known, polls=polls)]

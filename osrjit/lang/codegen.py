@@ -238,6 +238,12 @@ class _Emitter:
         return phi
 
 
-def emitter_for(fn: LoweredFunction):
-    """The body callback for :meth:`osrjit.ir.VersionedFunction.build` that emits ``fn``."""
-    return lambda fb: _Emitter(fn, fb).emit()
+def emitter_for(fn: LoweredFunction, *, stack_check: bool = False):
+    """The body callback for :meth:`osrjit.ir.VersionedFunction.build` that
+    emits ``fn``, starting with the entry stack check
+    (:meth:`osrjit.ir.BodyBuilder.stack_check`) if ``stack_check``."""
+    def body(fb):
+        if stack_check:
+            fb.stack_check()
+        _Emitter(fn, fb).emit()
+    return body

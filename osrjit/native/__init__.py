@@ -8,7 +8,8 @@
 * :mod:`.replace` — one ``replace()`` / ``collect()`` pause, step by step.
 * :mod:`.tooling` — what perf and gdb see: perf maps, jitdump, the GDB JIT interface.
 
-The thread protocol (:mod:`osrjit.native.threads`), the transfers
+The thread protocol (:mod:`osrjit.native.threads`), the stack limit
+(:mod:`osrjit.native.stacklimit`), the transfers
 (:mod:`osrjit.native.deoptimizer`), the native scans (:mod:`osrjit.native.fastscan`) and
 call patching (:mod:`osrjit.native.patching`) are this backend's collaborators.
 """

@@ -37,7 +37,7 @@ from ..abi import FunctionIR
 from ..compiling import emit_object
 from ..errors import CompileError, FrameMapError, VersionInUse
 from ..versions import Function, FunctionTable, Version
-from . import patching, threads
+from . import patching, stacklimit, threads
 from .deoptimizer import NativeDeopt, NativeTransferPath
 from .function import JitFunction
 from .hijack import Hijacker
@@ -102,6 +102,10 @@ class NativeBackend:
     name = "native"
     #: A transfer may free its version at once (the runtime lock permitting).
     reclaim_in_transfer = True
+    #: Reference-language functions start with the stack check (StackOverflow);
+    #: False, per instance, in a process without a stack limit key
+    #: (:data:`osrjit.native.stacklimit.stack_limit_error` says why).
+    stack_checks = True
 
     def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = "python",
                  walker: str = "python", perf: str | None = None, gdb: bool | None = None):
@@ -144,17 +148,26 @@ class NativeBackend:
         self.flag = self.linker.keep(ctypes.c_int64(0))
         support = self.support = threads.SupportLibrary(self.linker, self.space, self.flag)
         release(support.close)
-        self.registry = threads.ThreadRegistry(support.key)
+        self.registry = threads.ThreadRegistry(support.key, support.cell("osrjit_main_thread"))
         release(self.registry.close)
         self.signal = threads.RuntimeSignal(support.addresses["osrjit_signal_handler"])
         release(self.signal.close)
+        self.sigint = threads.SigintHook(support.addresses["osrjit_sigint_handler"],
+                                         support.cell("osrjit_sigint_previous"))
+        release(self.sigint.close)
         self.world = threads.World(support, self.registry, self.signal)
         self.service_addresses = {
             abi.HOOK_SYMBOL: support.addresses["osrjit_hook"],
             abi.SAFEPOINT_SLOW_SYMBOL: support.addresses["osrjit_safepoint_slow"],
             abi.ERROR_SYMBOL: support.addresses["osrjit_error"],
             abi.SAFEPOINT_FLAG_SYMBOL: ctypes.addressof(self.flag),
+            abi.STACK_OVERFLOW_SYMBOL: support.addresses["osrjit_stack_overflow"],
         }
+        stack_limit = stacklimit.stack_limit_slot()
+        if stack_limit is None:
+            self.stack_checks = False         # IR with stack_check() then fails to link
+        else:
+            self.service_addresses[abi.STACK_LIMIT_SYMBOL] = stack_limit.offset
         services = self._services
         for cell, cb in (("osrjit_py_hook", _HOOK_TYPE(services.hook_service)),
                          ("osrjit_py_safepoint", _SAFEPOINT_SLOW_TYPE(services.safepoint_service)),
@@ -416,6 +429,29 @@ class NativeBackend:
         ntx = self.deopt.native
         if ntx is not None:
             self.account_native(ntx.commit(drain=False))
+
+    def abandoned(self, state):
+        """Forget the JIT frames ``osrjit_abandon`` gave up on the calling
+        thread (its :class:`~.threads.ThreadState` ``state``): every pending
+        return whose slot lies in ``[abandoned_lo, abandoned_hi)`` leaves the
+        hijack table and the thread's native LIFO (those frames will never
+        return), and its version's count (runtime lock held, so no pause
+        writes hijacks meanwhile). The thread runs no JIT code of this entry
+        any more, and only it reads its LIFO."""
+        lo, hi = state.abandoned_lo, state.abandoned_hi
+        runtime = self._runtime()
+        with runtime._lock:
+            self.drain()
+            table = self.deopt.table
+            with table.lock:
+                dead = [r.slot for r in table.records() if lo <= r.slot < hi]
+                owners = table.take_many(dead) if dead else {}
+            ntx = self.deopt.native
+            lifo = None if ntx is None else ntx.lifo_of(state)
+            if lifo is not None and any(lo <= e[0] < hi for e in lifo.entries()):
+                self.account_native(lifo.commit(
+                    lambda keep: [e for e in keep if not lo <= e[0] < hi])[0])
+            runtime._frames_abandoned(owners)
 
     def account_native(self, taken):
         """The runtime's accounting for ``taken`` slots (transferred natively)."""

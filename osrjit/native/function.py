@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import ctypes
 
-from ..errors import OsrJitError, RuntimeClosed
+from ..errors import OsrJitError, RuntimeClosed, StackOverflow
 from ..services import INT64_MAX, INT64_MIN
 from ..versions import Function
+from unwinder.x86_64 import RSP
+
+from .threads import FLAG_INTERRUPT, AbandonReason
 
 __all__ = ["JitFunction"]
 
@@ -26,6 +29,12 @@ class JitFunction:
     Every call goes through the runtime's entry thunk: it marks this thread
     "in JIT" (waiting while the world is stopped), calls the slot's current
     version, and marks it "outside" again. Valid while its runtime is open.
+
+    A call whose JIT frames were abandoned raises: :class:`osrjit.StackOverflow`
+    when a function's entry found the stack nearly full; on SIGINT while the
+    main thread ran JIT code with polls, whatever Python's SIGINT handler
+    raises (``KeyboardInterrupt`` by default; ``KeyboardInterrupt`` too if
+    that handler returns). Their pending hijacks are dropped first.
     """
 
     def __init__(self, backend, fn: Function):
@@ -61,12 +70,32 @@ class JitFunction:
                 raise OverflowError(f"{fn.name}(): argument {a} does not fit in 64 bits")
         if self._backend.closed:
             raise RuntimeClosed(f"cannot call {fn.name}: the runtime is closed")
-        self._registry.current()           # attach this thread on its first call
+        state = self._registry.current()   # attach this thread on its first call
         outer = self._services.enter()
         try:
             result = self._thunk(self._slot_address, *args)
         finally:
+            # (A KeyboardInterrupt from Python's SIGINT handler is raised as
+            # the thunk call returns, so this runs in either case.)
             exc = self._services.leave(outer)
+            reason = state.abandoned
+            if reason:
+                state.abandoned = AbandonReason.NONE
+                self._backend.abandoned(state)
+            if state.is_main and (reason == AbandonReason.INTERRUPT
+                                  or self._backend.flag.value & FLAG_INTERRUPT):
+                if state.anchor[RSP]:
+                    # JIT frames of an outer call (this one came from a hook):
+                    # they stop at their next poll too.
+                    self._backend.support.set_flag(FLAG_INTERRUPT)
+                else:
+                    # None left (or SIGINT came as they returned without a poll).
+                    self._backend.support.clear_flag(FLAG_INTERRUPT)
+        if reason == AbandonReason.STACK_OVERFLOW:
+            raise StackOverflow(f"{fn.name}(): the JIT code ran out of stack (less than "
+                                f"the margin was left); its frames were abandoned")
+        if reason == AbandonReason.INTERRUPT:
+            raise exc if isinstance(exc, KeyboardInterrupt) else KeyboardInterrupt()
         if exc is not None:
             raise exc
         return result

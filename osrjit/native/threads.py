@@ -27,8 +27,20 @@ rendered from :class:`ThreadState`, :class:`ThreadStatus` and the flag bits
 llvmlite's ``IRBuilder``:
 
 * ``osrjit_entry_<sig>(slot, args...)`` — the entry thunk Python calls:
-  saves the previous anchor, enters (``IN_JIT``; waits while the world is
-  stopped), calls the slot's current version, restores, leaves (``OUTSIDE``);
+  saves the previous anchor, pushes a resume buffer on the thread's chain
+  (``entry_frame``), enters (``IN_JIT``; waits while the world is
+  stopped), calls the slot's current version, pops, restores, leaves
+  (``OUTSIDE``);
+* ``osrjit_abandon(ts, reason)`` — unwinds the thread's JIT frames to its
+  innermost entry thunk (``llvm.eh.sjlj.longjmp`` to its buffer), which
+  returns as usual with :attr:`ThreadState.abandoned` set; the Python entry
+  drops the abandoned frames' hijacks and raises. Called by
+  ``osrjit_stack_overflow`` (a function's entry found RSP below the limit
+  in the :class:`~.stacklimit.StackLimitSlot`) and by the poll slow path of the main
+  thread when :data:`FLAG_INTERRUPT` is set;
+* ``osrjit_sigint_handler`` — SIGINT, chained before CPython's handler
+  (:class:`SigintHook`): sets :data:`FLAG_INTERRUPT` while the main thread
+  has JIT frames;
 * ``osrjit_hook`` / ``osrjit_error`` — save the anchor, go ``OUTSIDE``, call
   the Python service, enter again (blocking while the world is stopped);
 * ``osrjit_safepoint_slow`` — a poll's slow path: with the STOP bit set it
@@ -47,9 +59,9 @@ llvmlite's ``IRBuilder``:
 * ``osrjit_signal_handler`` — async-signal-safe (no Python, no malloc): a
   thread ``IN_JIT`` when the world is stopping saves its ucontext and parks.
 
-The flag word (``osrjit_safepoint_flag``) that polls test has two bits:
-:data:`FLAG_STOP` (stop the world) and :data:`FLAG_USER` (call the Python
-safepoint service). Entering checks STOP after publishing ``IN_JIT`` with a
+The flag word (``osrjit_safepoint_flag``) that polls test has three bits:
+:data:`FLAG_STOP` (stop the world), :data:`FLAG_USER` (call the Python
+safepoint service) and :data:`FLAG_INTERRUPT` (SIGINT for the main thread). Entering checks STOP after publishing ``IN_JIT`` with a
 locked exchange, and the stopper sets STOP with a locked ``or`` before reading
 statuses, so a thread either sees STOP or is seen ``IN_JIT`` (Dekker).
 """
@@ -70,6 +82,7 @@ from unwinder.x86_64 import (CALLEE_SAVED, R8, R9, R10, R11, R12, R13, R14, R15,
 from ..abi import ERROR_SYMBOL, HOOK_SYMBOL
 from ..errors import OsrJitError, ResourceExhausted, RuntimeClosed, SafepointTimeout
 from ..ir import DOUBLE, I32, I64, PTR, VOID, parse_module
+from .stacklimit import stack_limit_slot
 
 
 class ThreadStatus(IntEnum):
@@ -91,9 +104,29 @@ assert [int(s) for s in ThreadStatus] == list(range(len(STATUS_NAMES)))
 #: Statuses in which a thread runs no JIT code and its stack can be walked.
 STOPPED = frozenset((DETACHED, OUTSIDE, PARKED, PARKED_SIGNAL))
 
-#: Bits of the safepoint flag word: stop the world; call the Python safepoint service.
+#: Bits of the safepoint flag word: stop the world; call the Python safepoint
+#: service; SIGINT arrived while the main thread ran JIT code (its next poll
+#: abandons its JIT frames, see :class:`SigintHook`).
 FLAG_STOP = 1
 FLAG_USER = 2
+FLAG_INTERRUPT = 4
+_SIGINT = 2
+
+
+class AbandonReason(IntEnum):
+    """Why ``osrjit_abandon`` unwound a thread's JIT frames to its entry thunk
+    (:attr:`ThreadState.abandoned`)."""
+    NONE = 0
+    STACK_OVERFLOW = 1       #: a function's entry check found RSP below the stack limit
+    INTERRUPT = 2            #: a poll of the main thread saw FLAG_INTERRUPT
+
+
+#: The entry thunk's resume buffer: LLVM's ``llvm.eh.sjlj.setjmp`` buffer
+#: (word 0 the frame pointer, 1 the resume address, 2 the stack pointer,
+#: 3-4 the target's own), then the enclosing entry's buffer address.
+ENTRY_FRAME_WORDS = 6
+ENTRY_FRAME_SP = 2
+ENTRY_FRAME_PREVIOUS = 5
 #: Seconds :meth:`World.stop` polls the threads' statuses yielding the CPU
 #: (a sleep costs ~60 µs of timer slack) before it polls every 20 µs.
 SPIN_SECONDS = 0.0002
@@ -124,12 +157,28 @@ class ThreadState(ctypes.Structure):
     :class:`deopt.native_transfer.ThreadBlock` (its hijack LIFO), 0 if none;
     written only while the world is stopped, read by ``osrjit_transfer``.
     ``handshake``: address of the block the park path hands to
-    ``osrjit_park_scan`` (see :class:`osrjit.native.fastscan.SelfScan`), 0 if none."""
+    ``osrjit_park_scan`` (see :class:`osrjit.native.fastscan.SelfScan`), 0 if none.
+    ``entry_frame``: address of the innermost entry thunk's resume buffer
+    (:data:`ENTRY_FRAME_WORDS` u64 in the thunk's frame, chained through
+    word :data:`ENTRY_FRAME_PREVIOUS` to the enclosing entry's), 0 outside
+    JIT code. ``abandoned``: the :class:`AbandonReason` ``osrjit_abandon``
+    stored, read and cleared by the Python entry; ``abandoned_lo`` /
+    ``abandoned_hi``: the absolute byte range ``[lo, hi)`` of the stack it
+    abandoned (its own RSP, the thunk's). ``is_main``: 1 on the process's
+    main thread (the one CPython raises ``KeyboardInterrupt`` in).
+    ``sigint_owed``: 1 while a SIGINT that came as the main thread ran JIT
+    code waits to be handed to the previous handler (see :class:`SigintHook`)."""
     _fields_ = [("status", ctypes.c_int64),
                 ("anchor", ctypes.c_uint64 * ANCHOR_SLOTS),
                 ("ucontext", ctypes.c_uint64),
                 ("transfer_block", ctypes.c_uint64),
-                ("handshake", ctypes.c_uint64)]
+                ("handshake", ctypes.c_uint64),
+                ("entry_frame", ctypes.c_uint64),
+                ("abandoned", ctypes.c_int64),
+                ("abandoned_lo", ctypes.c_uint64),
+                ("abandoned_hi", ctypes.c_uint64),
+                ("is_main", ctypes.c_int64),
+                ("sigint_owed", ctypes.c_int64)]
 
 
 assert ThreadState.status.offset == 0
@@ -155,7 +204,12 @@ def support_ir():
     return nativesrc.render_file(__package__, "threads_support.ll", structs=[ThreadState], values={
         # DETACHED is Python's alone: attaching and detaching are Python.
         **{s.name: int(s) for s in ThreadStatus if s is not ThreadStatus.DETACHED},
-        "FLAG_STOP": FLAG_STOP, "FLAG_USER": FLAG_USER, "SYS_FUTEX": _SYS_FUTEX,
+        "FLAG_STOP": FLAG_STOP, "FLAG_USER": FLAG_USER, "FLAG_INTERRUPT": FLAG_INTERRUPT,
+        "NOT_FLAG_INTERRUPT": ~FLAG_INTERRUPT,
+        "STACK_OVERFLOW": int(AbandonReason.STACK_OVERFLOW),
+        "INTERRUPT": int(AbandonReason.INTERRUPT),
+        "ENTRY_FRAME_SP": ENTRY_FRAME_SP, "RSP": RSP, "SIGINT": _SIGINT,
+        "SYS_FUTEX": _SYS_FUTEX,
         "FUTEX_WAIT_PRIVATE": _FUTEX_WAIT_PRIVATE, "FUTEX_WAKE_PRIVATE": _FUTEX_WAKE_PRIVATE,
         "FUTEX_WAKE_ALL": _FUTEX_WAKE_ALL})
 
@@ -258,32 +312,68 @@ def service_wrappers_ir(triple):
 def entry_thunk_ir(return_type, arity, triple):
     """``(name, IR)`` of ``osrjit_entry_<ret>_<n>(ptr slot, i64 x n)``, the
     runtime's entry thunk: keep the thread's anchor (an entry nested in a
-    hook must not lose the outer one), enter (``IN_JIT``; waits while the
-    world is stopped), call the slot's current version, put the anchor back,
-    leave (``OUTSIDE``)."""
+    hook must not lose the outer one) and push a resume buffer on the
+    thread's chain of entries (``llvm.eh.sjlj.setjmp``: ``osrjit_abandon``
+    comes back here with the JIT frames above abandoned), enter
+    (``IN_JIT``; waits while the world is stopped), call the slot's current
+    version, pop the buffer, put the anchor back, leave (``OUTSIDE``), hand
+    a SIGINT owed to Python over (``osrjit_sigint_deliver``: Python's handler
+    then runs as the call returns). After an abandon it returns 0 (the Python entry reads
+    :attr:`ThreadState.abandoned`)."""
     name = f"osrjit_entry_{return_type}_{arity}"
     module = ir.Module(name)
     module.triple = triple
     e = _Emitter(module)
+    deliver = ir.Function(module, ir.FunctionType(VOID, [PTR]), "osrjit_sigint_deliver")
     anchor_type = ir.ArrayType(I64, ANCHOR_SLOTS)
     anchor_bytes = I64(ThreadState.anchor.size)
     memcpy = ir.Function(module, ir.FunctionType(VOID, [PTR, PTR, I64, _I1]),
                          "llvm.memcpy.p0.p0.i64")
-    fn = e.function(name, _SIGNATURE_TYPES[return_type], [PTR] + [I64] * arity)
+    frameaddress = ir.Function(module, ir.FunctionType(PTR, [I32]), "llvm.frameaddress.p0")
+    stacksave = ir.Function(module, ir.FunctionType(PTR, []), "llvm.stacksave.p0")
+    setjmp = ir.Function(module, ir.FunctionType(I32, [PTR]), "llvm.eh.sjlj.setjmp")
+    ret_type = _SIGNATURE_TYPES[return_type]
+    fn = e.function(name, ret_type, [PTR] + [I64] * arity)
     slot, *args = fn.args
     slot.name = "slot"
     for i, a in enumerate(args):
         a.name = f"a{i}"
+    run, abandoned, done = (fn.append_basic_block(n) for n in ("run", "abandoned", "done"))
     b = e.builder
     ts = b.call(e.current_thread, [], name="ts")
     saved = b.alloca(anchor_type, name="saved")
     saved.align = 8
+    buf = b.alloca(ir.ArrayType(I64, ENTRY_FRAME_WORDS), name="resume")
+    buf.align = 8
     anchor = e.field(ts, "anchor")
     b.call(memcpy, [saved, anchor, anchor_bytes, _I1(0)])
+    chain = e.field(ts, "entry_frame")
+    previous = b.load(chain, typ=I64, name="previous")
+
+    def word(i):
+        return b.gep(buf, [I64(0), I32(i)], inbounds=True)
+    b.store(previous, word(ENTRY_FRAME_PREVIOUS))
+    b.store(b.ptrtoint(b.call(frameaddress, [I32(0)]), I64), word(0))
+    b.store(b.ptrtoint(b.call(stacksave, []), I64), word(ENTRY_FRAME_SP))
+    b.store(b.ptrtoint(buf, I64), chain)
+    again = b.call(setjmp, [buf], name="again")
+    b.cbranch(b.icmp_signed("==", again, I32(0)), run, abandoned)
+    b.position_at_end(run)
     b.call(e.enter, [ts])
-    result = e.call_cell(slot, _SIGNATURE_TYPES[return_type], args)
+    result = e.call_cell(slot, ret_type, args)
+    b.branch(done)
+    b.position_at_end(abandoned)
+    b.branch(done)
+    b.position_at_end(done)
+    if ret_type != VOID:
+        phi = b.phi(ret_type, name="result")
+        phi.add_incoming(result, run)
+        phi.add_incoming(ir.Constant(ret_type, None), abandoned)
+        result = phi
+    b.store(previous, chain)
     b.call(memcpy, [anchor, saved, anchor_bytes, _I1(0)])
     e.store_status(ts, OUTSIDE)
+    b.call(deliver, [ts])
     e.ret(result)
     return name, str(module)
 
@@ -360,10 +450,13 @@ class SupportLibrary:
     """
 
     SERVICES = ("osrjit_py_hook", "osrjit_py_safepoint", "osrjit_py_error", "osrjit_py_transfer",
-                "osrjit_native_transfer", "osrjit_park_scan", "osrjit_park_apply")
+                "osrjit_native_transfer", "osrjit_park_scan", "osrjit_park_apply",
+                # Not services, cells all the same (see SigintHook):
+                "osrjit_sigint_previous", "osrjit_main_thread")
     EXPORTS = ("osrjit_current_thread", "osrjit_enter", "osrjit_leave", "osrjit_set_flag",
                "osrjit_clear_flag", "osrjit_load_status", "osrjit_safepoint_slow", "osrjit_hook",
-               "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor")
+               "osrjit_error", "osrjit_transfer", "osrjit_signal_handler", "osrjit_save_anchor",
+               "osrjit_stack_overflow", "osrjit_sigint_handler", "osrjit_sigint_deliver")
 
     def __init__(self, linker, space, flag):
         self._linker = linker
@@ -423,6 +516,10 @@ class SupportLibrary:
         """The address the cell of service ``name`` points at (0: none)."""
         return self._service_cells[name].value or 0
 
+    def cell(self, name):
+        """The ``c_void_p`` cell of service ``name`` (kept alive by the linker)."""
+        return self._service_cells[name]
+
     def entry_thunk(self, return_type, arity):
         """Address of the entry thunk for functions ``(i64 x arity) -> return_type``."""
         key = (return_type, arity)
@@ -448,8 +545,11 @@ class ThreadRegistry:
     blocks; attaching afterwards raises :class:`RuntimeClosed`.
     """
 
-    def __init__(self, key):
+    def __init__(self, key, main_cell=None):
         self._key = key
+        #: ``c_void_p`` set to the main thread's block while it is attached
+        #: (``osrjit_main_thread``, read by the SIGINT handler), or None.
+        self._main_cell = main_cell
         self._lock = threading.Lock()
         self._states = {}              # ident -> (ThreadState, thread name)
         self._bounds = {}              # ident -> (lo, hi) of its stack
@@ -491,6 +591,8 @@ class ThreadRegistry:
             states = [st for st, _name in self._states.values()]
             self._states.clear()
             self._bounds.clear()
+            if self._main_cell is not None:
+                self._main_cell.value = None
         for st in states:
             st.status = DETACHED
         # A new thread-local: the old one goes, and with it every thread's
@@ -516,7 +618,11 @@ class ThreadRegistry:
     def _attach(self, holder):
         st = holder.state
         bounds = current_stack_bounds()
+        slot = stack_limit_slot()
+        if slot is not None:
+            slot.set_current(bounds)
         name = threading.current_thread().name
+        st.is_main = int(threading.current_thread() is threading.main_thread())
         # Under the lock: once close() has run, no thread sets a value for
         # the key (it may be deleted, and its index reused by another runtime).
         with self._lock:
@@ -526,6 +632,8 @@ class ThreadRegistry:
             if _libc.pthread_setspecific(self._key, ctypes.addressof(st)) != 0:
                 raise OsrJitError("pthread_setspecific failed")
             self._states[holder.ident] = (st, name)
+            if st.is_main and self._main_cell is not None:
+                self._main_cell.value = ctypes.addressof(st)
             if bounds is not None:
                 self._bounds[holder.ident] = bounds
 
@@ -536,6 +644,9 @@ class ThreadRegistry:
             # ident and attached: only forget the entry if it is still ours.
             entry = self._states.get(holder.ident)
             if entry is not None and entry[0] is holder.state:
+                if self._main_cell is not None and self._main_cell.value == ctypes.addressof(
+                        holder.state):
+                    self._main_cell.value = None
                 del self._states[holder.ident]
                 self._bounds.pop(holder.ident, None)
 
@@ -652,6 +763,73 @@ class RuntimeSignal:
 
 
 _SIGNALS_LOCK = threading.Lock()
+
+
+class SigintHook:
+    """The runtime's SIGINT handler, chained in front of the process's.
+
+    ``handler_address``: ``osrjit_sigint_handler``; ``previous_cell``: its
+    ``osrjit_sigint_previous`` cell. Installed only over a handler that is a
+    function (CPython's, normally; not ``SIG_DFL``/``SIG_IGN``): the native
+    handler calls it first, so Python's own SIGINT behaviour (its flag, a
+    ``signal.signal`` handler, ``KeyboardInterrupt``) is unchanged, then sets
+    :data:`FLAG_INTERRUPT` if the main thread has JIT frames: its next poll
+    abandons them. If the main thread is *running* JIT code (not in a hook
+    called from it), the previous handler is called later instead, by the
+    entry thunk as the call returns to Python (``sigint_owed``): CPython
+    would otherwise raise ``KeyboardInterrupt`` in the first Python callback
+    the thread makes — a Python deopt transfer among them, which must not
+    fail. In a hook, Python raises there, the hook's exception is pending,
+    and the poll after the hook abandons the frames. Same flags as the previous action (CPython
+    wants ``EINTR``: no ``SA_RESTART``), plus ``SA_SIGINFO``.
+
+    Runtimes open at once chain their hooks; :meth:`close` restores the
+    previous action when this hook is the installed one, else unlinks it
+    from the hook installed over it. A ``signal.signal(SIGINT, ...)`` made
+    after the runtime opened replaces the chain (JIT loops then no longer
+    stop on SIGINT; Python's behaviour is whatever that call asked for).
+    """
+
+    def __init__(self, handler_address, previous_cell):
+        self.handler = handler_address
+        self.previous = previous_cell
+        self.installed = False
+        with _SIGNALS_LOCK:
+            old = _Sigaction()
+            if _libc.sigaction(_SIGINT, None, ctypes.byref(old)) != 0 or \
+                    (old.sa_sigaction or 0) in (0, 1):
+                return
+            new = _Sigaction()
+            new.sa_sigaction = handler_address
+            new.sa_mask = old.sa_mask
+            new.sa_flags = old.sa_flags | _SA_SIGINFO
+            previous_cell.value = old.sa_sigaction
+            if _libc.sigaction(_SIGINT, ctypes.byref(new), None) != 0:
+                previous_cell.value = None
+                return
+            self._old = old
+            self.installed = True
+            _SIGINT_HOOKS.append(self)
+
+    def close(self):
+        """Take the handler out of the chain (idempotent)."""
+        with _SIGNALS_LOCK:
+            if not self.installed:
+                return
+            self.installed = False
+            _SIGINT_HOOKS.remove(self)
+            current = _Sigaction()
+            _libc.sigaction(_SIGINT, None, ctypes.byref(current))
+            if current.sa_sigaction == self.handler:
+                _libc.sigaction(_SIGINT, ctypes.byref(self._old), None)
+                return
+            for other in _SIGINT_HOOKS:
+                if other.previous.value == self.handler:
+                    other.previous.value = self._old.sa_sigaction
+                    other._old = self._old
+
+
+_SIGINT_HOOKS = []
 
 
 class World:

@@ -12,12 +12,16 @@
 @osrjit_native_transfer = external global ptr
 @osrjit_park_scan = external global ptr
 @osrjit_park_apply = external global ptr
+@osrjit_sigint_previous = external global ptr
+@osrjit_main_thread = external global ptr
 
 declare ptr @pthread_getspecific(i32)
 declare i64 @syscall(i64, ...)
 ; Saves the caller's callee-saved registers, RSP after return and return
 ; address into the thread's anchor (threads_anchor.s).
 declare void @osrjit_save_anchor(ptr)
+declare ptr @llvm.stacksave.p0()
+declare void @llvm.eh.sjlj.longjmp(ptr) noreturn
 
 define ptr @osrjit_current_thread() uwtable {
   %k = load i64, ptr @osrjit_tls_key
@@ -139,6 +143,23 @@ resume:
   call void @osrjit_enter(ptr %ts)
   br label %user
 user:
+  ; SIGINT while the main thread ran JIT code: abandon its JIT frames
+  ; (osrjit_sigint_handler set the bit; the Python entry raises).
+  %fi = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
+  %int = and i64 %fi, ${FLAG_INTERRUPT}
+  %isint = icmp ne i64 %int, 0
+  %mine = and i1 %has, %isint
+  br i1 %mine, label %main, label %user2
+main:
+  %mp = getelementptr %ThreadState, ptr %ts, i32 0, i32 ${ThreadState.is_main}
+  %m = load i64, ptr %mp, align 8
+  %ism = icmp ne i64 %m, 0
+  br i1 %ism, label %interrupted, label %user2
+interrupted:
+  %oi = atomicrmw and ptr @osrjit_safepoint_flag, i64 ${NOT_FLAG_INTERRUPT} seq_cst
+  call void @osrjit_abandon(ptr %ts, i64 ${INTERRUPT})
+  br label %user2
+user2:
   %g = load atomic i64, ptr @osrjit_safepoint_flag seq_cst, align 8
   %u = and i64 %g, ${FLAG_USER}
   %call = icmp ne i64 %u, 0
@@ -222,6 +243,111 @@ parked:
   br i1 %again, label %parked, label %resume
 resume:
   store i64 0, ptr %ucp, align 8
+  br label %done
+done:
+  ret void
+}
+
+; Unwind this thread's JIT frames to its innermost entry thunk, which then
+; returns with ThreadState.abandoned = %reason and [abandoned_lo,
+; abandoned_hi) = the stack given up (this frame's RSP, the thunk's). Returns
+; without doing anything when the thread is in no entry.
+define void @osrjit_abandon(ptr %ts, i64 %reason) uwtable {
+entry:
+  %fp = getelementptr %ThreadState, ptr %ts, i32 0, i32 ${ThreadState.entry_frame}
+  %buf = load ptr, ptr %fp, align 8
+  %has = icmp ne ptr %buf, null
+  br i1 %has, label %go, label %done
+go:
+  %sp = call ptr @llvm.stacksave.p0()
+  %spi = ptrtoint ptr %sp to i64
+  %lop = getelementptr %ThreadState, ptr %ts, i32 0, i32 ${ThreadState.abandoned_lo}
+  store i64 %spi, ptr %lop, align 8
+  %bsp = getelementptr i64, ptr %buf, i64 ${ENTRY_FRAME_SP}
+  %hi = load i64, ptr %bsp, align 8
+  %hip = getelementptr %ThreadState, ptr %ts, i32 0, i32 ${ThreadState.abandoned_hi}
+  store i64 %hi, ptr %hip, align 8
+  %rp = getelementptr %ThreadState, ptr %ts, i32 0, i32 ${ThreadState.abandoned}
+  store i64 %reason, ptr %rp, align 8
+  call void @llvm.eh.sjlj.longjmp(ptr %buf)
+  unreachable
+done:
+  ret void
+}
+
+; A function's entry check found RSP below the thread's stack limit.
+define void @osrjit_stack_overflow() uwtable {
+entry:
+  %ts = call ptr @osrjit_current_thread()
+  %has = icmp ne ptr %ts, null
+  br i1 %has, label %abandon, label %done
+abandon:
+  call void @osrjit_abandon(ptr %ts, i64 ${STACK_OVERFLOW})
+  br label %done
+done:
+  ret void
+}
+
+; What the previous SIGINT handler gets when it is called late: a siginfo_t
+; (128 bytes) with si_signo = SIGINT, no ucontext.
+@osrjit_sigint_info = internal global [16 x i64] [i64 ${SIGINT}, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0, i64 0]
+
+; SIGINT (async-signal-safe). If the main thread has no JIT frames (it is
+; OUTSIDE without an anchor), only the previous handler runs (CPython's:
+; KeyboardInterrupt at the main thread's next bytecode). If it has, set
+; FLAG_INTERRUPT so its next poll abandons them; and if it is running JIT
+; code rather than a hook or service, owe the previous handler's call to
+; the entry thunk, which makes it as the call returns to Python
+; (osrjit_sigint_deliver): no Python callback of the thread (a Python deopt
+; transfer) may meet the KeyboardInterrupt first.
+define void @osrjit_sigint_handler(i32 %sig, ptr %info, ptr %uc) uwtable {
+entry:
+  %mt = load atomic ptr, ptr @osrjit_main_thread acquire, align 8
+  %hasmt = icmp ne ptr %mt, null
+  br i1 %hasmt, label %check, label %chain
+check:
+  %status = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.status}
+  %s = load atomic i64, ptr %status seq_cst, align 8
+  %out = icmp eq i64 %s, ${OUTSIDE}
+  br i1 %out, label %anchored, label %owe
+anchored:
+  %asp = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.anchor}, i64 ${RSP}
+  %a = load atomic i64, ptr %asp monotonic, align 8
+  %hasa = icmp ne i64 %a, 0
+  br i1 %hasa, label %set, label %chain
+owe:
+  %op = getelementptr %ThreadState, ptr %mt, i32 0, i32 ${ThreadState.sigint_owed}
+  store atomic i64 1, ptr %op seq_cst, align 8
+  %o1 = atomicrmw or ptr @osrjit_safepoint_flag, i64 ${FLAG_INTERRUPT} seq_cst
+  br label %done
+set:
+  %o2 = atomicrmw or ptr @osrjit_safepoint_flag, i64 ${FLAG_INTERRUPT} seq_cst
+  br label %chain
+chain:
+  %prev = load atomic ptr, ptr @osrjit_sigint_previous acquire, align 8
+  %hasprev = icmp ne ptr %prev, null
+  br i1 %hasprev, label %call, label %done
+call:
+  call void %prev(i32 %sig, ptr %info, ptr %uc)
+  br label %done
+done:
+  ret void
+}
+
+; The entry thunk, as it returns to Python: make the previous SIGINT
+; handler's call that osrjit_sigint_handler owed this thread (if any).
+define void @osrjit_sigint_deliver(ptr %ts) uwtable {
+entry:
+  %op = getelementptr %ThreadState, ptr %ts, i32 0, i32 ${ThreadState.sigint_owed}
+  %owed = atomicrmw xchg ptr %op, i64 0 seq_cst
+  %is = icmp ne i64 %owed, 0
+  br i1 %is, label %chain, label %done
+chain:
+  %prev = load atomic ptr, ptr @osrjit_sigint_previous acquire, align 8
+  %hasprev = icmp ne ptr %prev, null
+  br i1 %hasprev, label %call, label %done
+call:
+  call void %prev(i32 ${SIGINT}, ptr @osrjit_sigint_info, ptr null)
   br label %done
 done:
   ret void

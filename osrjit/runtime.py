@@ -279,7 +279,8 @@ class Runtime:
         if not plainir.is_plain_ir(source):
             return source
         return plainir.instrument(source, polls=polls, calls=self.calls,
-                                  known_signatures=plainir.known_signatures(self._functions))
+                                  known_signatures=plainir.known_signatures(self._functions),
+                                  stack_check=self._backend.stack_checks)
 
     # -- queries ---------------------------------------------------------------
 

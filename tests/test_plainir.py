@@ -279,6 +279,27 @@ def test_a_plain_recursion_replaced_from_the_hook_with_every_frame_live(options)
     assert stats["pending_returns"] == 0 and stats["freed_versions"] == 1
 
 
+def overflow_scenario(options):
+    import osrjit
+    with osrjit.Runtime(**options) as rt:
+        rt.compile_ir(DOWN.format(k=1))
+        rt.on_hook(lambda x: 0)
+        down = rt.function("down")
+        try:
+            down(10_000_000)
+            outcome = "returned"
+        except osrjit.StackOverflow as e:
+            outcome = type(e).__name__
+        return outcome, down(10), rt.stats()["pending_returns"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_plain_recursion_past_the_stack_limit_raises_stack_overflow(config):
+    outcome, after, pending = run_child(overflow_scenario, CONFIGS[config])
+    assert outcome == "StackOverflow"
+    assert after == 10 and pending == 0
+
+
 def loop_scenario(options, n, at):
     import osrjit
     with osrjit.Runtime(**options) as rt:

@@ -311,7 +311,8 @@ def _max_metadata_id(text: str) -> int:
 
 
 def instrument(module, *, known_signatures: Mapping[str, str] | None = None,
-               polls: bool = True, calls: str = "slot") -> list[FunctionIR]:
+               polls: bool = True, calls: str = "slot",
+               stack_check: bool = False) -> list[FunctionIR]:
     """Instrument every function ``module`` defines; one FunctionIR each.
 
     ``module``: LLVM IR text or an :class:`llvmlite.ir.Module` of ordinary
@@ -321,6 +322,9 @@ def instrument(module, *, known_signatures: Mapping[str, str] | None = None,
     function redefined here must keep its type (:class:`SignatureMismatch`
     otherwise). ``polls``: safepoint polls at function entry and loop headers.
     ``calls``: ``"slot"`` or ``"direct"`` (see :mod:`osrjit.abi`).
+    ``stack_check``: each function starts with the entry stack check, so a
+    recursion past its thread's stack limit raises :class:`osrjit.StackOverflow`
+    (the native backend asks for it; see :meth:`osrjit.ir.BodyBuilder.stack_check`).
     Raises :class:`CompileError` for IR LLVM rejects or that this first cut
     cannot instrument (naming the function, value and type).
     """
@@ -340,7 +344,7 @@ def instrument(module, *, known_signatures: Mapping[str, str] | None = None,
         for name in names:
             ctx = Context(name, jit_types, calls, headers[name], locations)
             out.append(function_ir(ctx, mod.get_function(name), globals_text, prof_id,
-                                    declared))
+                                    declared, stack_check=stack_check))
     return out
 
 

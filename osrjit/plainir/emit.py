@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..abi import (CALLS_DIRECT, ERROR_SYMBOL, GC_STRATEGY, HOOK_SYMBOL, SAFEPOINT_FLAG_SYMBOL,
-                   SAFEPOINT_SLOW_SYMBOL, SLOT_PREFIX, STATE_LIVE_BASE, STATE_RESULT_INDEX,
+                   SAFEPOINT_SLOW_SYMBOL, SLOT_PREFIX, STACK_LIMIT_SYMBOL, STACK_OVERFLOW_SYMBOL,
+                   STATE_LIVE_BASE, STATE_RESULT_INDEX,
                    FunctionIR, LiveValue, SiteInfo, SiteKind, direct_call_symbol)
 from ..errors import CompileError
 from ..ir import POLL_BRANCH_WEIGHTS, default_symbol
@@ -109,8 +110,11 @@ class _Emitter:
     """Emits the normal and the resume entry of one function."""
 
     def __init__(self, ctx: Context, blocks: list[Block], params: list[tuple[str, str]],
-                 ret: str, attrs: str, prof: str):
+                 ret: str, attrs: str, prof: str, stack_check: str | None = None):
         self.ctx, self.blocks, self.params, self.ret = ctx, blocks, params, ret
+        #: The ``metadata !N`` of ``!{!"rsp"}`` when the normal entry checks
+        #: the stack (see :meth:`osrjit.ir.BodyBuilder.stack_check`), else None.
+        self.stack_check = stack_check
         self.attrs = attrs
         self.prof = prof
         self.symbol = default_symbol(ctx.name)
@@ -174,13 +178,28 @@ class _Emitter:
                 f"br i1 {stop}, label {lref(f'{PREFIX}poll.{site.id}')}, "
                 f"label {lref(f'{PREFIX}after.{site.id}')}, !prof {self.prof}"]
 
+    def _stack_check_head(self) -> list[str]:
+        """The entry stack check: RSP against the thread's limit at ``%fs:<offset>``."""
+        limit = lref(self.fresh("stack.limit"))
+        sp = lref(self.fresh("stack.sp"))
+        low = lref(self.fresh("stack.low"))
+        tls = (f"inttoptr (i64 ptrtoint (ptr {ref('@', STACK_LIMIT_SYMBOL)} to i64) "
+               f"to ptr addrspace(257))")
+        return [f"{limit} = load i64, ptr addrspace(257) {tls}",
+                f"{sp} = call i64 @llvm.read_register.i64(metadata {self.stack_check})",
+                f"{low} = icmp ult i64 {sp}, {limit}",
+                f"br i1 {low}, label {lref(PREFIX + 'stack.overflow')}, "
+                f"label {lref(PREFIX + 'stack.ok')}, !prof {self.prof}"]
+
     # -- the two entries ------------------------------------------------------
 
     def exits(self, resume: bool) -> dict[str, str]:
         """Block name -> name of the block that holds its terminator in the output."""
         out = {}
-        for b in self.blocks:
+        for i, b in enumerate(self.blocks):
             last = b.name
+            if i == 0 and self.stack_check and not resume:
+                last = f"{PREFIX}stack.ok"
             for inst in b.insts:
                 if inst.site is not None and (resume or inst.site.kind is SiteKind.POLL):
                     last = f"{PREFIX}after.{inst.site.id}"
@@ -203,7 +222,15 @@ class _Emitter:
                     return name
                 return op.value
 
+            check = self.stack_check is not None and not resume and b is self.blocks[0]
             for idx, inst in enumerate(b.insts):
+                if check and inst.opcode != "alloca":
+                    check = False
+                    out.extend(f"  {line}" for line in self._stack_check_head())
+                    out.append(f"{PREFIX}stack.overflow:")
+                    out.append(f"  call void {ref('@', STACK_OVERFLOW_SYMBOL)}()")
+                    out.append(f"  br label {lref(PREFIX + 'stack.ok')}")
+                    out.append(f"{PREFIX}stack.ok:")
                 if inst.opcode != "phi" and not phis_done:
                     phis_done = True
                     for line in pending_phi_stores:
@@ -321,13 +348,14 @@ class _Emitter:
 
 
 def function_ir(ctx: Context, fn, module_globals: str, prof_id: int,
-                declared_types: Mapping[str, str]) -> FunctionIR:
+                declared_types: Mapping[str, str], stack_check: bool = False) -> FunctionIR:
     """The FunctionIR of ``fn`` (a function of the prepared module, every
     value named): its module is ``module_globals`` (the globals, declarations
     and metadata every function shares), the normal and the resume entry,
     and the declarations they need. ``prof_id``: a metadata number the
-    module does not use; ``declared_types``: name -> function type of every
-    function the module declares or defines."""
+    module does not use (nor ``prof_id + 1``); ``declared_types``: name ->
+    function type of every function the module declares or defines;
+    ``stack_check``: the normal entry starts with the entry stack check."""
     blocks = model_of(fn)
     for arg in fn.arguments:
         ctx.types[arg.name] = str(arg.type)
@@ -352,7 +380,8 @@ def function_ir(ctx: Context, fn, module_globals: str, prof_id: int,
     params = [(a.name, str(a.type)) for a in fn.arguments]
     demoted |= {n for n, _ in params if n in used}
     attrs = _header_attrs(ctx.name, ctx.header)
-    em = _Emitter(ctx, blocks, params, _return_type(fn), attrs, f"!{prof_id}")
+    em = _Emitter(ctx, blocks, params, _return_type(fn), attrs, f"!{prof_id}",
+                  f"!{prof_id + 1}" if stack_check else None)
     normal = em.normal()
     resume = em.resume(demoted)
     decls = []
@@ -371,6 +400,11 @@ def function_ir(ctx: Context, fn, module_globals: str, prof_id: int,
     decls.append("declare void @llvm.trap()")
     slow, fast = POLL_BRANCH_WEIGHTS
     prof = f"!{prof_id} = !{{!\"branch_weights\", i32 {slow}, i32 {fast}}}"
+    if stack_check:
+        decls.append(f"{ref('@', STACK_LIMIT_SYMBOL)} = external global i8")
+        decls.append(f"declare void {ref('@', STACK_OVERFLOW_SYMBOL)}()")
+        decls.append("declare i64 @llvm.read_register.i64(metadata)")
+        prof += f"\n!{prof_id + 1} = !{{!\"rsp\"}}"
     text = "\n".join([module_globals, normal, "", resume, "", *decls, prof, ""])
     sites = {s.id: SiteInfo(id=s.id, kind=s.kind,
                             callee=SAFEPOINT_SLOW_SYMBOL if s.kind is SiteKind.POLL else s.callee,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ..errors import OsrJitError, RuntimeClosed
+from ..errors import OsrJitError
 from ..services import INT64_MAX, INT64_MIN
 from ..versions import Function
 
@@ -25,7 +25,9 @@ class JitFunction:
 
     Every call goes through the runtime's entry thunk: it marks this thread
     "in JIT" (waiting while the world is stopped), calls the slot's current
-    version, and marks it "outside" again. Valid while its runtime is open.
+    version, and marks it "outside" again. Valid while its runtime is open
+    (:class:`osrjit.RuntimeClosed` afterwards); a call made while another
+    thread is in :meth:`osrjit.Runtime.close` waits for its outcome.
     """
 
     def __init__(self, backend, fn: Function):
@@ -35,6 +37,7 @@ class JitFunction:
         if fn.return_type not in RESTYPES:
             raise OsrJitError(f"{fn.name}: unsupported return type {fn.return_type!r}")
         self._registry = backend.registry
+        self._gate = backend.gate
         thunk = backend.support.entry_thunk(fn.return_type, len(fn.params))
         proto = ctypes.CFUNCTYPE(RESTYPES[fn.return_type], ctypes.c_void_p,
                                  *[ctypes.c_int64] * len(fn.params))
@@ -59,14 +62,17 @@ class JitFunction:
                 raise TypeError(f"{fn.name}() takes ints, got {type(a).__name__}")
             if not INT64_MIN <= a <= INT64_MAX:
                 raise OverflowError(f"{fn.name}(): argument {a} does not fit in 64 bits")
-        if self._backend.closed:
-            raise RuntimeClosed(f"cannot call {fn.name}: the runtime is closed")
-        self._registry.current()           # attach this thread on its first call
-        outer = self._services.enter()
+        gate = self._gate
+        gate.enter(fn.name)                # RuntimeClosed; waits while close() decides
         try:
-            result = self._thunk(self._slot_address, *args)
+            self._registry.current()       # attach this thread on its first call
+            outer = self._services.enter()
+            try:
+                result = self._thunk(self._slot_address, *args)
+            finally:
+                exc = self._services.leave(outer)
         finally:
-            exc = self._services.leave(outer)
+            gate.leave()
         if exc is not None:
             raise exc
         return result

@@ -381,7 +381,8 @@ class Runtime:
         4. publish the new versions (new calls run them);
         5. hijack: the return-address slot of every such frame now points at
            the deopt stub; when its callee returns, the frame is rebuilt in the
-           *current* version of its function and continues there;
+           *current* version of its function and continues there (every slot
+           is checked before any is written);
         6. release the threads and free every old version with no pending
            returns.
 
@@ -390,7 +391,10 @@ class Runtime:
         transfers when the hook returns). If some thread does not stop within
         ``timeout`` seconds (default :attr:`safepoint_timeout`),
         :class:`osrjit.SafepointTimeout` names it and nothing is modified.
-        Every failure is an :class:`osrjit.OsrJitError`. Returns the new
+        Every failure is an :class:`osrjit.OsrJitError` and publishes
+        nothing: a step that fails after step 4 has the old versions made
+        current and callable again before the threads are released, and the
+        new ones discarded; the stacks are as before. Returns the new
         versions; :attr:`last_pause` reports the stop.
         """
         names = [names] if isinstance(names, str) else list(names)
@@ -435,10 +439,16 @@ class Runtime:
                         self._functions.mark_executing(scan.executing)
                     self._discard(linked)
                     raise
-                for v in linked:
-                    self._functions.publish(v)
-                pause.publish(linked)
-                pause.hijack(scan)
+                previous = [self._functions.get(v.name).current for v in linked]
+                try:
+                    for v in linked:
+                        self._functions.publish(v)
+                    pause.publish(linked)
+                    pause.hijack(scan)         # every slot checked before any is written
+                except BaseException:
+                    self._functions.mark_executing(scan.executing)
+                    self._unpublish(linked, previous, pause)
+                    raise
             finally:
                 try:
                     pause.finish()
@@ -470,6 +480,20 @@ class Runtime:
                 except IncompatibleVersion as e:
                     out[old] = e
         return out
+
+    def _unpublish(self, linked, previous, pause):
+        """Undo a publish in the pause (a later step failed): ``previous``
+        (the versions current before, in ``linked``'s order) are current and
+        callable again, ``linked`` discarded. A frame hijacked before the
+        failure transfers into its function's current version, the old one."""
+        for v, old in zip(linked, previous):
+            fn = self._functions.get(v.name)
+            if v in fn.versions:
+                fn.versions.remove(v)
+            fn.current = old
+        pause.withdraw()
+        self._backend.publish(previous)
+        self._discard(linked)
 
     def _discard(self, versions):
         for v in versions:

@@ -54,7 +54,7 @@ from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, ExitState, TransferPlan, stub_module_ir)
 from deopt.transfer import return_through_stub
 from osrjit import abi, stackscan
-from osrjit.errors import RuntimeBusy
+from osrjit.errors import HijackError, RuntimeBusy
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
 from .machine import Machine, Scheduler, ThreadState
@@ -154,11 +154,25 @@ class EmulatedPause:
 
     def hijack(self, scan):
         b = self._backend
+        memory = b.machine.memory
+        # Every slot checked before any is written: a HijackError leaves the stacks as they were.
+        for p in scan.pending:
+            if p.slot is None:
+                continue
+            if b.table.get(p.slot) is not None:
+                raise HijackError(f"slot {p.slot:#x} is already hijacked")
+            held = memory.read_u64(p.slot)
+            if held != p.pc:
+                raise HijackError(f"slot {p.slot:#x} of thread {p.thread} holds {held:#x}, "
+                                  f"expected the return address {p.pc:#x}")
         for p in scan.pending:
             if p.slot is not None:
                 b.table.hijack(p.slot, p.pc, p.frame_map, p.version, b.machine.memory,
                                thread=p.thread)
                 p.version.pending_returns += 1
+
+    def withdraw(self):
+        pass
 
     def finish(self):
         pass

@@ -214,8 +214,11 @@ class NativeBackend:
                 place += "; the caller of close(): its own frames cannot leave"
             held.append((name, function, place))
         text = "; ".join(f"{name} in {function} ({place})" for name, function, place in held)
-        return RuntimeBusy(f"cannot close the runtime: threads are inside its compiled code: "
-                           f"{text}", threads=held)
+        pending = len(self.deopt.table)
+        frames = (f"{pending} hijacked frames have not returned yet (their stub and code "
+                  "would go), and " if pending else "")
+        return RuntimeBusy(f"cannot close the runtime: {frames}threads are inside its compiled "
+                           f"code: {text}", threads=held, pending_returns=pending)
 
     def close(self):
         """Release everything the backend took (see the class docstring).

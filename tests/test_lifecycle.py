@@ -35,8 +35,15 @@ def f(n):
     r = f(n - 1)
     return r + 2 * n
 """
-#: A V3 whose frames V1's cannot resume in (no hook site): IncompatibleVersion.
-V3_INCOMPATIBLE = """
+V3 = """
+def f(n):
+    if n == 0:
+        return hook(0)
+    r = f(n - 1)
+    return 3 * n + r
+"""
+#: A version whose frames V1's cannot resume in (no hook site): IncompatibleVersion.
+INCOMPATIBLE = """
 def f(n):
     if n == 0:
         return 0
@@ -319,9 +326,10 @@ def test_after_close_every_method_raises_runtime_closed_and_stats_show_nothing_l
 # --------------------------------------------------------------------------
 
 def fork_scenario(transfer, walker, depth):
-    """The parent recurses ``depth`` deep and forks in the hook at the bottom
-    while another thread sits in a hook; the child replaces f with the
-    ``depth`` frames live and reports through a pipe; both check results."""
+    """Another thread sits in a hook with 11 frames of f, hijacked by a
+    replace (V1 -> V2); the parent then recurses ``depth`` deep in V2 and
+    forks in the hook at the bottom; the child replaces f again (V2 -> V3)
+    with those frames live and reports through a pipe; both check results."""
     import osrjit
     rt = osrjit.Runtime(transfer=transfer, walker=walker)
     rt.compile(V1)
@@ -340,7 +348,7 @@ def fork_scenario(transfer, walker, depth):
         pid = os.fork()
         if pid == 0:
             state["child"] = True
-            new_versions = rt.replace("f", V2)       # 'depth' frames of f live below
+            new_versions = rt.replace("f", V3)       # 'depth' frames of f live below
             state["replaced"] = [v.id for v in new_versions]
             return 0
         state["pid"] = pid
@@ -349,6 +357,7 @@ def fork_scenario(transfer, walker, depth):
     other = threading.Thread(target=lambda: state.__setitem__("other", f(10)), name="other")
     other.start()
     inside.wait()
+    rt.replace("f", V2)                              # the other thread's frames: hijacked
     result = f(depth)
     if state["child"]:
         code = 1
@@ -368,7 +377,8 @@ def fork_scenario(transfer, walker, depth):
         child = pipe.read()
     leave.set()
     other.join()
-    parent = [result, state["other"], len(rt.versions("f")), rt.stats()["transfers"], f(depth)]
+    transfers = rt.stats()["transfers"]               # accounts native transfers, reclaims
+    parent = [result, state["other"], len(rt.versions("f")), transfers, f(depth)]
     rt.close()
     return os.waitstatus_to_exitcode(status), child, parent
 
@@ -377,11 +387,13 @@ def fork_scenario(transfer, walker, depth):
 def test_a_fork_child_replaces_a_100_deep_recursion(transfer, walker):
     code, child, parent = run_child(fork_scenario, transfer, walker, 100, timeout=120)
     assert code == 0, child
-    # Child: every frame (f(100) .. f(0)) finished in V2; the other thread is
-    # gone from its registry, so close() does not wait for it.
-    assert eval(child) == [new(100), [2], 101, 1, 0, new(100), True]
-    # Parent: untouched by the child's replace.
-    assert parent == [old(100), old(10), 1, 0, old(100)]
+    # Child: every frame (f(100) .. f(0)) finished in V3; the other thread is
+    # gone from its registry and its 11 pending returns with it, so close()
+    # does not wait for it.
+    assert eval(child) == [3 * old(100), [3], 101, 1, 0, 3 * old(100), True]
+    # Parent: untouched by the child's replace; the other thread's frames
+    # finished in V2 once it left its hook.
+    assert parent == [new(100), new(10), 1, 11, new(100)]
 
 
 # --------------------------------------------------------------------------
@@ -418,7 +430,7 @@ def failed_replace_scenario(transfer, walker, where):
     elif where == "scan":
         undo = inject(NativePause, "scan", osrjit.OsrJitError("injected in the scan"), after=True)
     elif where == "incompatible":
-        undo, source = (lambda: None), V3_INCOMPATIBLE
+        undo, source = (lambda: None), INCOMPATIBLE
     elif where == "publish":        # after the slot stores and patches were written
         undo = inject(NativePause, "publish", osrjit.PatchError("injected"), after=True)
     elif where == "hijack":

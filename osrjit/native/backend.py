@@ -258,7 +258,8 @@ class NativeBackend:
         """In a fork child (the forking thread holds the runtime lock, so no
         replace, compile or collect was under way, and the stop bit is
         clear): only the forking thread exists. Forget the others (registry,
-        gate); make anew the locks a vanished thread may have held."""
+        gate, their pending returns: those frames never return); make anew
+        the locks a vanished thread may have held."""
         self.support.thunk_lock.release()
         me = threading.get_ident()
         self.registry.after_fork(me)
@@ -269,7 +270,13 @@ class NativeBackend:
             table.lock.release()
         else:                             # held by a thread caught in a transfer
             table.lock = table._lock = threading.RLock()
-        self.hijacker._count_lock = self._runtime()._count_lock
+        runtime = self._runtime()
+        self.hijacker._count_lock = runtime._count_lock
+        # Frames of the vanished threads never return: their pending returns go.
+        gone = [r.slot for r in table.records() if r.thread != me]
+        if gone:
+            for owner, n in table.take_many(gone).items():
+                owner.pending_returns -= n
 
     def __del__(self):
         # A runtime dropped without close(): nothing can run its code any

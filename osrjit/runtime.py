@@ -320,8 +320,9 @@ class Runtime:
 
     def function(self, name: str):
         """A Python callable running the current version of ``name`` (UnknownFunction if none)."""
-        self._check_open()
-        return self._backend.entry(self._functions.get(name))
+        with self._lock:                      # its entry thunk may be linked: not while closing
+            self._check_open()
+            return self._backend.entry(self._functions.get(name))
 
     def names(self) -> list[str]:
         """Every compiled function's name, in first-compiled order."""

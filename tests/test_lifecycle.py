@@ -495,3 +495,38 @@ def test_a_failed_replace_publishes_nothing_and_leaves_the_stacks(transfer, walk
     assert out["result"] == old(20)              # every frame finished in the old code
     assert out["after"] == (0, 0, {"f": 1}, old(5))
     assert out["clean"] == new(20)               # and a replace works afterwards
+
+
+@pytest.mark.parametrize("where,error", [("publish", "PatchError"), ("hijack", "HijackError")])
+def test_a_failed_emulated_replace_publishes_nothing_and_leaves_the_stacks(where, error,
+                                                                           monkeypatch):
+    import osrjit
+    from osrjit.emulated.backend import EmulatedPause
+    rt = osrjit.Runtime(backend="emulated")
+    rt.compile(V1)
+    rt.on_hook(lambda _: 0)
+    v1 = rt.current("f")
+    thread = rt.spawn("f", 30)
+    rt.run(300)                                   # mid-recursion: frames of v1 at their calls
+    original = getattr(EmulatedPause, where)
+
+    def failing(self, *args):
+        if where == "publish":
+            original(self, *args)                 # the slot written, then the failure
+        raise (osrjit.PatchError if where == "publish" else osrjit.HijackError)("injected")
+    monkeypatch.setattr(EmulatedPause, where, failing)
+    with pytest.raises(osrjit.OsrJitError) as info:
+        rt.replace("f", V2)
+    monkeypatch.undo()
+    assert type(info.value).__name__ == error
+    assert rt.current("f") is v1 and len(rt.versions("f")) == 1
+    assert rt.stub_frames() == [] and rt.stats()["hijacks"] == 0
+    rt.run()
+    assert thread.result == old(30)
+    assert rt.stats()["old_code_fetches"] == 0
+    thread = rt.spawn("f", 30)
+    rt.run(300)
+    rt.replace("f", V2)
+    rt.run()
+    assert thread.result == new(30)               # and a replace works afterwards
+    rt.close()

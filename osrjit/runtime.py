@@ -104,7 +104,9 @@ class Runtime:
         self._closed = False
         #: stats() once closed (see close()).
         self._final_stats: dict | None = None
-        #: Callables run in a fork child (see :meth:`after_fork_in_child`).
+        #: ``fn()`` run in a fork child after the backend forgot the other
+        #: threads, runtime lock held (see :meth:`_after_fork_in_child`): a
+        #: collaborator that owns a thread or a lock of its own appends here.
         self._after_fork_hooks: list[Callable[[], None]] = []
         #: Frames rebuilt in a new version, by the Python and the native transfer.
         self.python_transfers = 0

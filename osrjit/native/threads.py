@@ -789,6 +789,15 @@ class RuntimeSignal:
 _SIGNALS_LOCK = threading.Lock()
 
 
+def _signals_lock_after_fork():
+    # A thread that no longer exists in the child may have held it.
+    global _SIGNALS_LOCK
+    _SIGNALS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_signals_lock_after_fork)
+
+
 class World:
     """Stops and releases every attached thread but the caller.
 

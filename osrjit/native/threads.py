@@ -585,7 +585,15 @@ class EntryGate:
     """
 
     def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
+        # No lock on a call's path. A thread's entry in _inside is changed
+        # only by that thread; the interpreter lock orders each dict
+        # operation and attribute read between threads. An outermost
+        # enter() publishes its entry, then looks for a closer; shut()
+        # publishes the closer, then looks at the entries (under the lock):
+        # one of the two sees the other (Dekker). The condition is waited on
+        # only while a close() is deciding.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._inside = {}              # ident -> [nested entries, outermost function name]
         self._closer = None            # ident of the thread in shut(), or None
         self.closed = False
@@ -595,31 +603,42 @@ class EntryGate:
         Waits while another thread shuts the gate; :class:`RuntimeClosed`
         once it is closed."""
         me = threading.get_ident()
-        with self._cond:
-            entry = self._inside.get(me)
-            if entry is None:
-                while self._closer is not None and not self.closed:
-                    self._cond.wait()
-                if self.closed:
-                    raise RuntimeClosed(f"cannot call {function_name}: the runtime is closed")
-                self._inside[me] = [1, function_name]
-            else:
-                entry[0] += 1
+        inside = self._inside
+        entry = inside.get(me)
+        if entry is not None:
+            entry[0] += 1
+            return
+        inside[me] = [1, function_name]
+        if self._closer is not None or self.closed:
+            self._enter_held_back(me, function_name)
+
+    def _enter_held_back(self, me, function_name):
+        with self._lock:
+            del self._inside[me]
+            self._cond.notify_all()            # shut() may be waiting for it to go
+            while self._closer is not None and not self.closed:
+                self._cond.wait()
+            if self.closed:
+                raise RuntimeClosed(f"cannot call {function_name}: the runtime is closed")
+            self._inside[me] = [1, function_name]
 
     def leave(self):
         """Close this thread's innermost entry."""
         me = threading.get_ident()
-        with self._cond:
-            entry = self._inside[me]
-            entry[0] -= 1
-            if not entry[0]:
-                del self._inside[me]
-                self._cond.notify_all()
+        entry = self._inside[me]
+        entry[0] -= 1
+        if not entry[0]:
+            del self._inside[me]
+            if self._closer is not None:
+                with self._lock:
+                    self._cond.notify_all()
+
+    def _snapshot(self):
+        return {ident: entry[1] for ident, entry in list(self._inside.items())}
 
     def inside(self):
         """``{ident: outermost function name}`` of the threads with entries open."""
-        with self._cond:
-            return {ident: entry[1] for ident, entry in self._inside.items()}
+        return self._snapshot()
 
     def shut(self, timeout):
         """Wait up to ``timeout`` seconds (0: not at all) for every other
@@ -636,7 +655,7 @@ class EntryGate:
                 while self._closer is not None and not self.closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        return {ident: e[1] for ident, e in self._inside.items()}
+                        return self._snapshot()
                     self._cond.wait(left)
             if self.closed:
                 return {}
@@ -647,7 +666,7 @@ class EntryGate:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            busy = {ident: e[1] for ident, e in self._inside.items()}
+            busy = self._snapshot()
             if busy:
                 self._closer = None
                 self._cond.notify_all()
@@ -670,8 +689,9 @@ class EntryGate:
         """In a fork child: forget every entry but thread ``keep_ident``'s
         (the other threads do not exist here) and any close in progress;
         the condition's lock is made anew (it may have been held)."""
-        self._cond = threading.Condition(threading.Lock())
-        self._inside = {i: e for i, e in self._inside.items() if i == keep_ident}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._inside = {i: e for i, e in list(self._inside.items()) if i == keep_ident}
         self._closer = None
 
 

@@ -16,7 +16,7 @@ from .backend import PauseReport
 from .errors import (CallTargetOutOfRange, CompileError, DeoptFailure, EmulationError,
                      EmulationFault, FrameMapError, HijackError, HookNotSet, IncompatibleVersion,
                      NotACallSite, ObjectFormatError, OsrJitError, PatchError, ResourceExhausted,
-                     RuntimeClosed,
+                     RuntimeBusy, RuntimeClosed,
                      SafepointTimeout, SignatureMismatch, StackOverflow, TransferError,
                      UnknownFunction, UnpatchableReference,
                      UnwindFailure, VersionInUse)
@@ -28,7 +28,7 @@ from . import emulated as _emulated       # registers Runtime(backend="emulated"
 __all__ = [
     "Runtime", "Version", "JitFunction", "PauseReport",
     "FunctionIR", "SiteInfo", "SiteKind", "LiveValue",
-    "OsrJitError", "CompileError", "UnknownFunction", "RuntimeClosed", "HookNotSet",
+    "OsrJitError", "CompileError", "UnknownFunction", "RuntimeClosed", "RuntimeBusy", "HookNotSet",
     "VersionInUse", "SafepointTimeout", "IncompatibleVersion", "FrameMapError", "HijackError",
     "TransferError", "DeoptFailure", "UnwindFailure", "PatchError", "EmulationError",
     "EmulationFault", "ObjectFormatError", "NotACallSite", "CallTargetOutOfRange",

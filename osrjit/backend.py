@@ -15,7 +15,8 @@ One ``replace()`` drives a :class:`Pause`::
     find the frames of those functions       Pause.scan      -> Scan
     (the runtime checks compatibility, records the new versions as current)
     make them callable                       Pause.publish
-    point every pending return at the stub   Pause.hijack
+    point every pending return at the stub   Pause.hijack (checks every slot first)
+    (on a failure: the old versions current again   Pause.withdraw, Backend.publish)
     let the threads go                       Pause.release
     free what nothing can return into        Backend.free (runtime's reclaim)
 
@@ -70,6 +71,10 @@ class Pause(Protocol):
 
     def hijack(self, scan: Scan) -> None:
         """Point the return address of every frame of ``scan`` at the deopt stub."""
+
+    def withdraw(self) -> None:
+        """The runtime undid :meth:`publish` (a later step failed; the old
+        versions are current again): write nothing more for the new ones."""
 
     def finish(self) -> None:
         """The last writes of the pause (also when a step failed), before
@@ -137,7 +142,21 @@ class Backend(Protocol):
     def counters(self) -> dict:
         """Backend figures for :meth:`osrjit.Runtime.stats`."""
 
-    def close(self) -> None: ...
+    def closing(self, timeout: float):
+        """Context manager around :meth:`close`: :class:`osrjit.RuntimeBusy`
+        while code runs that the close would unmap (waiting up to
+        ``timeout`` seconds for other threads to leave it)."""
+
+    def close(self) -> None:
+        """Release everything (inside :meth:`closing`)."""
+
+    def before_fork(self) -> None:
+        """Before ``fork()``, the runtime lock held."""
+
+    def after_fork_in_parent(self) -> None: ...
+
+    def after_fork_in_child(self) -> None:
+        """In the child: only the forking thread exists; forget the others."""
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,26 @@ class HookNotSet(OsrJitError):
 class VersionInUse(OsrJitError):
     """Code cannot be unloaded while something uses it: a version that is
     still its function's current one, or, for :meth:`~osrjit.runtime.Runtime.close`,
-    hijacked frames not yet returned or threads inside compiled code."""
+    hijacked frames not yet returned or threads inside compiled code
+    (:class:`RuntimeBusy`)."""
+
+
+class RuntimeBusy(VersionInUse):
+    """:meth:`~osrjit.runtime.Runtime.close` refused: threads are inside the
+    runtime's compiled code (running it, or in a hook or service called from
+    it — the caller itself, if it closes from a hook) or hijacked frames have
+    not returned yet. Nothing was released; the runtime works as before.
+
+    ``threads``: ``[(thread name, function entered from Python or None,
+    where)]`` of the threads that held it (``where``: a status name, or
+    ``"in a hook or service called from JIT code"``); ``pending_returns``:
+    hijacked frames not yet returned through the stub.
+    """
+
+    def __init__(self, message, threads=(), pending_returns=0):
+        super().__init__(message)
+        self.threads = list(threads)
+        self.pending_returns = pending_returns
 
 
 # --- call-site patching (osrjit.native.patching) --------------------------------------

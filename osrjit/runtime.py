@@ -13,8 +13,10 @@ a :class:`Runtime` with the emulator's controls added).
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 
 from deopt.errors import DeoptError
@@ -100,6 +102,12 @@ class Runtime:
         self._freed_versions = 0
         self._reclaim_later: list[Version] = []
         self._closed = False
+        #: stats() once closed (see close()).
+        self._final_stats: dict | None = None
+        #: ``fn()`` run in a fork child after the backend forgot the other
+        #: threads, runtime lock held (see :meth:`_after_fork_in_child`): a
+        #: collaborator that owns a thread or a lock of its own appends here.
+        self._after_fork_hooks: list[Callable[[], None]] = []
         #: Frames rebuilt in a new version, by the Python and the native transfer.
         self.python_transfers = 0
         self.native_transfers = 0
@@ -111,6 +119,7 @@ class Runtime:
         #: The last replace()'s :class:`PauseReport`, or None.
         self.last_pause: PauseReport | None = None
         self._backend = self._make_backend(backend, options)
+        _LIVE.add(self)
 
     def _make_backend(self, backend, options):
         from .native import NativeBackend
@@ -119,26 +128,70 @@ class Runtime:
     # -- life cycle ------------------------------------------------------------
 
     @_osrjit_errors
-    def close(self):
+    def close(self, *, timeout: float = 0.0):
         """Unload every version and release the backend: everything the
         runtime took from the process (natively its pthread key, real-time
         signal, LLJITs, unwinder registrations, native buffers and every
         attached thread's block; see :class:`osrjit.native.NativeBackend`).
         Idempotent. A closed runtime holds no reference cycle that keeps it
-        alive.
+        alive. Afterwards every method raises :class:`RuntimeClosed` but
+        :meth:`close` and :meth:`stats` (which reports the last figures with
+        nothing loaded) and the properties naming its configuration
+        (:attr:`closed`, :attr:`backend`, :attr:`transfer`, :attr:`walker`,
+        :attr:`compiler`).
 
-        No thread may be inside compiled code (running it, or in a hook or
-        service called from it), and no hijacked frame may be pending
-        (``stats()["pending_returns"] == 0``): their code and stubs would go
-        (:class:`VersionInUse`, and nothing is released).
+        Waits up to ``timeout`` seconds (default 0: not at all) for other
+        threads to leave compiled code — calls from Python starting
+        meanwhile wait for the outcome — then raises :class:`RuntimeBusy`,
+        releasing nothing and leaving the runtime working, if a thread is
+        still inside compiled code (running it, or in a hook or service
+        called from it) or a hijacked frame has not returned yet
+        (``stats()["pending_returns"]``): their code and stubs would go.
+        Called from a hook or service (the caller's own frames are below
+        it), it raises at once.
         """
-        with self._lock:
-            if self._closed:
-                return
-            self._backend.close()
-            self._closed = True
-            for v in self._functions.all_versions():
-                v.loaded = False
+        if self._closed:
+            return
+        with self._backend.closing(timeout):
+            with self._lock:
+                if self._closed:
+                    return
+                final = self.stats()
+                self._backend.close()
+                self._closed = True
+                for v in self._functions.all_versions():
+                    v.loaded = False
+                self._final_stats = final | {key: 0 for key in self._LOADED_FIGURES}
+                self._final_stats["live_versions"] = {}
+                self._after_fork_hooks.clear()
+
+    #: stats() figures about what is loaded or attached: zero once closed.
+    _LOADED_FIGURES = ("pending_returns", "pinned_versions", "attached_threads")
+
+    # -- fork ------------------------------------------------------------------
+
+    def _before_fork(self):
+        # Held across fork(): the child starts with no replace, compile or
+        # collect half done (the forking thread may hold the lock already).
+        self._lock.acquire()
+        self._backend.before_fork()
+
+    def _after_fork_in_parent(self):
+        self._backend.after_fork_in_parent()
+        self._lock.release()
+
+    def _after_fork_in_child(self):
+        """The child of a ``fork()`` keeps using this runtime from the forking
+        thread (the only thread there): the backend forgets the other
+        threads and makes anew what they may have held, then
+        :attr:`_after_fork_hooks` run (e.g. a background thread restarting)."""
+        self._count_lock = threading.Lock()
+        try:
+            self._backend.after_fork_in_child()
+            for hook in list(self._after_fork_hooks):
+                hook()
+        finally:
+            self._lock.release()
 
     @property
     def closed(self) -> bool:
@@ -155,6 +208,7 @@ class Runtime:
         tools and tests use to reach its collaborators (``world``,
         ``registry``, ``deopt``, ``scanner``, ``hijacker``, ``call_sites``,
         ``linker``). :class:`OsrJitError` on another backend."""
+        self._check_open()
         if self._backend.name != "native":
             raise OsrJitError(f"this runtime's backend is {self._backend.name!r}")
         return self._backend
@@ -183,6 +237,7 @@ class Runtime:
         than ``last_pause.pause_seconds``. Waits up to ``timeout`` seconds
         for threads not done yet (None for those). Valid until the next
         ``replace()``."""
+        self._check_open()
         hijacker = getattr(self._backend, "hijacker", None)
         return [] if hijacker is None else hijacker.apply_times(timeout)
 
@@ -200,10 +255,12 @@ class Runtime:
 
     def on_hook(self, fn: Callable[[int], int] | None):
         """Install ``fn(value) -> int`` as the hook service (None removes it)."""
+        self._check_open()
         self._services.hook = fn
 
     def on_safepoint(self, fn: Callable[[], None] | None):
         """Install ``fn()`` to run when a poll takes its slow path (None removes it)."""
+        self._check_open()
         self._services.safepoint = fn
 
     @property
@@ -213,10 +270,12 @@ class Runtime:
         Setting it nonzero sends every poll to its slow path, which calls the
         service; the runtime's own stop-the-world bit is separate.
         """
+        self._check_open()
         return self._backend.user_flag
 
     @safepoint_flag.setter
     def safepoint_flag(self, value: int):
+        self._check_open()
         self._backend.user_flag = 1 if value else 0
 
     # -- compiling -------------------------------------------------------------
@@ -286,28 +345,34 @@ class Runtime:
 
     def function(self, name: str):
         """A Python callable running the current version of ``name`` (UnknownFunction if none)."""
-        self._check_open()
-        return self._backend.entry(self._functions.get(name))
+        with self._lock:                      # its entry thunk may be linked: not while closing
+            self._check_open()
+            return self._backend.entry(self._functions.get(name))
 
     def names(self) -> list[str]:
         """Every compiled function's name, in first-compiled order."""
+        self._check_open()
         return self._functions.names()
 
     def versions(self, name: str) -> list[Version]:
         """The loaded versions of ``name``, oldest first."""
+        self._check_open()
         return list(self._functions.get(name).versions)
 
     def current(self, name: str) -> Version:
         """The version calls to ``name`` run now."""
+        self._check_open()
         return self._functions.get(name).current
 
     def version_at(self, address: int) -> Version | None:
         """The loaded version whose ``.text`` contains absolute ``address``, or None."""
+        self._check_open()
         return self._functions.version_at(address)
 
     def check_compatible(self, old: Version, new: Version) -> None:
         """Raise :class:`osrjit.IncompatibleVersion` unless frames of ``old`` can
         resume in ``new`` (see :func:`deopt.framemaps.check_compatible`)."""
+        self._check_open()
         if old.name != new.name:
             raise IncompatibleVersion(f"versions of different functions: {old.name!r} "
                                       f"and {new.name!r}", reason="different functions")
@@ -344,7 +409,8 @@ class Runtime:
         4. publish the new versions (new calls run them);
         5. hijack: the return-address slot of every such frame now points at
            the deopt stub; when its callee returns, the frame is rebuilt in the
-           *current* version of its function and continues there;
+           *current* version of its function and continues there (every slot
+           is checked before any is written);
         6. release the threads and free every old version with no pending
            returns.
 
@@ -353,7 +419,10 @@ class Runtime:
         transfers when the hook returns). If some thread does not stop within
         ``timeout`` seconds (default :attr:`safepoint_timeout`),
         :class:`osrjit.SafepointTimeout` names it and nothing is modified.
-        Every failure is an :class:`osrjit.OsrJitError`. Returns the new
+        Every failure is an :class:`osrjit.OsrJitError` and publishes
+        nothing: a step that fails after step 4 has the old versions made
+        current and callable again before the threads are released, and the
+        new ones discarded; the stacks are as before. Returns the new
         versions; :attr:`last_pause` reports the stop.
         """
         names = [names] if isinstance(names, str) else list(names)
@@ -400,10 +469,16 @@ class Runtime:
                         self._functions.mark_executing(scan.executing)
                     self._discard(linked)
                     raise
-                for v in linked:
-                    self._functions.publish(v)
-                pause.publish(linked)
-                pause.hijack(scan)
+                previous = [self._functions.get(v.name).current for v in linked]
+                try:
+                    for v in linked:
+                        self._functions.publish(v)
+                    pause.publish(linked)
+                    pause.hijack(scan)         # every slot checked before any is written
+                except BaseException:
+                    self._functions.mark_executing(scan.executing)
+                    self._unpublish(linked, previous, pause)
+                    raise
             finally:
                 try:
                     pause.finish()
@@ -435,6 +510,20 @@ class Runtime:
                 except IncompatibleVersion as e:
                     out[old] = e
         return out
+
+    def _unpublish(self, linked, previous, pause):
+        """Undo a publish in the pause (a later step failed): ``previous``
+        (the versions current before, in ``linked``'s order) are current and
+        callable again, ``linked`` discarded. A frame hijacked before the
+        failure transfers into its function's current version, the old one."""
+        for v, old in zip(linked, previous):
+            fn = self._functions.get(v.name)
+            if v in fn.versions:
+                fn.versions.remove(v)
+            fn.current = old
+        pause.withdraw()
+        self._backend.publish(previous)
+        self._discard(linked)
 
     def _discard(self, versions):
         for v in versions:
@@ -586,7 +675,12 @@ class Runtime:
         :meth:`osrjit.emulated.EmulatedBackend.counters`).
 
         Records a native transfer took are accounted here first, so counts
-        are exact when no thread is transferring."""
+        are exact when no thread is transferring. Once the runtime is closed:
+        the figures at the close, with nothing loaded (``live_versions``
+        empty; ``pending_returns``, ``pinned_versions`` and
+        ``attached_threads`` 0)."""
+        if self._closed:
+            return dict(self._final_stats)
         with self._lock:
             self._backend.before_reclaim()
             while self._reclaim_later:
@@ -610,8 +704,36 @@ class Runtime:
     @property
     def safepoint_timeout(self) -> float:
         """Seconds :meth:`replace` waits for other threads to stop (default 5)."""
+        self._check_open()
         return self._backend.safepoint_timeout
 
     @safepoint_timeout.setter
     def safepoint_timeout(self, seconds: float):
+        self._check_open()
         self._backend.safepoint_timeout = float(seconds)
+
+
+#: Open runtimes, for the fork handlers (weakly: a dropped runtime is not kept).
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_FORKING: list[Runtime] = []
+
+
+def _before_fork():
+    for rt in list(_LIVE):
+        if not rt._closed:
+            rt._before_fork()
+            _FORKING.append(rt)
+
+
+def _after_fork_in_parent():
+    while _FORKING:
+        _FORKING.pop()._after_fork_in_parent()
+
+
+def _after_fork_in_child():
+    while _FORKING:
+        _FORKING.pop()._after_fork_in_child()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)

@@ -205,8 +205,8 @@ def close_in_use_scenario():
 
 def test_close_refuses_while_a_thread_is_inside_compiled_code():
     out = run_child(close_in_use_scenario)
-    assert "MainThread (in a hook or service called from JIT code)" in out["from_hook"]
-    assert "in-hook (in a hook or service called from JIT code)" in out["while_in_hook"]
+    assert "MainThread in f (in a hook or service called from JIT code" in out["from_hook"]
+    assert "in-hook in f (in a hook or service called from JIT code)" in out["while_in_hook"]
     assert out["still_open"] == (True, 10)
     assert out["main"] == out["thread"] == 55
     assert out["closed"] and out["call_after_close"] == "RuntimeClosed"

@@ -96,6 +96,18 @@ _process_vm_writev.restype = ctypes.c_ssize_t
 _process_vm_writev.argtypes = _process_vm_readv.argtypes
 
 
+#: This process's id, as ``process_vm_readv`` needs it: ``[pid]``, set anew
+#: in a fork child (a reader made in the parent must not read the parent).
+_THIS_PROCESS = [os.getpid()]
+
+
+def _after_fork_in_child():
+    _THIS_PROCESS[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ProcessMemory(Memory):
     """Memory of this process, read with ``process_vm_readv(2)``.
 
@@ -103,12 +115,20 @@ class ProcessMemory(Memory):
     arbitrary (possibly garbage) address yields :class:`MemoryReadError`,
     never a fault. Safe to share between threads (without ``page_cache``). ``page_cache=True`` keeps each 4 KiB page it has read for
     the reader's lifetime: make one such reader per walk of a stopped stack,
-    never keep it across changes of the memory it caches.
+    never keep it across changes of the memory it caches. ``pid``: the
+    process to read, default this one — resolved at each read, so a reader
+    made before a ``fork()`` reads the child's own memory in the child.
     """
 
     def __init__(self, pid: int | None = None, *, page_cache: bool = False):
-        self._pid = os.getpid() if pid is None else pid
+        self._pid = pid                   # None: whichever process runs the read
         self._pages = {} if page_cache else None
+
+    @property
+    def pid(self) -> int:
+        """The process read: ``pid`` as given, else this process — after a
+        ``fork()``, the child in the child."""
+        return _THIS_PROCESS[0] if self._pid is None else self._pid
 
     def _readv(self, address, size):
         # A fresh buffer per read: the syscall runs without the GIL, so a
@@ -118,7 +138,7 @@ class ProcessMemory(Memory):
         buf = ctypes.create_string_buffer(size)
         local = _IOVec(ctypes.addressof(buf), size)
         remote = _IOVec(address, size)
-        n = _process_vm_readv(self._pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        n = _process_vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
         if n != size:
             raise MemoryReadError(address, size)
         return buf.raw[:size]
@@ -151,7 +171,7 @@ class ProcessMemory(Memory):
         local = _IOVec(ctypes.addressof(buf), 8)
         remote = _IOVec(address, 8)
         if address < 0 or address + 8 > 1 << 64 or _process_vm_writev(
-                self._pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != 8:
+                self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0) != 8:
             raise MemoryReadError(address, 8, "write")
         if self._pages is not None:
             self._pages.pop(address & ~(PAGE_SIZE - 1), None)

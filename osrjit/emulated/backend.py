@@ -39,6 +39,7 @@ is unmapped, so a fetch there faults and counts too.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import weakref
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, ExitState, TransferPlan, stub_module_ir)
 from deopt.transfer import return_through_stub
 from osrjit import abi, stackscan
+from osrjit.errors import HijackError, RuntimeBusy
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
 from .machine import Machine, Scheduler, ThreadState
@@ -152,11 +154,25 @@ class EmulatedPause:
 
     def hijack(self, scan):
         b = self._backend
+        memory = b.machine.memory
+        # Every slot checked before any is written: a HijackError leaves the stacks as they were.
+        for p in scan.pending:
+            if p.slot is None:
+                continue
+            if b.table.get(p.slot) is not None:
+                raise HijackError(f"slot {p.slot:#x} is already hijacked")
+            held = memory.read_u64(p.slot)
+            if held != p.pc:
+                raise HijackError(f"slot {p.slot:#x} of thread {p.thread} holds {held:#x}, "
+                                  f"expected the return address {p.pc:#x}")
         for p in scan.pending:
             if p.slot is not None:
                 b.table.hijack(p.slot, p.pc, p.frame_map, p.version, b.machine.memory,
                                thread=p.thread)
                 p.version.pending_returns += 1
+
+    def withdraw(self):
+        pass
 
     def finish(self):
         pass
@@ -234,8 +250,30 @@ class EmulatedBackend:
         #: Instructions single-stepped to move threads out of replaced code.
         self.rolled_forward = 0
 
+    @contextlib.contextmanager
+    def closing(self, timeout: float):
+        """Around :meth:`close`: :class:`RuntimeBusy` from a service called
+        by emulated code (that thread's frames are below it); ``timeout``
+        is moot, one Python thread drives the machine."""
+        thread = self.machine.current_thread if self.machine is not None else None
+        if thread is not None:
+            raise RuntimeBusy(f"cannot close the runtime from a service called by emulated "
+                              f"thread {thread.id} ({thread.name}): its frames are below it",
+                              threads=[(thread.name, None, "in a hook or service")])
+        yield
+
     def close(self):
         self.machine = None
+
+    # fork(): nothing but the Python objects; one Python thread drives the machine.
+    def before_fork(self):
+        pass
+
+    def after_fork_in_parent(self):
+        pass
+
+    def after_fork_in_child(self):
+        pass
 
     # -- services and flags ----------------------------------------------------------
 

@@ -45,6 +45,7 @@ class EmulatedRuntime(Runtime, backend="emulated"):
         return EmulatedBackend(self, **options)
 
     def _check_open(self):
+        # Also from a service: the properties call Runtime._check_open (closed only).
         super()._check_open()
         if self._backend.machine.current_thread is not None:
             raise EmulationError("the emulated runtime cannot compile, replace or run from a "
@@ -55,35 +56,42 @@ class EmulatedRuntime(Runtime, backend="emulated"):
     @property
     def machine(self):
         """The :class:`~.machine.Machine` (its memory, threads and unwinder)."""
+        Runtime._check_open(self)
         return self._backend.machine
 
     @property
     def program(self):
         """The :class:`~.program.EmulatedProgram` holding the loaded objects."""
+        Runtime._check_open(self)
         return self._backend.program
 
     @property
     def stub_address(self) -> int:
         """Emulated address of the deopt stub."""
+        Runtime._check_open(self)
         return self._backend.stub_address
 
     @property
     def grace(self) -> int:
+        Runtime._check_open(self)
         return self._backend.grace
 
     @property
     def old_code_fetches(self) -> list[OldCodeFetch]:
         """Every :class:`OldCodeFetch` seen (the first 1,000)."""
+        Runtime._check_open(self)
         return self._backend.old_code_fetches
 
     @property
     def old_code_fetch_count(self) -> int:
+        Runtime._check_open(self)
         return self._backend.old_code_fetch_count
 
     @property
     def rolled_forward(self) -> int:
         """Instructions single-stepped to move threads out of replaced code
         before stopping them."""
+        Runtime._check_open(self)
         return self._backend.rolled_forward
 
     def spawn(self, name: str, *args: int, stack_size: int = 256 * 1024):
@@ -96,6 +104,7 @@ class EmulatedRuntime(Runtime, backend="emulated"):
     @property
     def instructions(self) -> int:
         """Instructions executed by emulated threads so far (exact)."""
+        Runtime._check_open(self)
         return self._backend.machine.instructions_executed
 
     def run(self, max_instructions: int | None = None) -> bool:
@@ -131,6 +140,7 @@ class EmulatedRuntime(Runtime, backend="emulated"):
     def stub_frames(self) -> list[tuple[int, int]]:
         """``(thread id, slot)`` of every frame of a live thread that returns into
         the stub (walk with no translation), plus every record left in the table."""
+        Runtime._check_open(self)
         m = self._backend.machine
         out = []
         for t in m.threads:

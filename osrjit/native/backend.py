@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import itertools
 import sys
+import threading
 import weakref
 from collections.abc import Iterable, Mapping
 
@@ -35,7 +36,7 @@ from deopt.framemaps import ObjectImage
 from .. import abi
 from ..abi import FunctionIR
 from ..compiling import emit_object
-from ..errors import CompileError, FrameMapError, VersionInUse
+from ..errors import CompileError, FrameMapError, RuntimeBusy
 from ..versions import Function, FunctionTable, Version
 from . import patching, stacklimit, threads
 from .deoptimizer import NativeDeopt, NativeTransferPath
@@ -124,6 +125,8 @@ class NativeBackend:
         self.call_sites = patching.CallSiteIndex()
         self.space = unwinder.AddressSpace.current_process()
         self.closed = False
+        #: Who is inside compiled code, entered from Python; what close() shuts.
+        self.gate = threads.EntryGate()
         self._ids = itertools.count(1)      # version ids, in link order
         #: name -> versions linked so far: N in the ``<name>@v<N>`` perf and gdb show.
         self._version_numbers: collections.Counter[str] = collections.Counter()
@@ -197,25 +200,101 @@ class NativeBackend:
 
     # -- life cycle ----------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def closing(self, timeout: float):
+        """Around :meth:`close`: wait up to ``timeout`` seconds for every
+        other thread to leave compiled code (new calls from Python wait
+        meanwhile), or raise :class:`RuntimeBusy` naming the threads still
+        inside — at once for the calling thread's own frames (a hook), which
+        cannot leave while it waits. Calls held back go on if the close
+        fails and raise :class:`RuntimeClosed` once it succeeded."""
+        busy = self.gate.shut(timeout)
+        if busy:
+            raise self._busy(busy)
+        try:
+            yield
+        finally:
+            if self.closed:
+                self.gate.close()
+            else:
+                self.gate.reopen()
+
+    def _busy(self, inside):
+        """The :class:`RuntimeBusy` for threads ``{ident: function}`` inside compiled code."""
+        me = threading.get_ident()
+        names = {ident: name for ident, _st, name in self.registry.snapshot()}
+        where = dict(self.registry.whereabouts())
+        held = []
+        for ident, function in inside.items():
+            name = names.get(ident, f"thread {ident}")
+            place = where.get(ident, "entering")
+            if ident == me:
+                place += "; the caller of close(): its own frames cannot leave"
+            held.append((name, function, place))
+        text = "; ".join(f"{name} in {function} ({place})" for name, function, place in held)
+        pending = len(self.deopt.table)
+        frames = (f"{pending} hijacked frames have not returned yet (their stub and code "
+                  "would go), and " if pending else "")
+        return RuntimeBusy(f"cannot close the runtime: {frames}threads are inside its compiled "
+                           f"code: {text}", threads=held, pending_returns=pending)
+
     def close(self):
         """Release everything the backend took (see the class docstring).
-        :class:`VersionInUse`, with nothing released, while hijacked frames
+        :class:`RuntimeBusy`, with nothing released, while hijacked frames
         are pending or a thread is inside compiled code (running it, or in a
-        hook or service called from it): their stub and code would go."""
+        hook or service called from it): their stub and code would go.
+        Call it inside :meth:`closing`, which waits for other threads."""
         if self.closed:
             return
         self.drain()
         pending = len(self.deopt.table)
         if pending:
-            raise VersionInUse(f"cannot close the runtime: {pending} hijacked frames "
-                               "have not returned yet (their stub and code would go)")
+            raise RuntimeBusy(f"cannot close the runtime: {pending} hijacked frames "
+                              "have not returned yet (their stub and code would go)",
+                              pending_returns=pending)
+        inside = self.gate.inside()
+        if inside:
+            raise self._busy(inside)
         busy = self.registry.in_jit_code()
         if busy:
             names = ", ".join(f"{name} ({status})" for name, status in busy)
-            raise VersionInUse(f"cannot close the runtime: threads are inside its compiled "
-                               f"code: {names}")
+            raise RuntimeBusy(f"cannot close the runtime: threads are inside its compiled "
+                              f"code: {names}", threads=[(n, None, w) for n, w in busy])
         self.closed = True
+        self.gate.close()
         self._resources.close()
+
+    def before_fork(self):
+        """Before ``fork()`` (the runtime lock held): no entry thunk is being
+        linked either, so no thread is inside LLJIT when the process forks."""
+        self.support.thunk_lock.acquire()
+
+    def after_fork_in_parent(self):
+        self.support.thunk_lock.release()
+
+    def after_fork_in_child(self):
+        """In a fork child (the forking thread holds the runtime lock, so no
+        replace, compile or collect was under way, and the stop bit is
+        clear): only the forking thread exists. Forget the others (registry,
+        gate, their pending returns: those frames never return); make anew
+        the locks a vanished thread may have held."""
+        self.support.thunk_lock.release()
+        me = threading.get_ident()
+        self.registry.after_fork(me)
+        self.gate.after_fork(me)
+        self.world.lock = threading.RLock()
+        table = self.deopt.table
+        if table.lock.acquire(blocking=False):
+            table.lock.release()
+        else:                             # held by a thread caught in a transfer
+            table.lock = table._lock = threading.RLock()
+        runtime = self._runtime()
+        self.hijacker._count_lock = runtime._count_lock
+        # Frames of the vanished threads never return: their pending returns go.
+        gone = [r.slot for r in table.records() if r.thread != me]
+        if gone:
+            for owner, n in table.take_many(gone).items():
+                owner.pending_returns -= n
 
     def __del__(self):
         # A runtime dropped without close(): nothing can run its code any

@@ -119,6 +119,16 @@ _shared: CompileWorker | None = None
 _shared_lock = threading.Lock()
 
 
+def _forget_worker_in_child():
+    # A fork child must not talk to the parent's worker over the pipes it
+    # inherited (the parent may be using them): it starts its own.
+    global _shared, _shared_lock
+    _shared, _shared_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_worker_in_child)
+
+
 def shared_worker() -> CompileWorker:
     """The process's compile worker (made on first use)."""
     global _shared

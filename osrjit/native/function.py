@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 
-from ..errors import OsrJitError, RuntimeClosed, StackOverflow
+from ..errors import OsrJitError, StackOverflow
 from ..services import INT64_MAX, INT64_MIN
 from ..versions import Function
 from unwinder.x86_64 import RSP
@@ -28,7 +28,9 @@ class JitFunction:
 
     Every call goes through the runtime's entry thunk: it marks this thread
     "in JIT" (waiting while the world is stopped), calls the slot's current
-    version, and marks it "outside" again. Valid while its runtime is open.
+    version, and marks it "outside" again. Valid while its runtime is open
+    (:class:`osrjit.RuntimeClosed` afterwards); a call made while another
+    thread is in :meth:`osrjit.Runtime.close` waits for its outcome.
 
     A call whose JIT frames were abandoned raises: :class:`osrjit.StackOverflow`
     when a function's entry found the stack nearly full; on SIGINT while the
@@ -44,6 +46,7 @@ class JitFunction:
         if fn.return_type not in RESTYPES:
             raise OsrJitError(f"{fn.name}: unsupported return type {fn.return_type!r}")
         self._registry = backend.registry
+        self._gate = backend.gate
         thunk = backend.support.entry_thunk(fn.return_type, len(fn.params))
         proto = ctypes.CFUNCTYPE(RESTYPES[fn.return_type], ctypes.c_void_p,
                                  *[ctypes.c_int64] * len(fn.params))
@@ -68,29 +71,32 @@ class JitFunction:
                 raise TypeError(f"{fn.name}() takes ints, got {type(a).__name__}")
             if not INT64_MIN <= a <= INT64_MAX:
                 raise OverflowError(f"{fn.name}(): argument {a} does not fit in 64 bits")
-        if self._backend.closed:
-            raise RuntimeClosed(f"cannot call {fn.name}: the runtime is closed")
-        state = self._registry.current()   # attach this thread on its first call
-        outer = self._services.enter()
+        gate = self._gate
+        gate.enter(fn.name)                # RuntimeClosed; waits while close() decides
         try:
-            result = self._thunk(self._slot_address, *args)
+            state = self._registry.current()   # attach this thread on its first call
+            outer = self._services.enter()
+            try:
+                result = self._thunk(self._slot_address, *args)
+            finally:
+                # (A KeyboardInterrupt from Python's SIGINT handler is raised as
+                # the thunk call returns, so this runs in either case.)
+                exc = self._services.leave(outer)
+                reason = state.abandoned
+                if reason:
+                    state.abandoned = AbandonReason.NONE
+                    self._backend.abandoned(state)
+                if state.is_main and (reason == AbandonReason.INTERRUPT
+                                      or self._backend.flag.value & FLAG_INTERRUPT):
+                    if state.anchor[RSP]:
+                        # JIT frames of an outer call (this one came from a hook):
+                        # they stop at their next poll too.
+                        self._backend.support.set_flag(FLAG_INTERRUPT)
+                    else:
+                        # None left (or SIGINT came as they returned without a poll).
+                        self._backend.support.clear_flag(FLAG_INTERRUPT)
         finally:
-            # (A KeyboardInterrupt from Python's SIGINT handler is raised as
-            # the thunk call returns, so this runs in either case.)
-            exc = self._services.leave(outer)
-            reason = state.abandoned
-            if reason:
-                state.abandoned = AbandonReason.NONE
-                self._backend.abandoned(state)
-            if state.is_main and (reason == AbandonReason.INTERRUPT
-                                  or self._backend.flag.value & FLAG_INTERRUPT):
-                if state.anchor[RSP]:
-                    # JIT frames of an outer call (this one came from a hook):
-                    # they stop at their next poll too.
-                    self._backend.support.set_flag(FLAG_INTERRUPT)
-                else:
-                    # None left (or SIGINT came as they returned without a poll).
-                    self._backend.support.clear_flag(FLAG_INTERRUPT)
+            gate.leave()
         if reason == AbandonReason.STACK_OVERFLOW:
             raise StackOverflow(f"{fn.name}(): the JIT code ran out of stack (less than "
                                 f"the margin was left); its frames were abandoned")

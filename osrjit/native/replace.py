@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import threading
 
+from deopt.native_hijack import APPLY_CHECK
+from unwinder.errors import MemoryReadError
+
+from ..errors import HijackError
 from . import patching
 
 __all__ = ["NativePause"]
@@ -164,8 +168,46 @@ class NativePause:
             backend.deopt.native.apply_retarget(self._targets)
         patching.apply_patches(now, self._memory)
 
+    def withdraw(self):
+        """The runtime undid the publish (a later step failed): the call
+        patches left for after the release are not written."""
+        self._deferred = []
+
     def hijack(self, scan):
+        """Write the stubs: every slot is checked first, so a
+        :class:`HijackError` leaves every stack as it was."""
+        self.check_slots(scan)
         self._batches = self._backend.hijacker.hijack(scan, self.context)
+
+    def check_slots(self, scan):
+        """:class:`HijackError` unless every slot ``scan`` would hijack —
+        reference frames and the native batches written here (not those a
+        thread writes itself as it wakes: it has not run since it planned
+        them) — still holds its return address and is not hijacked yet."""
+        backend = self._backend
+        table, memory = backend.deopt.table, backend.deopt.memory
+        for p in scan.pending:
+            if p.slot is None:
+                continue
+            if table.get(p.slot) is not None:
+                raise HijackError(f"slot {p.slot:#x} is already hijacked")
+            try:
+                held = memory.read_u64(p.slot)
+            except MemoryReadError as e:
+                raise HijackError(f"slot {p.slot:#x} of thread {p.thread} cannot be "
+                                  f"read: {e}") from e
+            if held != p.pc:
+                raise HijackError(f"slot {p.slot:#x} of thread {p.thread} holds {held:#x}, "
+                                  f"expected the return address {p.pc:#x}")
+        batches = [h for h in getattr(scan, "threads", ()) if h.m and h.self_scan is None]
+        if batches:
+            native = backend.scanner.native()
+            for h in batches:
+                bad = native.apply(h.slots, h.ras, h.m, backend.deopt.stub_address, APPLY_CHECK)
+                if bad:
+                    raise HijackError(f"slot {h.slots[bad - 1]:#x} of thread {h.thread} no "
+                                      f"longer holds the return address {h.ras[bad - 1]:#x}, "
+                                      f"or the slots do not rise")
 
     def finish(self):
         self._backend.commit()

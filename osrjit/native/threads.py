@@ -498,7 +498,8 @@ class SupportLibrary:
         self.clear_flag = _FLAG_CALL(a["osrjit_clear_flag"])
         self.load_status = _LOAD_STATUS_CALL(a["osrjit_load_status"])
         self._thunks = {}
-        self._thunk_lock = threading.Lock()
+        #: Held while an entry thunk is made (and across ``fork()``).
+        self.thunk_lock = threading.Lock()
 
     def close(self):
         """Delete the pthread key (idempotent). Only after :meth:`ThreadRegistry.close`:
@@ -523,7 +524,7 @@ class SupportLibrary:
     def entry_thunk(self, return_type, arity):
         """Address of the entry thunk for functions ``(i64 x arity) -> return_type``."""
         key = (return_type, arity)
-        with self._thunk_lock:
+        with self.thunk_lock:
             address = self._thunks.get(key)
             if address is None:
                 tm = self._linker.tm
@@ -579,6 +580,17 @@ class ThreadRegistry:
                 out.append((name, "in a hook or service called from JIT code"))
         return out
 
+    def whereabouts(self):
+        """``[(ident, where)]`` of every attached thread: its status name, or
+        ``"in a hook or service called from JIT code"`` when it is
+        ``OUTSIDE`` with JIT frames below its anchor."""
+        out = []
+        for ident, st, _name in self.snapshot():
+            status = st.status
+            out.append((ident, "in a hook or service called from JIT code"
+                        if status == OUTSIDE and st.anchor[RSP] else STATUS_NAMES[status]))
+        return out
+
     def close(self):
         """Detach every thread (idempotent): each block becomes ``DETACHED``
         and is freed once nothing else holds it (the registry lets go of every
@@ -598,6 +610,19 @@ class ThreadRegistry:
         # A new thread-local: the old one goes, and with it every thread's
         # holder (whose finalizer takes the lock: outside it).
         self._local = threading.local()
+
+    def after_fork(self, keep_ident):
+        """In a fork child: forget every thread but ``keep_ident`` (the
+        forking thread; the others do not exist in the child). Their blocks
+        become ``DETACHED`` and stay allocated while something holds them,
+        but nothing waits for them any more. The lock is made anew (a thread
+        that no longer exists may have held it)."""
+        self._lock = threading.Lock()
+        gone = [st for ident, (st, _name) in self._states.items() if ident != keep_ident]
+        self._states = {i: e for i, e in self._states.items() if i == keep_ident}
+        self._bounds = {i: b for i, b in self._bounds.items() if i == keep_ident}
+        for st in gone:
+            st.status = DETACHED
 
     def stack_bounds(self, ident):
         """``(lo, hi)`` of attached thread ``ident``'s stack (see
@@ -649,6 +674,136 @@ class ThreadRegistry:
                     self._main_cell.value = None
                 del self._states[holder.ident]
                 self._bounds.pop(holder.ident, None)
+
+
+class EntryGate:
+    """Who is inside the runtime's compiled code, entered from Python, and
+    the door :meth:`~osrjit.Runtime.close` shuts.
+
+    Every call from Python into JIT code (:class:`osrjit.JitFunction`) passes
+    :meth:`enter` before the entry thunk and :meth:`leave` after it; calls
+    nest (a hook calling a compiled function). A thread with an entry open
+    has JIT frames on its stack — running, parked, or frozen below a hook —
+    so the runtime's code must stay mapped until it leaves. :meth:`shut`
+    waits for every other thread to leave and, while it waits, holds new
+    outermost entries back (nested ones pass: their thread must be able to
+    finish); it never waits for the calling thread's own entries, which
+    cannot leave while it is in :meth:`shut`.
+
+    Lifetime: made with its :class:`~.backend.NativeBackend`; once
+    :meth:`close` has run every :meth:`enter` raises :class:`RuntimeClosed`.
+    A fork child keeps only the forking thread's entries (:meth:`after_fork`).
+    """
+
+    def __init__(self):
+        # No lock on a call's path. A thread's entry in _inside is changed
+        # only by that thread; the interpreter lock orders each dict
+        # operation and attribute read between threads. An outermost
+        # enter() publishes its entry, then looks for a closer; shut()
+        # publishes the closer, then looks at the entries (under the lock):
+        # one of the two sees the other (Dekker). The condition is waited on
+        # only while a close() is deciding.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._inside = {}              # ident -> [nested entries, outermost function name]
+        self._closer = None            # ident of the thread in shut(), or None
+        self.closed = False
+
+    def enter(self, function_name):
+        """Open an entry of this thread (``function_name``: what it calls).
+        Waits while another thread shuts the gate; :class:`RuntimeClosed`
+        once it is closed."""
+        me = threading.get_ident()
+        inside = self._inside
+        entry = inside.get(me)
+        if entry is not None:
+            entry[0] += 1
+            return
+        inside[me] = [1, function_name]
+        if self._closer is not None or self.closed:
+            self._enter_held_back(me, function_name)
+
+    def _enter_held_back(self, me, function_name):
+        with self._lock:
+            del self._inside[me]
+            self._cond.notify_all()            # shut() may be waiting for it to go
+            while self._closer is not None and not self.closed:
+                self._cond.wait()
+            if self.closed:
+                raise RuntimeClosed(f"cannot call {function_name}: the runtime is closed")
+            self._inside[me] = [1, function_name]
+
+    def leave(self):
+        """Close this thread's innermost entry."""
+        me = threading.get_ident()
+        entry = self._inside[me]
+        entry[0] -= 1
+        if not entry[0]:
+            del self._inside[me]
+            if self._closer is not None:
+                with self._lock:
+                    self._cond.notify_all()
+
+    def _snapshot(self):
+        return {ident: entry[1] for ident, entry in list(self._inside.items())}
+
+    def inside(self):
+        """``{ident: outermost function name}`` of the threads with entries open."""
+        return self._snapshot()
+
+    def shut(self, timeout):
+        """Wait up to ``timeout`` seconds (0: not at all) for every other
+        thread to leave, holding new outermost entries back meanwhile.
+        Returns ``{}`` with the gate held shut (then :meth:`close` or
+        :meth:`reopen`), or ``{ident: function name}`` of the threads still
+        inside — the caller among them if it has an entry open — with the
+        gate open again."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._cond:
+            if self._closer is not None:
+                # Another thread is closing: wait for its decision first.
+                while self._closer is not None and not self.closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return self._snapshot()
+                    self._cond.wait(left)
+            if self.closed:
+                return {}
+            if me not in self._inside:
+                self._closer = me
+                while self._inside:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            busy = self._snapshot()
+            if busy:
+                self._closer = None
+                self._cond.notify_all()
+            return busy
+
+    def reopen(self):
+        """Let held-back entries in again (the close failed after :meth:`shut`)."""
+        with self._cond:
+            self._closer = None
+            self._cond.notify_all()
+
+    def close(self):
+        """Closed for good: every waiting and later :meth:`enter` raises :class:`RuntimeClosed`."""
+        with self._cond:
+            self.closed = True
+            self._closer = None
+            self._cond.notify_all()
+
+    def after_fork(self, keep_ident):
+        """In a fork child: forget every entry but thread ``keep_ident``'s
+        (the other threads do not exist here) and any close in progress;
+        the condition's lock is made anew (it may have been held)."""
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._inside = {i: e for i, e in list(self._inside.items()) if i == keep_ident}
+        self._closer = None
 
 
 class _Holder:
@@ -830,6 +985,15 @@ class SigintHook:
 
 
 _SIGINT_HOOKS = []
+
+
+def _signals_lock_after_fork():
+    # A thread that no longer exists in the child may have held it.
+    global _SIGNALS_LOCK
+    _SIGNALS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_signals_lock_after_fork)
 
 
 class World:

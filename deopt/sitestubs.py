@@ -40,8 +40,8 @@ from unwinder.x86_64 import RA
 
 from .errors import HijackError
 
-__all__ = ["SiteStub", "site_stub_symbol", "site_stubs_asm", "site_stubs_module_ir",
-           "SITE_STUB_PREFIX"]
+__all__ = ["SiteStub", "SiteStubIndex", "site_stub_symbol", "site_stubs_for",
+           "site_stubs_asm", "site_stubs_module_ir", "SITE_STUB_PREFIX"]
 
 #: Prefix of every per-site stub's symbol.
 SITE_STUB_PREFIX = "osrjit.site."
@@ -74,6 +74,24 @@ def site_stub_symbol(function, version, site_id, copy=0):
     for the further copies of a site)."""
     tail = f".{copy}" if copy else ""
     return f"{SITE_STUB_PREFIX}{function}@v{version}.{site_id}{tail}"
+
+
+def site_stubs_for(frame_maps, space):
+    """The :class:`SiteStub` of every frame map of ``frame_maps`` (one
+    version's) whose return address has a row in ``space`` (anything with
+    ``unwind_entry(pc)``, e.g. an :class:`unwinder.AddressSpace` its code is
+    registered with); a return address without one gets no stub (its slots
+    get the deopt stub)."""
+    stubs, copies = [], {}
+    for fm in frame_maps:
+        entry = space.unwind_entry(fm.return_address - 1)
+        if entry is None:
+            continue
+        copy = copies[fm.site_id] = copies.get(fm.site_id, -1) + 1
+        stubs.append(SiteStub(fm.return_address,
+                              site_stub_symbol(fm.function, fm.version, fm.site_id, copy),
+                              entry[0].row))
+    return stubs
 
 
 def _uleb(value):

@@ -35,7 +35,7 @@ import unwinder
 from deopt import native_transfer as ntx
 from deopt import plan as frame_plan
 from deopt.hijack import HijackTable
-from deopt.sitestubs import SiteStub, SiteStubIndex, site_stub_symbol, site_stubs_module_ir
+from deopt.sitestubs import SiteStubIndex, site_stubs_for, site_stubs_module_ir
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
                         stub_module_ir)
@@ -110,15 +110,7 @@ class NativeDeopt:
         unwinder already: the rows come from there) as a library ``name``,
         registered with the unwinder. Returns their :class:`VersionStubs`
         (None: no frame map), which the version owns."""
-        stubs, seen = [], {}
-        for fm in frame_maps:
-            entry = self.space.unwind_entry(fm.return_address - 1)
-            if entry is None:
-                continue                  # no row: its slot gets the deopt stub
-            copy = seen[fm.site_id] = seen.get(fm.site_id, -1) + 1
-            stubs.append(SiteStub(fm.return_address,
-                                  site_stub_symbol(fm.function, fm.version, fm.site_id, copy),
-                                  entry[0].row))
+        stubs = site_stubs_for(frame_maps, self.space)
         if not stubs:
             return None
         tm = self._linker.tm

@@ -6,7 +6,7 @@ still be walkable by libgcc, gdb or perf: a walker looks the stub up at
 site to site. So every return address ``R`` of an old version's site gets a
 stub of its own, ``S``, and hijacking writes ``S`` (not the common stub)::
 
-    S − 1:  nop                       ; inside the FDE: walkers look up S − 1
+    S − 1:  nop                       ; the symbol; walkers look up S − 1
     S:      movabsq $<common stub>, %r11
             jmpq   *%r11
 
@@ -17,7 +17,9 @@ A walker that reads ``S`` from the slot therefore steps from the stub's
 frame to the old frame's caller exactly as it would from the old frame:
 same registers, same CFA, same frame count; the hijacked frame shows as the
 stub's symbol, ``osrjit.site.<function>@v<version>.<site id>`` (plus
-``.<k>`` for the k-th further copy of a site, e.g. in the resume entry).
+``.<k>`` for the k-th further copy of a site, e.g. in the resume entry). The
+symbol starts at the ``nop`` (``S`` is the symbol + :data:`ENTRY_OFFSET`), so
+a symbolizer that looks at ``S − 1``, as gdb does, names it too.
 
 The rows hold while the stub runs: ``ret`` entered it with RSP = ``E`` (the
 old frame's RSP after its call) and the old frame's callee-saved registers,
@@ -40,11 +42,13 @@ from unwinder.x86_64 import RA
 
 from .errors import HijackError
 
-__all__ = ["SiteStub", "SiteStubIndex", "site_stub_symbol", "site_stubs_for",
+__all__ = ["SiteStub", "SiteStubIndex", "ENTRY_OFFSET", "site_stub_symbol", "site_stubs_for",
            "site_stubs_asm", "site_stubs_module_ir", "SITE_STUB_PREFIX"]
 
 #: Prefix of every per-site stub's symbol.
 SITE_STUB_PREFIX = "osrjit.site."
+#: Bytes from a stub's symbol to its entry (the address written into slots).
+ENTRY_OFFSET = 1
 
 # DWARF call frame instructions emitted with .cfi_escape (DWARF 5 §6.4.2).
 _DW_CFA_def_cfa_expression = 0x0F
@@ -73,7 +77,7 @@ def site_stub_symbol(function, version, site_id, copy=0):
     """``osrjit.site.<function>@v<version>.<site_id>`` (``.<copy>`` appended
     for the further copies of a site)."""
     tail = f".{copy}" if copy else ""
-    return f"{SITE_STUB_PREFIX}{function}@v{version}.{site_id}{tail}"
+    return f"{SITE_STUB_PREFIX}{function}@v{version}.site{site_id}{tail}"
 
 
 def site_stubs_for(frame_maps, space):
@@ -162,13 +166,13 @@ def site_stubs_asm(stubs, common_stub):
     to ``common_stub`` (absolute address of :data:`deopt.stub.STUB_SYMBOL`).
     Raises :class:`~deopt.errors.HijackError` for a row it cannot copy."""
     lines = [".text"]
-    for i, stub in enumerate(stubs):
+    for stub in stubs:
         name = f'"{stub.symbol}"'
-        lines += [".p2align 4", f".globl {name}", ".cfi_startproc"]
+        lines += [".p2align 4", f".globl {name}", f".type {name},@function", f"{name}:",
+                  ".cfi_startproc"]
         lines += _row_directives(stub.row, stub.symbol)
-        lines += [f".Losrjit_site_pad{i}:", "nop",
-                  f".type {name},@function", f"{name}:",
-                  f"movabsq ${common_stub:#x}, %r11", "jmpq *%r11",
+        # One nop (ENTRY_OFFSET bytes), then the entry.
+        lines += ["nop", f"movabsq ${common_stub:#x}, %r11", "jmpq *%r11",
                   ".cfi_endproc", f".size {name}, .-{name}"]
     return "\n".join(lines) + "\n"
 

@@ -9,10 +9,15 @@ and the native walker without the runtime's translation see the stubs libgcc
 sees; with it, the original return addresses the stubs stand for.
 """
 import ctypes
+import os
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 
-from childproc import run_child
+from childproc import ROOT_DIR, TESTS_DIR, run_child
 from scenarios_native import SUM_V1, SUM_V2
 
 DEPTH = 20
@@ -105,3 +110,42 @@ def test_glibc_backtrace_after_a_replace_returns_every_frame(transfer, walker):
     assert _from_jit(out["native_after"], is_jit) == g0
     for tag in ("ours", "raw", "native", "native_raw"):
         assert _from_jit(out[f"{tag}_before"], is_jit) == g0, tag
+
+
+def gdb_target():
+    """Run under gdb: a trap in the hook before and after the replace (gdb
+    stops at each and does not pass it on)."""
+    import signal
+
+    import osrjit
+    with osrjit.Runtime() as rt:
+        rt.compile(SUM_V1)
+
+        def on_hook(_):
+            os.kill(os.getpid(), signal.SIGTRAP)
+            rt.replace("sum", SUM_V2)
+            os.kill(os.getpid(), signal.SIGTRAP)
+            return 0
+
+        rt.on_hook(on_hook)
+        print("result", rt.function("sum")(DEPTH))
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb is not installed")
+def test_gdb_bt_walks_through_the_site_stubs():
+    code = (f"import sys; sys.path[:0] = [{TESTS_DIR!r}, {ROOT_DIR!r}]; "
+            "import test_unwind_through as t; t.gdb_target()")
+    gdb = subprocess.run(
+        ["gdb", "-q", "-batch", "-nx", "-ex", "set pagination off", "-ex", "run",
+         "-ex", "bt", "-ex", "continue", "-ex", "bt", "-ex", "continue",
+         "--args", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=300)
+    out = gdb.stdout
+    assert f"result {DEPTH * (DEPTH + 1)}" in out, out[-3000:]
+    before, after = [re.findall(r"^#(\d+) +(?:0x[0-9a-f]+ in )?(\S+)", part, re.M)
+                     for part in out.split("Program received signal SIGTRAP")[1:3]]
+    assert len(after) == len(before) > 2 * DEPTH
+    assert "Backtrace stopped" not in out
+    names = [name for _, name in after]
+    assert sum(n.startswith("osrjit.site.sum@v1.site") for n in names) == DEPTH + 1
+    assert sum(n == "osrjit.fn[sum]" for _, n in before) == DEPTH + 1

@@ -51,7 +51,7 @@ import unwinder
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, ExitState, TransferPlan, stub_module_ir)
-from deopt.sitestubs import SiteStubIndex, site_stubs_for, site_stubs_module_ir
+from deopt.sitestubs import ENTRY_OFFSET, SiteStubIndex, site_stubs_for, site_stubs_module_ir
 from deopt.transfer import return_through_stub
 from osrjit import abi, stackscan
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
@@ -305,7 +305,7 @@ class EmulatedBackend:
             site_stubs_module_ir(tm.triple, stubs, self.stub_address)))
         obj = self.machine.load_object(data, name=f"osrjit.site.{version.name}.v{version.id}",
                                        export=False)
-        return _EmulatedStubs(self, obj, [(s.return_address, obj.symbol(s.symbol))
+        return _EmulatedStubs(self, obj, [(s.return_address, obj.symbol(s.symbol) + ENTRY_OFFSET)
                                           for s in stubs])
 
     def discard(self, version):

@@ -35,7 +35,7 @@ import unwinder
 from deopt import native_transfer as ntx
 from deopt import plan as frame_plan
 from deopt.hijack import HijackTable
-from deopt.sitestubs import SiteStubIndex, site_stubs_for, site_stubs_module_ir
+from deopt.sitestubs import ENTRY_OFFSET, SiteStubIndex, site_stubs_for, site_stubs_module_ir
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
                         stub_module_ir)
@@ -118,7 +118,7 @@ class NativeDeopt:
                                                                self.stub_address)))
         library = self._linker.link(obj, name, exports=[s.symbol for s in stubs],
                                     own_jit=True, register=name, space=self.space)
-        return VersionStubs(self, library, [(s.return_address, library[s.symbol])
+        return VersionStubs(self, library, [(s.return_address, library[s.symbol] + ENTRY_OFFSET)
                                             for s in stubs])
 
     @property

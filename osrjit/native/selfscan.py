@@ -98,7 +98,7 @@ class Handshake(ctypes.Structure):
     ``args``: the :class:`deopt.native_hijack.ScanArgs` it scans with (its
     ``slots`` / ``ras`` / ``kinds`` / ``m`` are what ``osrjit_hj_park_apply``
     writes); for the apply: ``stubs`` (per kind: what its slots get, as
-    ``osrjit_hj_apply``), ``descriptors``  (per kind, as
+    ``osrjit_hj_apply``), ``descriptors`` (per kind, as
     ``osrjit_hj_lifo``), ``lifo_entries`` (where its LIFO entries go, 0:
     none), ``lifo_block`` (the :class:`deopt.native_transfer.ThreadBlock`
     whose ``top`` becomes ``lifo_top`` after them); out: ``written``

@@ -485,8 +485,8 @@ class SelfScan:
         """Leave the writing of the hijacks this thread planned to the thread
         itself as it wakes (or to the next stopper), world stopped:
         ``stubs[kind]`` into every planned slot (``stubs``: a
-        :attr:`WatchTables.stub_array`, kept here until the next apply), then, with ``lifo_entries`` (an
-        absolute address :meth:`deopt.native_transfer.ThreadLifo.reserve`
+        :attr:`WatchTables.stub_array`, kept here until the next apply),
+        then, with ``lifo_entries`` (an absolute address :meth:`deopt.native_transfer.ThreadLifo.reserve`
         gave, 0: none), LIFO entries there by ``descriptors`` (the per-kind
         ``array('Q')``, kept here until the next apply: the thread reads it
         after the world is released) and ``lifo_top`` into ``lifo`` 's

@@ -52,8 +52,8 @@ class Hijacker:
             scan.settle()
 
     def hijack(self, plan, context=None):
-        """Write its stub (per site, :mod:`deopt.sitestubs`) into every slot of ``plan`` (world stopped) and
-        record the pending returns (hijack table, counts, native LIFOs);
+        """Write its site's stub (:mod:`deopt.sitestubs`) into every slot of
+        ``plan`` (world stopped) and record the pending returns (hijack table, counts, native LIFOs);
         ``context``: the scan's (:meth:`Scanner.context`), if any. Returns the
         natively hijacked batches, whose records :meth:`record_batches` makes
         (it must be called, also on error: the table's lock is held until then)."""

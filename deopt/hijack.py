@@ -104,15 +104,19 @@ class HijackBatch:
 
 
 class HijackTable:
-    """Every hijacked slot of one stub, keyed by absolute slot address.
+    """Every hijacked slot, keyed by absolute slot address.
 
-    ``stub_address``: the value written into hijacked slots. Register
+    ``stub_address``: the deopt stub (:data:`deopt.stub.STUB_SYMBOL`).
+    ``site_stubs``: a :class:`deopt.sitestubs.SiteStubIndex`; a return
+    address with a per-site stub there gets that stub written into its slot
+    instead of the deopt stub. Register
     :meth:`translate` with :meth:`unwinder.AddressSpace.add_return_address_filter`
     so walks see the original return addresses.
     """
 
-    def __init__(self, stub_address):
+    def __init__(self, stub_address, site_stubs=None):
         self.stub_address = stub_address
+        self.site_stubs = site_stubs
         self._records = {}
         self._batches = []            # HijackBatch with live entries
         self._unmirrored = []         # batches not yet given to the mirror
@@ -164,9 +168,15 @@ class HijackTable:
             return (sum(1 for r in self._records.values() if r.owner is owner)
                     + sum(b.by_owner.get(owner, 0) for b in self._batches))
 
+    def stub_for(self, original_ra):
+        """The address :meth:`hijack` writes over ``original_ra``."""
+        stub = self.site_stubs.stub_of(original_ra) if self.site_stubs is not None else None
+        return self.stub_address if stub is None else stub
+
     def translate(self, slot, value):
         """Return-address filter: the original return address of a hijacked slot."""
-        if value == self.stub_address:
+        if value == self.stub_address or (self.site_stubs is not None
+                                          and self.site_stubs.return_of(value) is not None):
             record = self._records.get(slot)
             if record is not None:
                 return record.original_ra
@@ -202,7 +212,8 @@ class HijackTable:
                                        list(itertools.compress(b.ras, keep)))
 
     def hijack(self, slot, original_ra, frame_map, owner, memory, thread=None):
-        """Write the stub into ``slot`` (via ``memory.write_u64``) and record it.
+        """Write the stub of ``original_ra`` (:meth:`stub_for`) into ``slot``
+        (via ``memory.write_u64``) and record it.
 
         The slot must still hold ``original_ra`` (read back first); a slot
         already in the table raises :class:`HijackError` — a frame is never
@@ -219,7 +230,7 @@ class HijackTable:
                                   f"address {original_ra:#x}")
             record = HijackRecord(slot, original_ra, frame_map, owner,
                                   threading.get_ident() if thread is None else thread)
-            memory.write_u64(slot, self.stub_address)
+            memory.write_u64(slot, self.stub_for(original_ra))
             self._records[slot] = record
             if self.mirror is not None:
                 self.mirror.set(slot, original_ra)

@@ -151,8 +151,8 @@ exit:
   ret i64 %m
 }
 
-; --- apply: check every slot (write = APPLY_CHECK) or write the stub -------
-define i64 @${APPLY_SYMBOL}(ptr %os, ptr %or, i64 %m, i64 %stub, i64 %write) nounwind {
+; --- apply: check every slot (write = APPLY_CHECK) or write its kind's stub -
+define i64 @${APPLY_SYMBOL}(ptr %os, ptr %or, ptr %kinds, i64 %m, ptr %stubs, i64 %write) nounwind {
 entry:
   %w = icmp ne i64 %write, ${APPLY_CHECK}
   br i1 %w, label %wloop, label %cloop
@@ -187,7 +187,11 @@ wbody:
   %wsp = getelementptr i64, ptr %os, i64 %k
   %ws = load i64, ptr %wsp
   %wptr = inttoptr i64 %ws to ptr
-  store volatile i64 %stub, ptr %wptr
+  %wkp = getelementptr i64, ptr %kinds, i64 %k
+  %wk = load i64, ptr %wkp
+  %wstp = getelementptr i64, ptr %stubs, i64 %wk
+  %wst = load i64, ptr %wstp
+  store volatile i64 %wst, ptr %wptr
   %k1 = add i64 %k, 1
   br label %wloop
 ok:

@@ -27,12 +27,13 @@ ranges, nranges, range_counts) -> m``
     Returns ``m``. ``slots`` / ``ras``: absolute addresses; ``kinds``: key
     indices; each array has ``cap >= n`` entries.
 
-``osrjit_hj_apply(slots, ras, m, stub, write) -> status``
+``osrjit_hj_apply(slots, ras, kinds, m, stubs, write) -> status``
     ``write =`` :data:`APPLY_CHECK`: check that ``slots`` rise strictly and
     every slot still holds its ``ras`` entry; 0, or ``j + 1`` for the first
-    entry that does not. Else (:data:`APPLY_WRITE`): store ``stub`` into
-    every slot (no check; call only after a check of every thread passed, so
-    a failure leaves every stack untouched).
+    entry that does not. Else (:data:`APPLY_WRITE`): store ``stubs[kinds[j]]``
+    (the per-site stub of that key, :mod:`deopt.sitestubs`, or the deopt
+    stub) into every slot ``slots[j]`` (no check; call only after a check of
+    every thread passed, so a failure leaves every stack untouched).
 
 ``osrjit_hj_lifo(entries, slots, ras, kinds, m, descriptors) -> count``
     :class:`~deopt.native_transfer.LifoEntry` records ``(slot, ras, desc,
@@ -161,7 +162,8 @@ _U64 = ctypes.c_uint64
 _PLAN = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p, _U64, _U64, ctypes.c_void_p, ctypes.c_void_p, _U64,
                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _U64,
                          ctypes.c_void_p, _U64, ctypes.c_void_p)
-_APPLY = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p, ctypes.c_void_p, _U64, _U64, _U64)
+_APPLY = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _U64,
+                          ctypes.c_void_p, _U64)
 _LIFO = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                          ctypes.c_void_p, _U64, ctypes.c_void_p)
 _SCAN = ctypes.PYFUNCTYPE(_U64, ctypes.c_void_p)

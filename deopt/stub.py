@@ -1,24 +1,28 @@
 """The deopt stub: where a hijacked return lands, and the layouts it shares with Python.
 
 A frame of an old version is suspended at a call site; its return address
-sits in a stack slot (its callee's ``ra_slot``). Hijacking writes
-:data:`STUB_SYMBOL`'s address there. When the callee returns, ``ret`` pops the
-stub address and the stub runs with ``RSP = E``, the old frame's RSP right
+sits in a stack slot (its callee's ``ra_slot``). Hijacking writes the address
+of that site's return stub (:mod:`deopt.sitestubs`, whose CFI is the old
+frame's row there) into the slot; the site stub jumps here. So when the
+callee returns, the stub runs with ``RSP = E``, the old frame's RSP right
 after the call (``E − 8`` is the slot), ``RAX``/``XMM0`` holding the call's
-result and the callee-saved registers holding the old frame's values.
+result, the callee-saved registers holding the old frame's values and R11
+clobbered.
 
 The stub is written as a *callee of the old frame*: its CFA is ``E`` and its
-return address is in the slot (``CFA − 8``), so once the transfer has put the
-original return address back into the slot, libgcc, gdb and
-:mod:`unwinder` unwind through the stub into the old frame and on to its
-callers. It is re-entrant: everything lives on the stack or in per-thread
-buffers, nothing in globals.
+return address is in the slot (``CFA − 8``). The slot holds the site stub
+until the transfer puts the original return address back, and either one
+unwinds into the old frame's caller exactly as the old frame would, so
+libgcc, gdb and :mod:`unwinder` walk through this stub at every instruction.
+It is re-entrant: everything lives on the stack or in per-thread buffers,
+nothing in globals.
 
-A walker that meets a hijacked slot sees the stub's address as a return
-address and looks it up at ``stub − 1``: one ``nop`` before the entry, inside
-the FDE, whose row says "return address undefined", so libgcc and gdb stop
-there cleanly instead of looping (:mod:`unwinder` walks on: the runtime's
-return-address filter gives it the original address).
+A return address without a site stub (its version has no CFI row there)
+gets this stub's own address written into its slot; a walker looks that up
+at ``stub − 1``: one ``nop`` before the entry, inside the FDE, whose row
+says "return address undefined", so libgcc and gdb stop there cleanly
+instead of looping (:mod:`unwinder` walks on: the runtime's return-address
+filter gives it the original address).
 
 Layout of the saved block (:class:`ExitState`, at ``RSP = E − 80`` when the
 transfer function is called; 16-byte aligned because ``E`` is — RSP was
@@ -45,7 +49,8 @@ import ctypes
 
 from unwinder import nativesrc
 
-#: The stub's entry: the value written into hijacked return-address slots.
+#: The stub's entry: where the per-site stubs jump (and the value written
+#: into a hijacked slot whose return address has none).
 STUB_SYMBOL = "osrjit_deopt_stub"
 #: A ``ret`` inside the stub's FDE, used to return into old code after all.
 RETURN_SYMBOL = "osrjit_deopt_return"

@@ -1,6 +1,6 @@
 # The deopt stub (deopt/stub.py renders this file; AT&T syntax). Entered by
-# the `ret` of a hijacked callee with RSP = E (the CFA: the old frame's RSP
-# after its call). It pushes an ExitState below E, field by field: once a
+# a per-site stub's jump (or the `ret` of a hijacked callee) with RSP = E (the
+# CFA: the old frame's RSP after its call). It pushes an ExitState below E, field by field: once a
 # field is pushed, the CFA is RSP + EXIT_STATE_BYTES - the field's offset,
 # and a register saved there lies at CFA + its offset - EXIT_STATE_BYTES.
 # Every push has its CFI, so unwinders see the old frame's callee-saved

@@ -408,9 +408,10 @@ class Runtime:
            versions are discarded and every stack is left untouched);
         4. publish the new versions (new calls run them);
         5. hijack: the return-address slot of every such frame now points at
-           the deopt stub; when its callee returns, the frame is rebuilt in the
-           *current* version of its function and continues there (every slot
-           is checked before any is written);
+           its site's return stub (whose CFI lets debuggers and profilers walk
+           on), which enters the deopt stub; when its callee returns, the frame
+           is rebuilt in the *current* version of its function and continues
+           there (every slot is checked before any is written);
         6. release the threads and free every old version with no pending
            returns.
 

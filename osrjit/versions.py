@@ -35,7 +35,9 @@ class Version:
     iterable and indexable in stackmap order). ``sites``: the code
     generator's sites. ``object_image``: the ELF object the code was loaded
     from. ``load_addresses``: section name -> absolute address. ``library``:
-    what the backend loaded it as (its owner of the code).
+    what the backend loaded it as (its owner of the code). ``stubs``: its
+    per-site return stubs (:mod:`deopt.sitestubs`; the native backend's
+    ``VersionStubs``, released with the code), or None.
 
     Accounting (kept by the runtime): ``pending_returns`` — hijacked slots
     whose frames will return into it; ``pinned`` — a frame may run its code
@@ -61,6 +63,7 @@ class Version:
         self.code_range = code_range
         self.frame_maps = frame_maps
         self.library = library
+        self.stubs = None
         self.loaded = True
         self.pending_returns = 0
         self.pinned = False

@@ -236,6 +236,8 @@ def test_cfi_validator_through_the_deopt_stub_and_resume_entries(k):
     assert [t.result for t in threads] == [sum_ref(12), sum_ref(9)]
     assert rt.stats()["transfers"] > 0
     assert "osrjit_deopt_stub" in report.by_symbol
+    # Hijacked slots held per-site stubs, whose rows are v1's at the site.
+    assert any(s.startswith("osrjit.site.sum@v1.") for s in report.by_symbol)
     assert "hypercall.osrjit_deopt_transfer" in report.by_symbol
     assert any(s.endswith("__resume") for s in report.by_symbol)
 

@@ -12,6 +12,7 @@ from deopt import native_transfer as ntx
 from deopt.hijack import HijackBatch, HijackError, HijackTable
 
 STUB = 0x5700
+SITE_STUB = 0x5810
 TRANSLATED = 2          # unwinder.native.FRAME_TRANSLATED
 
 
@@ -41,7 +42,9 @@ def plan_scenario():
     new = V("f", 0x2000, 0x2100, [0x2010, 0x2020])       # being replaced
     old = V("g", 0x3000, 0x3100, [0x3010])               # an old version
     from osrjit.native.fastscan import WatchTables
-    tables = WatchTables([new, old], {"f"}, lambda v: v is old)
+    # Each key's slots get its own stub (per-site stubs): 0x2020's is SITE_STUB.
+    tables = WatchTables([new, old], {"f"}, lambda v: v is old,
+                         lambda ra: SITE_STUB if ra == 0x2020 else STUB)
     out = {"keys": tables.keys, "hijack": tables.hijack}
     with osrjit.Runtime() as rt:
         hj = rt.native_backend.scanner.native()
@@ -64,19 +67,22 @@ def plan_scenario():
         slots = list(h.slots[:h.m])
         base = ctypes.addressof(stack)
         out["slots"] = [(s - base) // 8 for s in slots]
-        out["check"] = hj.apply(h.slots, h.ras, h.m, STUB, 0)
+        stubs = tables.stub_array
+        out["stubs"] = list(stubs)
+        out["check"] = hj.apply(h.slots, h.ras, h.kinds, h.m, stubs, 0)
         # Change one slot behind the plan's back: the check names it, nothing is written.
         stack[5] = 0x1234
-        out["check_bad"] = hj.apply(h.slots, h.ras, h.m, STUB, 0)
+        out["check_bad"] = hj.apply(h.slots, h.ras, h.kinds, h.m, stubs, 0)
         stack[5] = 0x2020
         before = list(stack)
-        out["write"] = hj.apply(h.slots, h.ras, h.m, STUB, 1)
+        out["write"] = hj.apply(h.slots, h.ras, h.kinds, h.m, stubs, 1)
         out["written"] = [i for i in range(16) if stack[i] != before[i]]
         out["stub_in"] = [i for i in range(16) if stack[i] == STUB]
+        out["site_stub_in"] = [i for i in range(16) if stack[i] == SITE_STUB]
         # Descending order is a check failure too.
         rev = (ctypes.c_uint64 * 2)(h.slots[1], h.slots[0])
-        ras = (ctypes.c_uint64 * 2)(STUB, STUB)
-        out["not_rising"] = hj.apply(rev, ras, 2, STUB, 0)
+        ras = (ctypes.c_uint64 * 2)(SITE_STUB, STUB)           # what the slots hold
+        out["not_rising"] = hj.apply(rev, ras, h.kinds, 2, stubs, 0)
         # LIFO entries: highest slot first; kinds without a descriptor are left out.
         descs = array("Q", [0] * len(tables.keys))
         descs[tables.keys.index(0x2010)] = 0xD1
@@ -103,8 +109,10 @@ def test_native_plan_check_write_and_lifo_on_a_synthetic_stack():
     assert out["versions"] == ["f"]
     assert out["slots"] == [0, 5]                         # the slots holding frames 1 and 6
     assert out["check"] == 0 and out["check_bad"] == 2    # entry 1 (+1) is the bad one
+    assert out["stubs"] == [STUB, SITE_STUB, STUB]
     assert out["write"] == 0 and out["written"] == [0, 5]
-    assert out["stub_in"] == [0, 1, 5]                    # slot 1 held the stub already
+    assert out["stub_in"] == [0, 1]                       # slot 1 held the stub already
+    assert out["site_stub_in"] == [5]                     # frame 6, at 0x2020
     assert out["not_rising"] == 2
     assert out["lifo"] == [(5, 0x2020, 0xD2, ntx.PENDING), (0, 0x2010, 0xD1, ntx.PENDING)]
     assert out["lifo_partial"] == 1

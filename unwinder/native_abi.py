@@ -111,12 +111,13 @@ class TranslationPair(ctypes.Structure):
 
 
 class TranslationHeader(ctypes.Structure):
-    """Return-address translation, 24 bytes: a return address equal to
-    ``stub_address`` read from slot ``s`` becomes ``original`` when the pair
-    ``(s, original)`` is among the ``n_pairs`` :class:`TranslationPair` at
-    ``pairs`` (sorted by slot)."""
+    """Return-address translation, 32 bytes: a return address in
+    ``[stub_address, stub_end)`` (the stubs hijacking writes: the deopt stub
+    and the per-site stubs) read from slot ``s`` becomes ``original`` when the
+    pair ``(s, original)`` is among the ``n_pairs`` :class:`TranslationPair`
+    at ``pairs`` (sorted by slot)."""
     _fields_ = [("stub_address", ctypes.c_uint64), ("pairs", ctypes.c_void_p),
-                ("n_pairs", ctypes.c_uint64)]
+                ("n_pairs", ctypes.c_uint64), ("stub_end", ctypes.c_uint64)]
 
 
 class WalkState(ctypes.Structure):
@@ -148,7 +149,7 @@ class OutFrame(ctypes.Structure):
 
 
 for _cls, _size in ((RuleRecord, 16), (RowTable, 32), (ModuleEntry, 32), (TablesHeader, 32),
-                    (TranslationPair, 16), (TranslationHeader, 24), (WalkState, 176),
+                    (TranslationPair, 16), (TranslationHeader, 32), (WalkState, 176),
                     (OutFrame, 32)):
     assert ctypes.sizeof(_cls) == _size, (_cls, ctypes.sizeof(_cls))
 assert RuleRecord.codes.size >= len(CARRIED_REGISTERS)        # one i8 code per carried register

@@ -79,6 +79,9 @@ tr.load:
   %pairs.l = load ptr, ptr %pairs.pp, align 8
   %npairs.p = getelementptr inbounds %TranslationHeader, ptr %tr, i64 0, i32 ${TranslationHeader.n_pairs}
   %npairs.l = load i64, ptr %npairs.p, align 8
+  %stubend.p = getelementptr inbounds %TranslationHeader, ptr %tr, i64 0, i32 ${TranslationHeader.stub_end}
+  %stubend.l = load i64, ptr %stubend.p, align 8
+  %stubspan.l = sub i64 %stubend.l, %stub.l
   br label %args
 
 tr.none:
@@ -88,6 +91,7 @@ args:
   %stub = phi i64 [ %stub.l, %tr.load ], [ 0, %tr.none ]
   %pairs = phi ptr [ %pairs.l, %tr.load ], [ null, %tr.none ]
   %npairs = phi i64 [ %npairs.l, %tr.load ], [ 0, %tr.none ]
+  %stubspan = phi i64 [ %stubspan.l, %tr.load ], [ 0, %tr.none ]
   ; span = hi − lo bytes; a read of one slot at a is allowed iff
   ; a − lo <= span − SLOT_BYTES (unsigned), a CFA c iff c − lo <= span.
   %span = sub i64 %hi, %lo
@@ -405,14 +409,16 @@ t.razero:
   %razero = icmp eq i64 %v0, 0
   br i1 %razero, label %end.razero, label %t.stub
 
-; a return address equal to the stub, read from a slot: binary-search the slot
+; a return address among the stubs ([stub, stub + stubspan): the deopt stub
+; and the per-site stubs), read from a slot: binary-search the slot
 ; among the TranslationPairs, read as u64 words: pair i is the words
 ; PAIR_WORDS·i + PAIR_SLOT_WORD (its slot) and PAIR_WORDS·i + PAIR_ORIGINAL_WORD
 ; (the slot's original return address). Why words: addressed as
 ; %TranslationPair, this cold search changes how LLVM allocates registers in
 ; the whole function, and the hot path measured 3% slower per frame.
 t.stub:
-  %isstub = icmp eq i64 %v0, %stub
+  %stubrel = sub i64 %v0, %stub
+  %isstub = icmp ult i64 %stubrel, %stubspan
   %fromslot = icmp ne i64 %isload0, 0
   %trytr = and i1 %isstub, %fromslot
   br i1 %trytr, label %ts.start, label %commit

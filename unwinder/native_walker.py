@@ -411,12 +411,16 @@ class NativeWalker:
             if isinstance(seg, NativeFrame):
                 frames.append(seg)
                 continue
-            raw, base, modules, stub = seg
+            raw, base, modules, arrays = seg
             for i, (pc, cfa, slot, info) in enumerate(_OUT.iter_unpack(raw), base):
+                stored = None
+                if info & FRAME_TRANSLATED:
+                    # The slot it was read from is the previous frame's.
+                    stored = arrays.stored(frames[-1].ra_slot if frames else None)
                 frames.append(NativeFrame(
                     pc, cfa, slot if info & FRAME_HAS_RA_SLOT else None, i,
                     pc if info & FRAME_EXACT else (pc - 1) & _MASK64, modules[info >> INFO_MODULE_SHIFT],
-                    bool(info & FRAME_SIGNAL), stub if info & FRAME_TRANSLATED else None,
+                    bool(info & FRAME_SIGNAL), stored,
                     _TERMINAL.get((info >> INFO_END_SHIFT) & 0xFF)))
         if limited and frames[-1].end_reason is None:
             last = frames[-1]
@@ -443,12 +447,12 @@ class NativeWalker:
                 slots.append(seg.ra_slot or 0)
                 end = seg.end_reason
                 continue
-            raw, base, _modules, stub = seg
+            raw, base, _modules, arrays = seg
             words = memoryview(raw).cast("Q")
             pcs += words[0::4].tolist()
             cfas += words[1::4].tolist()
             slots += words[2::4].tolist()
-            if stub is not None:
+            if arrays is not None:
                 # The low byte of each info word holds the FRAME_* flags: mark the
                 # translated ones and find them without a per-frame loop.
                 marks = raw[OutFrame.info.offset::_OUT.size].translate(_TRANSLATED_MARKS)
@@ -509,8 +513,8 @@ class NativeWalker:
 
     def _segments(self, regs, max_frames, innermost_is_caller, stack_bounds, translation):
         """The core loop. Returns ``(segments, limited)``: each segment is
-        ``(raw OutFrame bytes, index of its first frame, modules by entry, stub
-        address)`` for frames the native code did, or a :class:`NativeFrame`
+        ``(raw OutFrame bytes, index of its first frame, modules by entry, the
+        translation's arrays)`` for frames the native code did, or a :class:`NativeFrame`
         the Python walker did; ``limited``: ``max_frames`` frames were produced
         and the last one has no end reason of its own."""
         if RA not in regs or RSP not in regs:
@@ -522,17 +526,19 @@ class NativeWalker:
         lo, hi, state, out = self._begin(regs, innermost_is_caller, stack_bounds)
         # One snapshot for the whole walk: native and Python steps translate alike.
         arrays = translation.snapshot() if translation is not None else None
-        stub = translation.stub_address if translation is not None else None
         segments = []
         count = 0
         memory = None
         original = regs        # the caller's own dict serves a first Python step
         stored_pc = None       # raw slot value of the current frame after a Python step
+        last_slot = None       # ra_slot of the last frame produced
         while True:
             n, index = self._call(state, out, min(max_frames - count, len(out)), lo, hi, arrays)
             if n:
                 segments.append((ctypes.string_at(ctypes.addressof(out), n * _OUT.size),
-                                 count, index[2], stub))
+                                 count, index[2], arrays))
+                last_slot = ctypes.c_uint64.from_buffer_copy(
+                    out, (n - 1) * _OUT.size + OutFrame.ra_slot.offset).value
                 count += n
                 original = stored_pc = None
             reason = EndReason(state.end_reason)
@@ -558,9 +564,10 @@ class NativeWalker:
                 # Uncached: a failed read names the exact address, as in walk().
                 memory = ProcessMemory()
             frame, caller = self._python_step(state, original, reason, memory, count,
-                                              stored_pc, stub)
+                                              stored_pc, arrays, last_slot)
             segments.append(frame)
             count += 1
+            last_slot = frame.ra_slot
             original = stored_pc = None
             if frame.end_reason is not None:
                 return segments, False
@@ -579,7 +586,8 @@ class NativeWalker:
             if frame.module_ref is not None and id(frame.module_ref) not in self._index[3]:
                 self.refresh()    # a module the space found after our index was built
 
-    def _python_step(self, state, original, reason, memory, index, stored_pc, stub):
+    def _python_step(self, state, original, reason, memory, index, stored_pc, arrays,
+                     last_slot):
         """One frame by :func:`unwinder.step` from ``state``; returns ``(NativeFrame, caller)``."""
         if original is not None:
             regs = dict(original)
@@ -594,7 +602,8 @@ class NativeWalker:
             # walk() tests the CFA before the return address; step() cannot.
             end, caller = END_CFA_NOT_INCREASING, None
         if stored_pc is None and state.flags & STATE_TRANSLATED:
-            stored_pc = stub    # the native code translated this frame's pc
+            # the native code translated this frame's pc, read from last_slot
+            stored_pc = arrays.stored(last_slot) if arrays is not None else None
         with self._lock:
             self.fallbacks += 1
             self.fallback_reasons[reason.name] += 1

@@ -52,6 +52,7 @@ import unwinder
 from deopt.hijack import HijackTable
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, ExitState, TransferPlan, stub_module_ir)
+from deopt.sitestubs import ENTRY_OFFSET, SiteStubIndex, site_stubs_for, site_stubs_module_ir
 from deopt.transfer import return_through_stub
 from osrjit import abi, stackscan
 from osrjit.errors import HijackError, RuntimeBusy
@@ -183,6 +184,25 @@ class EmulatedPause:
         self.threads = sum(1 for t in b.machine.threads if not done(t))
 
 
+class _EmulatedStubs:
+    """The per-site stubs of one emulated version: ``obj`` (their
+    :class:`~osrjit.emulated.loader.LoadedObject`) and ``pairs`` ``[(return
+    address, stub address)]``. Lifetime: until :meth:`release`, when the
+    version is freed or discarded."""
+
+    def __init__(self, backend, obj, pairs):
+        self.obj, self.pairs = obj, pairs
+        self._backend = backend
+        backend.site_stubs.add(pairs)
+
+    def release(self):
+        """Forget the stubs, then unmap them. Idempotent."""
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.site_stubs.remove(self.pairs)
+            backend.machine.unload_object(self.obj)
+
+
 class EmulatedBackend:
     """Runs versions on an emulated CPU (see the module docstring).
 
@@ -236,7 +256,9 @@ class EmulatedBackend:
         text = self._stub.load_addresses[".text"]
         self._stub_range = next((lo, hi) for lo, hi in self._stub.ranges if lo == text)
         self._status_cell = m.alloc_cell(8)
-        self.table = HijackTable(self.stub_address)
+        #: Every loaded version's per-site stubs (see :meth:`link`).
+        self.site_stubs = SiteStubIndex()
+        self.table = HijackTable(self.stub_address, self.site_stubs)
         m.space.add_return_address_filter(self.table.translate)
         self._buffers: dict[int, tuple[int, int, int]] = {}   # thread id -> plan, state, slots
         self._watches: dict = {}                              # old version -> code hook
@@ -301,9 +323,34 @@ class EmulatedBackend:
         return None                   # the program allocates the slot cell when it loads
 
     def link(self, irs, cells):
-        return self.program.load(irs, publish=False)
+        versions = self.program.load(irs, publish=False)
+        try:
+            for v in versions:
+                v.stubs = self._load_site_stubs(v)
+        except BaseException:
+            for v in versions:
+                self.discard(v)
+            raise
+        return versions
+
+    def _load_site_stubs(self, version):
+        """The per-site stubs of ``version`` (:mod:`deopt.sitestubs`), loaded
+        like any object and registered with the machine's unwinder; None if
+        it has no site."""
+        stubs = site_stubs_for(version.frame_maps, self.machine.space)
+        if not stubs:
+            return None
+        tm = self.program.tm
+        data = tm.emit_object(llvm.parse_assembly(
+            site_stubs_module_ir(tm.triple, stubs, self.stub_address)))
+        obj = self.machine.load_object(data, name=f"osrjit.site.{version.name}.v{version.id}",
+                                       export=False)
+        return _EmulatedStubs(self, obj, [(s.return_address, obj.symbol(s.symbol) + ENTRY_OFFSET)
+                                          for s in stubs])
 
     def discard(self, version):
+        if version.stubs is not None:
+            version.stubs.release()
         self.program.forget(version)
 
     def publish(self, versions):
@@ -322,6 +369,8 @@ class EmulatedBackend:
         hook = self._watches.pop(version, None)
         if hook is not None:
             self.machine.uc.hook_del(hook)
+        if version.stubs is not None:
+            version.stubs.release()
         self.program.forget(version)
         self.machine.uc.ctl_remove_cache(*version.code_range)
         self.freed.append(version)

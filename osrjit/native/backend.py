@@ -395,6 +395,7 @@ class NativeBackend:
                                    labels={ir.symbol: label,
                                            ir.resume_symbol: f"{label}.resume"})
         vid = self._next_id()
+        stubs = None
         try:
             image = ObjectImage(obj, library.load_addresses, name=f"{ir.name} v{vid}")
             code_range = image.code_range
@@ -403,17 +404,26 @@ class NativeBackend:
             table = _fm.frame_maps_for_object(image, ir.sites, function=ir.name, version=vid)
             self.call_sites.add(vid, obj, library.load_addresses, patching.callee_symbols(ir))
             handle = library.register(self.space, obj, f"{ir.name}.v{vid}")
+            # What hijacked slots of its frames will hold: stubs carrying its rows.
+            stubs = self.deopt.link_site_stubs(table, f"osrjit.site.{ir.name}.v{vid}")
             if self.walker == "native":
-                # Its unwind table now, not in the pause of the first
+                # Its unwind tables now, not in the pause of the first
                 # stop-the-world that meets its frames.
-                self.scanner.walker().prepare([handle])
+                handles = [handle]
+                if stubs is not None:
+                    handles.append(stubs.library.registration[1])
+                self.scanner.walker().prepare(handles)
         except BaseException:
             if vid in self.call_sites:
                 self.call_sites.remove(vid)
+            if stubs is not None:
+                stubs.release()
             library.release()
             raise
-        return Version(vid, ir, obj, library.load_addresses, library[ir.symbol],
-                       library[ir.resume_symbol], code_range, table, library)
+        version = Version(vid, ir, obj, library.load_addresses, library[ir.symbol],
+                          library[ir.resume_symbol], code_range, table, library)
+        version.stubs = stubs
+        return version
 
     def _next_id(self) -> int:
         return next(self._ids)
@@ -434,7 +444,11 @@ class NativeBackend:
             self.deopt.native.forget(version)
         if version.id in self.call_sites:
             self.call_sites.remove(version.id)
-        version.library.release()
+        try:
+            if version.stubs is not None:
+                version.stubs.release()
+        finally:
+            version.library.release()
 
     def can_free(self, version: Version) -> bool:
         if self.call_sites.sites_reaching(*version.code_range):

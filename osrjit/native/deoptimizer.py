@@ -35,6 +35,7 @@ import unwinder
 from deopt import native_transfer as ntx
 from deopt import plan as frame_plan
 from deopt.hijack import HijackTable
+from deopt.sitestubs import ENTRY_OFFSET, SiteStubIndex, site_stubs_for, site_stubs_module_ir
 from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, TRANSFER_FUNCTION_TYPE, TransferPlan,
                         stub_module_ir)
@@ -94,9 +95,31 @@ class NativeDeopt:
             register="osrjit.deopt-stub", space=space)
         self.stub_address = self.library[STUB_SYMBOL]
         self.return_address = self.library[RETURN_SYMBOL]
-        self.table = HijackTable(self.stub_address)
+        #: Every loaded version's per-site stubs (:meth:`link_site_stubs`).
+        self.site_stubs = SiteStubIndex()
+        self._linker = linker
+        #: The ``[start, end)`` stub address range of each :class:`VersionStubs`.
+        self.stub_ranges = set()
+        self.table = HijackTable(self.stub_address, self.site_stubs)
         space.add_return_address_filter(self.table.translate)
         self.memory = unwinder.ProcessMemory()
+
+    def link_site_stubs(self, frame_maps, name):
+        """Link the per-site stubs (:mod:`deopt.sitestubs`) of a version
+        whose frame maps are ``frame_maps`` (its code registered with the
+        unwinder already: the rows come from there) as a library ``name``,
+        registered with the unwinder. Returns their :class:`VersionStubs`
+        (None: no frame map), which the version owns."""
+        stubs = site_stubs_for(frame_maps, self.space)
+        if not stubs:
+            return None
+        tm = self._linker.tm
+        obj = tm.emit_object(parse_module(site_stubs_module_ir(tm.triple, stubs,
+                                                               self.stub_address)))
+        library = self._linker.link(obj, name, exports=[s.symbol for s in stubs],
+                                    own_jit=True, register=name, space=self.space)
+        return VersionStubs(self, library, [(s.return_address, library[s.symbol] + ENTRY_OFFSET)
+                                            for s in stubs])
 
     @property
     def callback_address(self):
@@ -162,6 +185,41 @@ class NativeDeopt:
         plan.status_ptr = status or ctypes.addressof(self._dummy_status)
         self._on_transferred(out.record, out.ok, None if out.ok else out.error)
         return ctypes.addressof(plan)
+
+
+class VersionStubs:
+    """The per-site stubs of one version: ``library`` (their code, registered
+    with the unwinder) and ``pairs`` ``[(return address, stub address)]``
+    (absolute). Lifetime: from :meth:`NativeDeopt.link_site_stubs` until
+    :meth:`release`, which the version's unloading calls once no slot holds
+    one of them (no pending return into the version)."""
+
+    def __init__(self, deopt, library, pairs):
+        self.library = library
+        self.pairs = pairs
+        self._deopt = deopt
+        addresses = [stub for _, stub in pairs]
+        #: ``[start, end)``: every stub address of the version lies in it.
+        self.range = (min(addresses), max(addresses) + 1)
+        deopt.site_stubs.add(pairs)
+        deopt.stub_ranges.add(self.range)
+        mirror = deopt.table.mirror
+        if mirror is not None:
+            mirror.add_stub_range(*self.range)
+
+    def release(self):
+        """Forget the stubs, then unmap them. Idempotent."""
+        if self.library.released:
+            return
+        deopt = self._deopt
+        try:
+            deopt.site_stubs.remove(self.pairs)
+            deopt.stub_ranges.discard(self.range)
+            mirror = deopt.table.mirror
+            if mirror is not None:
+                mirror.remove_stub_range(*self.range)
+        finally:
+            self.library.release()
 
 
 def _store_u64(address, value):

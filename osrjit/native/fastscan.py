@@ -106,10 +106,13 @@ class WatchTables:
     ``hijack[k]`` (1: the version is being replaced, its frames there are to
     be hijacked; 0: an old version, frames there are only counted);
     ``ranges``: the watched versions' ``.text`` ``[start, end)`` pairs, sorted,
-    with ``range_versions[r]``. The ctypes arrays live as long as this object.
+    with ``range_versions[r]``; ``stub_array[k]``: what a hijacked slot of
+    key ``k`` gets, ``stub_for(keys[k])`` (absolute; see
+    :meth:`deopt.hijack.HijackTable.stub_for`). The ctypes arrays live as
+    long as this object.
     """
 
-    def __init__(self, versions, replaced, is_old):
+    def __init__(self, versions, replaced, is_old, stub_for):
         keys, watched = [], []
         for v in versions:
             is_replaced = v.name in replaced
@@ -126,6 +129,7 @@ class WatchTables:
         nk, nr = len(keys), len(watched)
         self.key_array = (ctypes.c_uint64 * max(nk, 1))(*self.keys)
         self.hijack_array = (ctypes.c_uint64 * max(nk, 1))(*self.hijack)
+        self.stub_array = (ctypes.c_uint64 * max(nk, 1))(*map(stub_for, self.keys))
         flat = [a for v in watched for a in v.code_range]
         self.range_array = (ctypes.c_uint64 * max(2 * nr, 2))(*flat)
         # Output counters, reused by each thread's plan (zeroed before it).
@@ -430,6 +434,7 @@ class SelfScan:
         self._counts = self._range_counts = None
         self.pending_lifo = None
         self._descriptors = None
+        self._stubs = None
         a = self.block.args
         a.state, a.out, a.out_cap = ctypes.addressof(self._state), ctypes.addressof(self._out), \
             self.FRAMES
@@ -476,11 +481,12 @@ class SelfScan:
         found.self_scan = self
         return _scan_answer(found, b.args.end_reason), found
 
-    def leave_apply(self, stub, descriptors=None, lifo=None, lifo_entries=0, lifo_top=0):
+    def leave_apply(self, stubs, descriptors=None, lifo=None, lifo_entries=0, lifo_top=0):
         """Leave the writing of the hijacks this thread planned to the thread
         itself as it wakes (or to the next stopper), world stopped:
-        ``stub`` into every planned slot, then, with ``lifo_entries`` (an
-        absolute address :meth:`deopt.native_transfer.ThreadLifo.reserve`
+        ``stubs[kind]`` into every planned slot (``stubs``: a
+        :attr:`WatchTables.stub_array`, kept here until the next apply),
+        then, with ``lifo_entries`` (an absolute address :meth:`deopt.native_transfer.ThreadLifo.reserve`
         gave, 0: none), LIFO entries there by ``descriptors`` (the per-kind
         ``array('Q')``, kept here until the next apply: the thread reads it
         after the world is released) and ``lifo_top`` into ``lifo`` 's
@@ -488,7 +494,8 @@ class SelfScan:
         APPLIED."""
         b = self.block
         self._descriptors = descriptors
-        b.stub = stub
+        self._stubs = stubs
+        b.stubs = ctypes.addressof(stubs)
         b.descriptors = descriptors.buffer_info()[0] if descriptors is not None else 0
         b.lifo_entries = lifo_entries
         b.lifo_block = lifo.address if lifo is not None and lifo_entries else 0

@@ -52,8 +52,8 @@ class Hijacker:
             scan.settle()
 
     def hijack(self, plan, context=None):
-        """Write the stub into every slot of ``plan`` (world stopped) and
-        record the pending returns (hijack table, counts, native LIFOs);
+        """Write its site's stub (:mod:`deopt.sitestubs`) into every slot of
+        ``plan`` (world stopped) and record the pending returns (hijack table, counts, native LIFOs);
         ``context``: the scan's (:meth:`Scanner.context`), if any. Returns the
         natively hijacked batches, whose records :meth:`record_batches` makes
         (it must be called, also on error: the table's lock is held until then)."""
@@ -75,7 +75,6 @@ class Hijacker:
         if not batches:
             return []
         hijacker = self.scanner.native()
-        stub = self.deopt.stub_address
         descriptors_of = {}               # id(meta) -> descriptor per kind
         if context is not None and context.descriptors is not None:
             descriptors_of[id(context.tables.meta)] = context.descriptors
@@ -92,7 +91,7 @@ class Hijacker:
         own = [h for h in batches if h.self_scan is not None]
         here = [h for h in batches if h.self_scan is None]
         for h in here:
-            bad = hijacker.apply(h.slots, h.ras, h.m, stub, 0)
+            bad = hijacker.apply(h.slots, h.ras, h.kinds, h.m, h.tables.stub_array, 0)
             if bad:
                 raise HijackError(f"slot {h.slots[bad - 1]:#x} of thread {h.thread} no longer "
                                   f"holds the return address {h.ras[bad - 1]:#x}, or the "
@@ -104,8 +103,9 @@ class Hijacker:
         done = []                         # written, or left to write: to record
         try:
             for h in own:
+                stubs = h.tables.stub_array
                 if ntx_path is None:
-                    h.self_scan.leave_apply(stub)
+                    h.self_scan.leave_apply(stubs)
                     done.append(h)
                     continue
                 descriptors = descriptors_for(h)
@@ -117,11 +117,11 @@ class Hijacker:
                     continue
                 ntx_path.unsupported += h.m - expected
                 if room is None:
-                    h.self_scan.leave_apply(stub)
+                    h.self_scan.leave_apply(stubs)
                 else:
                     lifo, address, top = room
                     try:
-                        h.self_scan.leave_apply(stub, descriptors, lifo, address, top)
+                        h.self_scan.leave_apply(stubs, descriptors, lifo, address, top)
                     except BaseException:
                         lifo.unreserve()
                         raise
@@ -129,7 +129,7 @@ class Hijacker:
             self.last_left = [(h.thread, h.self_scan) for h in done]
             self.self_applies_left += len(done)
             for h in here:
-                hijacker.apply(h.slots, h.ras, h.m, stub, 1)
+                hijacker.apply(h.slots, h.ras, h.kinds, h.m, h.tables.stub_array, 1)
                 done.append(h)
                 if ntx_path is not None:
                     d = descriptors_for(h).buffer_info()[0]

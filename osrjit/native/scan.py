@@ -100,7 +100,8 @@ class Scanner:
         versions = [v for fn in self.functions for v in fn.versions]
         translation = self.translation_mirror()
         translation.snapshot()            # built now; again in the pause only if it changed
-        tables = fastscan.WatchTables(versions, names, self.functions.is_old)
+        tables = fastscan.WatchTables(versions, names, self.functions.is_old,
+                                      self.deopt.table.stub_for)
         ntx_path = self.deopt.native
         self.buffers.reset()        # the previous scan's arrays are no longer used
         walker, hijacker = self.walker(), self.native()
@@ -367,8 +368,12 @@ class Scanner:
         table, for the native walker (installed before the first hijack)."""
         table = self.deopt.table
         if table.mirror is None:
-            table.mirror = unwinder.ReturnAddressTable(
-                self.deopt.stub_address, {r.slot: r.original_ra for r in table.records()})
+            mirror = unwinder.ReturnAddressTable(
+                self.deopt.stub_address, {r.slot: r.original_ra for r in table.records()},
+                stub_of=self.deopt.site_stubs.stub_of)
+            for start, end in list(self.deopt.stub_ranges):
+                mirror.add_stub_range(start, end)
+            table.mirror = mirror
         table.flush_mirror()
         return table.mirror
 

@@ -4,7 +4,7 @@
 ; and LIFO functions declared here are defined there).
 
 declare i64 @${SCAN_SYMBOL}(ptr) nounwind
-declare i64 @${APPLY_SYMBOL}(ptr, ptr, i64, i64, i64) nounwind
+declare i64 @${APPLY_SYMBOL}(ptr, ptr, ptr, i64, ptr, i64) nounwind
 declare i64 @${LIFO_SYMBOL}(ptr, ptr, ptr, ptr, i64, ptr) nounwind
 declare i32 @clock_gettime(i32, ptr)
 
@@ -49,9 +49,9 @@ go:
   %ok = load ptr, ptr %ok.p
   %m.p = getelementptr %Handshake, ptr %hs, i32 0, i32 ${Handshake.args}, i32 ${ScanArgs.m}
   %m = load i64, ptr %m.p
-  %stub.p = getelementptr %Handshake, ptr %hs, i32 0, i32 ${Handshake.stub}
-  %stub = load i64, ptr %stub.p
-  %w0 = call i64 @${APPLY_SYMBOL}(ptr %os, ptr %or, i64 %m, i64 %stub, i64 ${APPLY_WRITE})
+  %stubs.p = getelementptr %Handshake, ptr %hs, i32 0, i32 ${Handshake.stubs}
+  %stubs = load ptr, ptr %stubs.p
+  %w0 = call i64 @${APPLY_SYMBOL}(ptr %os, ptr %or, ptr %ok, i64 %m, ptr %stubs, i64 ${APPLY_WRITE})
   %dest.p = getelementptr %Handshake, ptr %hs, i32 0, i32 ${Handshake.lifo_entries}
   %dest = load ptr, ptr %dest.p
   %hasdest = icmp ne ptr %dest, null

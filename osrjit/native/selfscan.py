@@ -97,14 +97,15 @@ class Handshake(ctypes.Structure):
     ``state`` (``HS_*``); ``status``: ``osrjit_hj_scan``'s, once SCANNED;
     ``args``: the :class:`deopt.native_hijack.ScanArgs` it scans with (its
     ``slots`` / ``ras`` / ``kinds`` / ``m`` are what ``osrjit_hj_park_apply``
-    writes); for the apply: ``stub``, ``descriptors`` (per kind, as
+    writes); for the apply: ``stubs`` (per kind: what its slots get, as
+    ``osrjit_hj_apply``), ``descriptors`` (per kind, as
     ``osrjit_hj_lifo``), ``lifo_entries`` (where its LIFO entries go, 0:
     none), ``lifo_block`` (the :class:`deopt.native_transfer.ThreadBlock`
     whose ``top`` becomes ``lifo_top`` after them); out: ``written``
     entries, ``apply_start_ns`` / ``apply_end_ns`` (CLOCK_MONOTONIC) around
     the apply."""
     _fields_ = [("state", ctypes.c_int64), ("status", ctypes.c_int64), ("args", ScanArgs),
-                ("stub", ctypes.c_uint64), ("descriptors", ctypes.c_uint64),
+                ("stubs", ctypes.c_uint64), ("descriptors", ctypes.c_uint64),
                 ("lifo_entries", ctypes.c_uint64), ("lifo_block", ctypes.c_uint64),
                 ("lifo_top", ctypes.c_int64), ("written", ctypes.c_int64),
                 ("apply_start_ns", ctypes.c_int64), ("apply_end_ns", ctypes.c_int64)]

@@ -3,4 +3,5 @@ import sys
 
 from .suite import main
 
-sys.exit(main(prog="python -m osrjit.bench"))
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m osrjit.bench"))

@@ -203,7 +203,8 @@ class NativePause:
         if batches:
             native = backend.scanner.native()
             for h in batches:
-                bad = native.apply(h.slots, h.ras, h.m, backend.deopt.stub_address, APPLY_CHECK)
+                bad = native.apply(h.slots, h.ras, h.kinds, h.m, h.tables.stub_array,
+                                   APPLY_CHECK)
                 if bad:
                     raise HijackError(f"slot {h.slots[bad - 1]:#x} of thread {h.thread} no "
                                       f"longer holds the return address {h.ras[bad - 1]:#x}, "

@@ -30,7 +30,27 @@ from typing import Protocol
 from .abi import FunctionIR
 from .versions import Function, Version
 
-__all__ = ["Backend", "Pause", "Scan", "PauseReport"]
+__all__ = ["Backend", "Pause", "Scan", "PauseReport", "FAST", "REFERENCE", "PATHS",
+           "PATH_ALIASES", "path_option"]
+
+#: The two implementations of a runtime path (``Runtime(transfer=...)``,
+#: ``Runtime(walker=...)``), named for their role: the fast one (native code,
+#: the default) and the reference one (Python, what the fast one is checked against).
+FAST = "fast"
+REFERENCE = "reference"
+PATHS = (FAST, REFERENCE)
+#: Earlier spellings, still accepted: the language each path is written in.
+PATH_ALIASES = {"native": FAST, "python": REFERENCE}
+
+
+def path_option(option: str, value: str) -> str:
+    """The role name (:data:`FAST` or :data:`REFERENCE`) for ``option``'s
+    ``value``, which may be an alias (:data:`PATH_ALIASES`); ValueError else."""
+    role = PATH_ALIASES.get(value, value)
+    if role not in PATHS:
+        raise ValueError(f"{option} must be one of {PATHS} (or the aliases "
+                         f"{tuple(PATH_ALIASES)}), got {value!r}")
+    return role
 
 
 class Scan(Protocol):
@@ -86,6 +106,9 @@ class Pause(Protocol):
 class Backend(Protocol):
     #: ``"native"`` or ``"emulated"``.
     name: str
+    #: How frames are rebuilt and stacks walked: :data:`FAST` or :data:`REFERENCE`.
+    transfer: str
+    walker: str
     #: The hijack table (:class:`deopt.hijack.HijackTable`): every pending return.
     table: object
     #: The user's bit of the safepoint flag (0 or 1), :attr:`osrjit.Runtime.safepoint_flag`.

@@ -161,13 +161,15 @@ class Runtime:
 
     @property
     def transfer(self) -> str:
-        """How hijacked frames are rebuilt: ``"python"`` or ``"native"``."""
-        return getattr(self._backend, "transfer", "python")
+        """How hijacked frames are rebuilt: ``"fast"`` (native code, the
+        native backend's default) or ``"reference"`` (Python)."""
+        return self._backend.transfer
 
     @property
     def walker(self) -> str:
-        """How stopped stacks are walked: ``"python"`` or ``"native"``."""
-        return getattr(self._backend, "walker", "python")
+        """How stopped stacks are walked: ``"fast"`` (native code, the native
+        backend's default) or ``"reference"`` (Python)."""
+        return self._backend.walker
 
     @property
     def compiler(self) -> str:
@@ -178,7 +180,7 @@ class Runtime:
         """``[(thread ident, seconds)]``: how long each thread that wrote its
         own hijacks after the last :meth:`replace` took to write them (stubs,
         LIFO entries; measured by the thread, CLOCK_MONOTONIC), once it woke
-        (``walker="native"``; empty otherwise). A thread does that before it
+        (``walker="fast"``; empty otherwise). A thread does that before it
         runs JIT code again, so for it the world stood still that much longer
         than ``last_pause.pause_seconds``. Waits up to ``timeout`` seconds
         for threads not done yet (None for those). Valid until the next

@@ -46,9 +46,12 @@ def test_runtime_backend_emulated_is_an_emulated_runtime():
         Runtime(backend="gpu")
     with pytest.raises(ValueError, match="calls='slot' only"):
         Runtime(backend="emulated", calls="direct")
-    with pytest.raises(ValueError, match="transfer='python' only"):
+    with pytest.raises(ValueError, match="transfer='reference' only"):
+        Runtime(backend="emulated", transfer="fast")
+    with pytest.raises(ValueError, match="transfer='reference' only"):
         Runtime(backend="emulated", transfer="native")
-    assert isinstance(Runtime(backend="emulated", walker="python"), EmulatedRuntime)
+    rt = Runtime(backend="emulated", walker="python")
+    assert isinstance(rt, EmulatedRuntime) and (rt.transfer, rt.walker) == ("reference",) * 2
 
 
 def test_replace_mid_recursion_transfers_every_frame_and_frees_v1():

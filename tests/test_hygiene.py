@@ -30,8 +30,8 @@ import pytest
 from childproc import run_child
 from scenarios_native import PAUSE
 
-#: (transfer, walker): the reference path, and everything native.
-PATHS = [("python", "python"), ("native", "native")]
+#: (transfer, walker): the defaults (the fast paths), and the reference paths.
+PATHS = [("fast", "fast"), ("reference", "reference")]
 #: Runtime cycles in CI (more than the 1,024 pthread keys of a process; one
 #: pair of cycles in CI_REPLACE_EVERY replaces, to stay near a minute) and
 #: under -m slow (every cycle replaces).

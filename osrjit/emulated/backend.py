@@ -53,6 +53,7 @@ from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
                         TRANSFER_CELL_SYMBOL, ExitState, TransferPlan, stub_module_ir)
 from deopt.transfer import return_through_stub
 from osrjit import abi, stackscan
+from osrjit.backend import REFERENCE
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
 from .machine import Machine, Scheduler, ThreadState
@@ -181,6 +182,9 @@ class EmulatedBackend:
     """
 
     name = "emulated"
+    #: The paths (:data:`osrjit.backend.PATHS`): the transfer is a hypercall
+    #: running the reference one; stacks are walked by the reference walker.
+    transfer = walker = REFERENCE
     #: A transfer runs inside a hypercall: versions are freed between quanta.
     reclaim_in_transfer = False
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import unwinder
 
+from ..backend import REFERENCE, path_option
 from ..errors import EmulationError
 from ..runtime import Runtime
 from .backend import STUB_STEP, EmulatedBackend, EmulatedFunction, OldCodeFetch, done
@@ -36,11 +37,12 @@ class EmulatedRuntime(Runtime, backend="emulated"):
 
     def _make_backend(self, backend, options):
         # Native-only choices: the emulated backend has one transfer (a
-        # hypercall running the Python one), the reference walker and no LLJIT.
-        for option, only in (("transfer", "python"), ("walker", "python"),
-                             ("compiler", "inprocess")):
-            if options.pop(option, only) != only:
-                raise ValueError(f"the emulated backend supports {option}={only!r} only")
+        # hypercall running the reference one), the reference walker and no LLJIT.
+        for option in ("transfer", "walker"):
+            if path_option(option, options.pop(option, REFERENCE)) != REFERENCE:
+                raise ValueError(f"the emulated backend supports {option}={REFERENCE!r} only")
+        if options.pop("compiler", "inprocess") != "inprocess":
+            raise ValueError("the emulated backend supports compiler='inprocess' only")
         return EmulatedBackend(self, **options)
 
     def _check_open(self):

@@ -33,6 +33,7 @@ from deopt.framemaps import ObjectImage
 
 from .. import abi
 from ..abi import FunctionIR
+from ..backend import FAST, path_option
 from ..compiling import emit_object
 from ..errors import CompileError, FrameMapError, VersionInUse
 from ..versions import Function, FunctionTable, Version
@@ -46,9 +47,10 @@ from .scan import Scanner
 
 __all__ = ["NativeBackend", "TRANSFERS", "WALKERS", "COMPILERS"]
 
-#: ``Runtime(transfer=...)``, ``Runtime(walker=...)``, ``Runtime(compiler=...)`` choices.
-TRANSFERS = ("python", "native")
-WALKERS = ("python", "native")
+#: ``Runtime(transfer=...)``, ``Runtime(walker=...)``, ``Runtime(compiler=...)`` choices
+#: (``transfer`` and ``walker`` also take the aliases of :data:`osrjit.backend.PATH_ALIASES`).
+TRANSFERS = ("fast", "reference")
+WALKERS = ("fast", "reference")
 COMPILERS = ("inprocess", "worker")
 
 _HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
@@ -73,14 +75,16 @@ class NativeBackend:
     emit versions in a child process (:mod:`osrjit.native.compiler`), because
     llvmlite's pass pipeline leaks about 60 KB of native memory per compile
     in the process that runs it. ``walker``: how stopped stacks are walked
-    — ``"python"`` (:func:`unwinder.walk`, the reference) or ``"native"``
-    (:class:`unwinder.NativeWalker` and the native scan of
-    :mod:`osrjit.native.fastscan`; a walk that needed Python anywhere is redone by
-    the reference). ``transfer``: how a hijacked frame is rebuilt —
-    ``"python"`` (:func:`deopt.transfer.return_through_stub` called back
-    through ctypes) or ``"native"`` (:mod:`deopt.native_transfer`: code
-    generated per version, a per-thread LIFO of hijacks, no Python on the
-    path; a frame it cannot handle takes the Python transfer).
+    — ``"fast"`` (default: :class:`unwinder.NativeWalker` and the native scan
+    of :mod:`osrjit.native.fastscan`; a walk that needed Python anywhere is
+    redone by the reference) or ``"reference"`` (:func:`unwinder.walk`).
+    ``transfer``: how a hijacked frame is rebuilt — ``"fast"`` (default:
+    :mod:`deopt.native_transfer`: code generated per version, a per-thread
+    LIFO of hijacks, no Python on the path; a frame it cannot handle takes
+    the reference transfer) or ``"reference"``
+    (:func:`deopt.transfer.return_through_stub` called back through ctypes).
+    ``"native"`` and ``"python"`` are accepted as aliases of ``"fast"`` and
+    ``"reference"``; :attr:`transfer` and :attr:`walker` hold the role name.
 
     Lifetime: made and owned by its :class:`osrjit.Runtime`. Everything it
     takes from the process is released by :meth:`close`, newest first (also
@@ -101,14 +105,12 @@ class NativeBackend:
     #: A transfer may free its version at once (the runtime lock permitting).
     reclaim_in_transfer = True
 
-    def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = "python",
-                 walker: str = "python"):
+    def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = FAST,
+                 walker: str = FAST):
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
-        if transfer not in TRANSFERS:
-            raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
-        if walker not in WALKERS:
-            raise ValueError(f"walker must be one of {WALKERS}, got {walker!r}")
+        transfer = path_option("transfer", transfer)
+        walker = path_option("walker", walker)
         self.compiler, self.transfer, self.walker = compiler, transfer, walker
         self.opt_level = runtime.opt_level
         self.calls = runtime.calls
@@ -164,7 +166,7 @@ class NativeBackend:
         release(self.deopt.close)
         support.set_service("osrjit_py_transfer", self.deopt.callback_address)
         self.deopt.route_through(support.addresses["osrjit_transfer"])
-        if transfer == "native":
+        if transfer == FAST:
             self.deopt.native = NativeTransferPath(
                 self.linker, self.space, lambda ts: ts.status == threads.DETACHED)
             support.set_service("osrjit_native_transfer", self.deopt.native.dispatch_address)
@@ -302,7 +304,7 @@ class NativeBackend:
             table = _fm.frame_maps_for_object(image, ir.sites, function=ir.name, version=vid)
             self.call_sites.add(vid, obj, library.load_addresses, patching.callee_symbols(ir))
             handle = library.register(self.space, obj, f"{ir.name}.v{vid}")
-            if self.walker == "native":
+            if self.walker == FAST:
                 # Its unwind table now, not in the pause of the first
                 # stop-the-world that meets its frames.
                 self.scanner.walker().prepare([handle])
@@ -432,7 +434,7 @@ class NativeBackend:
         (stub returns whose slot was not in the LIFO), ``native_handed``
         (records whose frame has no target in the current version: the
         Python transfer reports the failure); threads that did their own
-        part (``walker="native"``, see :class:`osrjit.native.fastscan.SelfScan`):
+        part (``walker="fast"``, see :class:`osrjit.native.fastscan.SelfScan`):
         ``self_scans``, ``self_applies``, ``self_applies_by_stopper``."""
         ntx = self.deopt.native
         native = ({"lifo_searches": 0, "lifo_misses": 0, "handed_to_python": 0}

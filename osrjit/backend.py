@@ -80,6 +80,10 @@ class Pause(Protocol):
     def stop(self, timeout: float | None) -> None:
         """Stop every other thread running JIT code (SafepointTimeout: nothing changed)."""
 
+    def try_stop(self) -> bool:
+        """Stop the world only if no other thread runs JIT code (nobody is
+        interrupted or waited for); False — nothing to release — otherwise."""
+
     def abandon(self) -> None:
         """Undo what :meth:`Backend.pause` prepared, when :meth:`stop` failed."""
 
@@ -115,6 +119,10 @@ class Backend(Protocol):
     user_flag: int
     #: Seconds a pause waits for threads to stop.
     safepoint_timeout: float
+    #: Whether the runtime may recheck kept versions from a background
+    #: thread (:mod:`osrjit.reclaim`; native), or only from the thread
+    #: driving it (emulated).
+    background_reclaim: bool
     #: Whether a transfer may free its old version at once (native), or asks
     #: for a reclaim later (:meth:`request_reclaim`, emulated: between quanta).
     reclaim_in_transfer: bool

@@ -142,6 +142,11 @@ class EmulatedPause:
     def stop(self, timeout):
         self.stopped_async = self._backend.stop_world(self._replaced)
 
+    def try_stop(self):
+        # Between runs nothing executes; "no thread runs JIT code" means
+        # every emulated thread has finished.
+        return all(done(t) for t in self._backend.machine.threads)
+
     def abandon(self):
         self._backend.release_world()
 
@@ -187,6 +192,8 @@ class EmulatedBackend:
     transfer = walker = REFERENCE
     #: A transfer runs inside a hypercall: versions are freed between quanta.
     reclaim_in_transfer = False
+    #: One Python thread drives the machine: no background rechecks.
+    background_reclaim = False
 
     def __init__(self, runtime, *, seed: int = 0, quantum: tuple[int, int] = (1, 100),
                  grace: int = 10_000, roll_limit: int = 100_000,

@@ -104,6 +104,8 @@ class NativeBackend:
     name = "native"
     #: A transfer may free its version at once (the runtime lock permitting).
     reclaim_in_transfer = True
+    #: Kept versions are rechecked by a background thread too.
+    background_reclaim = True
 
     def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = FAST,
                  walker: str = FAST):
@@ -230,7 +232,7 @@ class NativeBackend:
         self.world.timeout = float(seconds)
 
     def entry(self, fn: Function) -> JitFunction:
-        return JitFunction(self, fn)
+        return JitFunction(self, fn, self._runtime()._reclaimer)
 
     # -- loading ---------------------------------------------------------------------
 

@@ -28,8 +28,9 @@ class JitFunction:
     version, and marks it "outside" again. Valid while its runtime is open.
     """
 
-    def __init__(self, backend, fn: Function):
+    def __init__(self, backend, fn: Function, reclaimer=None):
         self._services = backend._services
+        self._reclaimer = reclaimer
         self._backend = backend
         self._fn = fn
         if fn.return_type not in RESTYPES:
@@ -67,6 +68,9 @@ class JitFunction:
             result = self._thunk(self._slot_address, *args)
         finally:
             exc = self._services.leave(outer)
+        reclaimer = self._reclaimer
+        if reclaimer is not None and reclaimer.wanted:
+            reclaimer.wake()             # an old version waits: this thread left JIT code
         if exc is not None:
             raise exc
         return result

@@ -716,6 +716,21 @@ class World:
         self.last_time_to_safepoint = time.perf_counter() - start
         return others
 
+    def try_stop(self):
+        """Stop the world only if every other thread is already out of JIT
+        code or parked: ``[(ident, state, name)]`` of the other threads, or
+        None (STOP cleared again: a thread entering JIT code meanwhile waited
+        a moment, nobody was signalled or waited for). Not counted in
+        :attr:`stops`. The caller must :meth:`release` after a success."""
+        me = threading.get_ident()
+        load = self.support.load_status
+        self.support.set_flag(FLAG_STOP)
+        others = [t for t in self.registry.snapshot() if t[0] != me]
+        if any(load(ctypes.addressof(st)) not in STOPPED for _, st, _ in others):
+            self.release()
+            return None
+        return others
+
     def release(self):
         """Clear STOP and wake every parked thread."""
         self.support.clear_flag(FLAG_STOP)

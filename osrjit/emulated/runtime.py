@@ -104,7 +104,8 @@ class EmulatedRuntime(Runtime, backend="emulated"):
         none is left (True) or ``max_instructions`` more were executed (False).
 
         Old versions that transfers left without frames are freed as soon as
-        their last pending return is taken.
+        their last pending return is taken; those a thread was executing,
+        once every thread has finished (see :mod:`osrjit.reclaim`).
         """
         self._check_open()
         b = self._backend
@@ -123,6 +124,7 @@ class EmulatedRuntime(Runtime, backend="emulated"):
                 self._reclaim()
             b.check_fetches()
             if finished:
+                self._reclaim_pass(stop=False)
                 return True
             if budget is not None and budget <= 0:
                 return False

@@ -87,8 +87,8 @@ class Reclaimer:
         self._wake.set()
 
     def close(self) -> None:
-        """Stop the thread and wait for it (idempotent; it never waits for
-        the runtime lock after this, so the caller may hold it)."""
+        """Stop the thread and wait for it (idempotent). The caller may hold
+        the runtime lock: a thread waiting for it gives up within 0.05 s."""
         with self._lock:
             self._closed = True
             self.wanted = False
@@ -101,6 +101,8 @@ class Reclaimer:
         while not self._closed:
             woken = self._wake.wait(self.interval)
             self._wake.clear()
+            if self._closed:
+                return
             with self._lock:
                 self._again = False
             if not self._pass(stop=not woken):

@@ -146,12 +146,12 @@ class Runtime:
         (``stats()["pending_returns"] == 0``): their code and stubs would go
         (:class:`VersionInUse`, and nothing is released).
         """
-        self._reclaimer.close()
         with self._lock:
             if self._closed:
                 return
             self._backend.close()
             self._closed = True
+            self._reclaimer.close()
             for v in self._functions.all_versions():
                 v.loaded = False
 
@@ -481,6 +481,10 @@ class Runtime:
             v.pending_returns or v.executing
             for v in self._functions.old_versions() if not v.pinned)
 
+    def _may_recheck(self) -> bool:
+        """Whether this thread may free versions now (not from inside emulated code)."""
+        return True
+
     def _recheck_later(self):
         if self._reclaim_wanted():
             self._reclaimer.want()
@@ -620,7 +624,7 @@ class Runtime:
         thread runs JIT code. So the counts are exact when no other thread
         runs JIT code."""
         with self._lock:
-            if self._closed:
+            if self._closed or not self._may_recheck():
                 self._backend.before_reclaim()
             elif self._reclaim_pass(stop=False):
                 self._reclaimer.want()

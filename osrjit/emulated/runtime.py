@@ -45,6 +45,11 @@ class EmulatedRuntime(Runtime, backend="emulated"):
             raise ValueError("the emulated backend supports compiler='inprocess' only")
         return EmulatedBackend(self, **options)
 
+    def _may_recheck(self):
+        # A service called by emulated code reads stats(): free nothing
+        # under the CPU's feet (the machine's run() rechecks between quanta).
+        return self._backend.machine.current_thread is None
+
     def _check_open(self):
         super()._check_open()
         if self._backend.machine.current_thread is not None:

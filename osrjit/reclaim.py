@@ -49,7 +49,9 @@ class Reclaimer:
 
     ``interval``: seconds between background passes (None: no thread; the
     other rechecks still happen). :attr:`wanted` is read without a lock by
-    every return from JIT code to Python (one attribute load).
+    every return from JIT code to Python (one attribute load): it is set
+    only while a version is kept by an *executing* frame, the case a thread
+    leaving JIT code may end (pending returns are accounted at the ticks).
     """
 
     def __init__(self, runtime, interval: float | None = DEFAULT_INTERVAL):
@@ -57,7 +59,7 @@ class Reclaimer:
             raise ValueError(f"reclaim_interval must be positive seconds or None, got {interval!r}")
         self.interval = interval
         self.stop_timeout = STOP_TIMEOUT
-        #: Some version is kept and the thread is (about to be) running.
+        #: A version is kept by an executing frame: returns to Python wake the thread.
         self.wanted = False
         #: Passes the thread ran.
         self.passes = 0
@@ -70,12 +72,13 @@ class Reclaimer:
         self._again = False
         self._closed = False
 
-    def want(self) -> None:
-        """An old version is kept: make sure a pass comes (any thread)."""
+    def want(self, executing: bool = False) -> None:
+        """An old version is kept (``executing``: by a frame executing it):
+        make sure a pass comes (any thread)."""
         with self._lock:
             if self._closed or self.interval is None:
                 return
-            self.wanted = True
+            self.wanted = executing
             self._again = True
             if self._thread is None or not self._thread.is_alive():   # none yet, or forked
                 self._thread = threading.Thread(target=self._run, name="osrjit-reclaim",
@@ -130,7 +133,9 @@ class Reclaimer:
                 return False
             self.passes += 1
             try:
-                return rt._reclaim_pass(stop=stop, timeout=self.stop_timeout)
+                still = rt._reclaim_pass(stop=stop, timeout=self.stop_timeout)
+                self.wanted = still and rt._kept_executing()
+                return still
             except Exception as e:  # noqa: BLE001 - kept for inspection; the next pass retries
                 self.last_error = e
                 return True

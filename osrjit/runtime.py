@@ -487,7 +487,10 @@ class Runtime:
 
     def _recheck_later(self):
         if self._reclaim_wanted():
-            self._reclaimer.want()
+            self._reclaimer.want(self._kept_executing())
+
+    def _kept_executing(self) -> bool:
+        return any(v.executing for v in self._functions.old_versions() if not v.pinned)
 
     def _reclaim_pass(self, *, stop: bool, timeout: float | None = None) -> bool:
         """A recheck (runtime lock held): account transfers, free what is
@@ -499,7 +502,7 @@ class Runtime:
         if self._closed:
             return False
         self._reclaim()
-        if any(v.executing for v in self._functions.old_versions() if not v.pinned):
+        if self._kept_executing():
             if not self._rescan(stop=False) and stop:
                 try:
                     self._rescan(stop=True, timeout=timeout)
@@ -627,7 +630,7 @@ class Runtime:
             if self._closed or not self._may_recheck():
                 self._backend.before_reclaim()
             elif self._reclaim_pass(stop=False):
-                self._reclaimer.want()
+                self._reclaimer.want(self._kept_executing())
             fns = list(self._functions)
             out = {
                 "live_versions": {fn.name: len(fn.versions) for fn in fns},

@@ -45,6 +45,16 @@ def spin(k):
         i = i + 1
     return 0
 """
+#: What the hook returns to end drive's loop.
+DONE = 1 << 40
+# Lap after lap of deep, until the hook at the bottom returns DONE.
+DRIVE = """
+def drive(n, k):
+    r = 0
+    while r < 1099511627776:
+        r = deep(n, k)
+    return r
+"""
 # At the bottom: hook(1) says "here" (and, for the glibc figure, walks), then spin.
 DEEP = """
 def deep(n, k):
@@ -100,12 +110,11 @@ def measure(n_threads, depth, rounds, walker="fast", transfer="fast", mode="fres
     """
     import osrjit
     with osrjit.Runtime(walker=walker, transfer=transfer) as rt:
-        rt.compile(SPIN + DEEP.format(step=1))
+        rt.compile(SPIN + DEEP.format(step=1) + DRIVE)
         rt.on_hook(lambda x: 0)
         glibc = glibc_walk_seconds(rt, depth, n_threads)
-        deep = rt.function("deep")
+        drive = rt.function("drive")
         stop = threading.Event()
-        laps = [0] * n_threads
         # The threads that reached the bottom since the last replacement (a
         # count of arrivals let a fast thread arrive twice while a slow one
         # still spun under the last round's, already hijacked, frames).
@@ -113,14 +122,15 @@ def measure(n_threads, depth, rounds, walker="fast", transfer="fast", mode="fres
 
         def arrive(_):
             arrived.add(threading.get_ident())
-            return 0
+            return DONE if stop.is_set() else 0
         rt.on_hook(arrive)
         k = spin if mode == "fresh" else 1 << 40
 
         def worker(j):
-            while not stop.is_set():
-                deep(depth, k)
-                laps[j] += 1
+            # The laps run inside JIT code: between two laps a thread is in
+            # drive, not in Python waiting for the GIL with no frame of deep
+            # (a stop then found 3 of 4 threads under 1,000 frames).
+            drive(depth, k)
 
         threading.stack_size(64 << 20)
         ts = [threading.Thread(target=worker, args=(j,)) for j in range(n_threads)]

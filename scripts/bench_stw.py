@@ -95,7 +95,7 @@ def glibc_walk_seconds(rt, depth, n_threads):
 
 
 def measure(n_threads, depth, rounds, walker="fast", transfer="fast", mode="fresh",
-            spin=1 << 23):
+            spin=1 << 26):
     """Medians over ``rounds`` replacements of ``deep`` with ``n_threads``
     threads each ``depth`` frames deep in it.
 

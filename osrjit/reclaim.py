@@ -8,9 +8,13 @@ not reach the thread's first frame). The runtime rechecks those versions
 
 * when a replacement or :meth:`osrjit.Runtime.collect` stops the world again,
 * when :meth:`osrjit.Runtime.stats` is read,
-* when a thread leaves JIT code (the entry's return to Python wakes the
-  :class:`Reclaimer`), and
-* at a low-rate background pass (every :attr:`Reclaimer.interval` seconds).
+* when a thread leaves JIT code while a version is kept by an executing
+  frame (the entry's return to Python wakes the :class:`Reclaimer`), and
+* at a low-rate background pass (every :attr:`Reclaimer.interval` seconds;
+  pending returns the fast transfer took are accounted there).
+
+A thread that stays in JIT code is seen to have moved on by a background
+pass's stop, where it parks at its next poll (or the signal stops it).
 
 A recheck first accounts the transfers taken since and frees what nothing
 can return into. A version still kept because a frame executed it is then

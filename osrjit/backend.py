@@ -31,7 +31,27 @@ from typing import Protocol
 from .abi import FunctionIR
 from .versions import Function, Version
 
-__all__ = ["Backend", "Pause", "Scan", "PauseReport"]
+__all__ = ["Backend", "Pause", "Scan", "PauseReport", "FAST", "REFERENCE", "PATHS",
+           "PATH_ALIASES", "path_option"]
+
+#: The two implementations of a runtime path (``Runtime(transfer=...)``,
+#: ``Runtime(walker=...)``), named for their role: the fast one (native code,
+#: the default) and the reference one (Python, what the fast one is checked against).
+FAST = "fast"
+REFERENCE = "reference"
+PATHS = (FAST, REFERENCE)
+#: Earlier spellings, still accepted: the language each path is written in.
+PATH_ALIASES = {"native": FAST, "python": REFERENCE}
+
+
+def path_option(option: str, value: str) -> str:
+    """The role name (:data:`FAST` or :data:`REFERENCE`) for ``option``'s
+    ``value``, which may be an alias (:data:`PATH_ALIASES`); ValueError else."""
+    role = PATH_ALIASES.get(value, value)
+    if role not in PATHS:
+        raise ValueError(f"{option} must be one of {PATHS} (or the aliases "
+                         f"{tuple(PATH_ALIASES)}), got {value!r}")
+    return role
 
 
 class Scan(Protocol):
@@ -60,6 +80,10 @@ class Pause(Protocol):
 
     def stop(self, timeout: float | None) -> None:
         """Stop every other thread running JIT code (SafepointTimeout: nothing changed)."""
+
+    def try_stop(self) -> bool:
+        """Stop the world only if no other thread runs JIT code (nobody is
+        interrupted or waited for); False — nothing to release — otherwise."""
 
     def abandon(self) -> None:
         """Undo what :meth:`Backend.pause` prepared, when :meth:`stop` failed."""
@@ -91,12 +115,19 @@ class Pause(Protocol):
 class Backend(Protocol):
     #: ``"native"`` or ``"emulated"``.
     name: str
+    #: How frames are rebuilt and stacks walked: :data:`FAST` or :data:`REFERENCE`.
+    transfer: str
+    walker: str
     #: The hijack table (:class:`deopt.hijack.HijackTable`): every pending return.
     table: object
     #: The user's bit of the safepoint flag (0 or 1), :attr:`osrjit.Runtime.safepoint_flag`.
     user_flag: int
     #: Seconds a pause waits for threads to stop.
     safepoint_timeout: float
+    #: Whether the runtime may recheck kept versions from a background
+    #: thread (:mod:`osrjit.reclaim`; native), or only from the thread
+    #: driving it (emulated).
+    background_reclaim: bool
     #: Whether a transfer may free its old version at once (native), or asks
     #: for a reclaim later (:meth:`request_reclaim`, emulated: between quanta).
     reclaim_in_transfer: bool

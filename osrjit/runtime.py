@@ -28,7 +28,9 @@ from . import abi, plainir
 from .abi import FunctionIR
 from .backend import PauseReport
 from .compiling import replacement_irs, validate_batch
-from .errors import IncompatibleVersion, OsrJitError, RuntimeClosed, VersionInUse, wrap_error
+from .errors import (IncompatibleVersion, OsrJitError, RuntimeClosed, SafepointTimeout,
+                     VersionInUse, wrap_error)
+from .reclaim import DEFAULT_INTERVAL, Reclaimer
 from .services import Services
 from .versions import Function, FunctionTable, Version
 
@@ -62,8 +64,12 @@ class Runtime:
     code calls *other* functions — ``"slot"`` (through the callee's
     ``osrjit.slot.<name>`` cell: publishing is one store) or ``"direct"``
     (``call rel32``, patched on every replacement; native only). The native
-    backend's options (``compiler``, ``transfer``, ``walker``) are
-    documented on :class:`osrjit.native.NativeBackend`.
+    backend's options (``compiler``, ``transfer``, ``walker``: the fast
+    paths by default, ``"reference"`` for the Python ones) are documented
+    on :class:`osrjit.native.NativeBackend`. ``reclaim_interval``: seconds
+    between background rechecks of old versions kept by a pending return
+    or an executing frame (native backend; None: no background thread; see
+    :mod:`osrjit.reclaim`).
 
     Lifetime: owns its backend and every version's code; :meth:`close` (or
     leaving a ``with`` block) unmaps it all; no compiled function may be
@@ -88,7 +94,8 @@ class Runtime:
         return super().__new__(cls)
 
     def __init__(self, *, backend: str = "native", opt_level: int = 2,
-                 calls: str = abi.CALLS_SLOT, **options):
+                 calls: str = abi.CALLS_SLOT, reclaim_interval: float | None = DEFAULT_INTERVAL,
+                 **options):
         if not 0 <= opt_level <= 3:
             raise ValueError(f"opt_level must be 0..3, got {opt_level}")
         if calls not in abi.CALL_MODES:
@@ -108,6 +115,12 @@ class Runtime:
         #: threads, runtime lock held (see :meth:`_after_fork_in_child`): a
         #: collaborator that owns a thread or a lock of its own appends here.
         self._after_fork_hooks: list[Callable[[], None]] = []
+        self._reclaimer = Reclaimer(self, reclaim_interval)
+        self._after_fork_hooks.append(self._reclaimer.after_fork_in_child)
+        #: Rescans of kept versions that stopped no thread; stops the
+        #: background reclamation made (also counted in ``stops``).
+        self._quiet_rescans = 0
+        self._reclaim_stops = 0
         #: Frames rebuilt in a new version, by the Python and the native transfer.
         self.python_transfers = 0
         self.native_transfers = 0
@@ -120,6 +133,8 @@ class Runtime:
         self.last_pause: PauseReport | None = None
         self._backend = self._make_backend(backend, options)
         _LIVE.add(self)
+        if not self._backend.background_reclaim:
+            self._reclaimer.interval = None
 
     def _make_backend(self, backend, options):
         from .native import NativeBackend
@@ -159,6 +174,7 @@ class Runtime:
                 final = self.stats()
                 self._backend.close()
                 self._closed = True
+                self._reclaimer.close()
                 for v in self._functions.all_versions():
                     v.loaded = False
                 self._final_stats = final | {key: 0 for key in self._LOADED_FIGURES}
@@ -215,13 +231,15 @@ class Runtime:
 
     @property
     def transfer(self) -> str:
-        """How hijacked frames are rebuilt: ``"python"`` or ``"native"``."""
-        return getattr(self._backend, "transfer", "python")
+        """How hijacked frames are rebuilt: ``"fast"`` (native code, the
+        native backend's default) or ``"reference"`` (Python)."""
+        return self._backend.transfer
 
     @property
     def walker(self) -> str:
-        """How stopped stacks are walked: ``"python"`` or ``"native"``."""
-        return getattr(self._backend, "walker", "python")
+        """How stopped stacks are walked: ``"fast"`` (native code, the native
+        backend's default) or ``"reference"`` (Python)."""
+        return self._backend.walker
 
     @property
     def compiler(self) -> str:
@@ -232,7 +250,7 @@ class Runtime:
         """``[(thread ident, seconds)]``: how long each thread that wrote its
         own hijacks after the last :meth:`replace` took to write them (stubs,
         LIFO entries; measured by the thread, CLOCK_MONOTONIC), once it woke
-        (``walker="native"``; empty otherwise). A thread does that before it
+        (``walker="fast"``; empty otherwise). A thread does that before it
         runs JIT code again, so for it the world stood still that much longer
         than ``last_pause.pause_seconds``. Waits up to ``timeout`` seconds
         for threads not done yet (None for those). Valid until the next
@@ -497,6 +515,7 @@ class Runtime:
                 time_to_safepoint_instructions=None if i0 is None else i1 - i0,
                 pause_instructions=None if i0 is None else i2 - i0)
             self._reclaim()
+            self._recheck_later()
             return [new[name] for name in names]
 
     def _incompatible_versions(self, names, new):
@@ -533,30 +552,82 @@ class Runtime:
 
     @_osrjit_errors
     def collect(self, *, timeout: float | None = None) -> int:
-        """Stop the world, re-scan every stack, free old versions nothing runs.
+        """Stop the world now, re-scan every stack, free old versions nothing runs.
 
         Versions kept because a thread was executing them outside any site
-        are freed by the first collection that finds no such frame. Returns
-        the number of versions freed.
+        are freed by the first scan that finds no such frame; the runtime
+        also rescans them by itself (:mod:`osrjit.reclaim`), ``collect()``
+        only does it at once. Returns the number of versions freed.
         """
         with self._lock:
             self._check_open()
             before = self._freed_versions
-            pause = self._backend.pause()
+            self._rescan(stop=True, timeout=timeout)
+            self._recheck_later()
+            return self._freed_versions - before
+
+    def _rescan(self, *, stop: bool, timeout: float | None = None) -> bool:
+        """Re-scan every stack, mark the versions a frame executes, reclaim
+        (runtime lock held). ``stop`` False: only if no other thread runs
+        JIT code (a quiet pause: nobody is interrupted or waited for);
+        returns whether the stacks were scanned."""
+        pause = self._backend.pause()
+        if stop:
             try:
                 pause.stop(timeout)
             except BaseException:
                 pause.abandon()
                 raise
+        elif pause.try_stop():
+            self._quiet_rescans += 1
+        else:
+            return False
+        try:
+            self._functions.mark_executing(pause.scan().executing)
+        finally:
             try:
-                self._functions.mark_executing(pause.scan().executing)
+                pause.finish()
             finally:
+                pause.release()
+        self._reclaim()
+        return True
+
+    def _reclaim_wanted(self) -> bool:
+        """Whether an old version waits for something that can end by
+        itself: a pending return, or a frame executing it (runtime lock held)."""
+        return bool(self._reclaim_later) or any(
+            v.pending_returns or v.executing
+            for v in self._functions.old_versions() if not v.pinned)
+
+    def _may_recheck(self) -> bool:
+        """Whether this thread may free versions now (not from inside emulated code)."""
+        return True
+
+    def _recheck_later(self):
+        if self._reclaim_wanted():
+            self._reclaimer.want(self._kept_executing())
+
+    def _kept_executing(self) -> bool:
+        return any(v.executing for v in self._functions.old_versions() if not v.pinned)
+
+    def _reclaim_pass(self, *, stop: bool, timeout: float | None = None) -> bool:
+        """A recheck (runtime lock held): account transfers, free what is
+        free, rescan versions kept by an executing frame — quietly (no other
+        thread runs JIT code), else with ``stop`` by a stop-the-world of at
+        most ``timeout`` seconds (one that times out modifies nothing).
+        Returns whether a version is still kept by something that can end
+        by itself."""
+        if self._closed:
+            return False
+        self._reclaim()
+        if self._kept_executing():
+            if not self._rescan(stop=False) and stop:
                 try:
-                    pause.finish()
-                finally:
-                    pause.release()
-            self._reclaim()
-            return self._freed_versions - before
+                    self._rescan(stop=True, timeout=timeout)
+                    self._reclaim_stops += 1
+                except SafepointTimeout:
+                    pass                   # nothing was modified: the next tick retries
+        return self._reclaim_wanted()
 
     @_osrjit_errors
     def unload(self, version: Version) -> None:
@@ -617,6 +688,7 @@ class Runtime:
                 self._lock.release()
         else:
             self._reclaim_later.append(old)
+            self._reclaimer.want()
 
     def _native_transfers_taken(self, owners):
         """Frames the native transfer rebuilt: ``{old version: count}``."""
@@ -671,21 +743,26 @@ class Runtime:
         ``hijacks`` (slots ever hijacked), ``pinned_versions`` (old versions
         kept because a frame may still run them), ``stops`` (stop-the-world
         pauses), ``signals_sent`` (threads stopped without reaching a poll),
-        ``attached_threads``; then the backend's own figures (documented on
-        :meth:`osrjit.native.NativeBackend.counters` and
+        ``attached_threads``, ``reclaim_rescans`` (rescans of kept versions
+        that stopped no thread), ``reclaim_stops`` (stops the background
+        reclamation made, part of ``stops``); then the backend's own figures
+        (documented on :meth:`osrjit.native.NativeBackend.counters` and
         :meth:`osrjit.emulated.EmulatedBackend.counters`).
 
-        Records a native transfer took are accounted here first, so counts
-        are exact when no thread is transferring. Once the runtime is closed:
-        the figures at the close, with nothing loaded (``live_versions``
-        empty; ``pending_returns``, ``pinned_versions`` and
-        ``attached_threads`` 0)."""
+        A recheck runs first (see :mod:`osrjit.reclaim`): records a native
+        transfer took are accounted, old versions nothing can run are freed,
+        and versions kept by an executing frame are rescanned if no other
+        thread runs JIT code. So the counts are exact when no other thread
+        runs JIT code. Once the runtime is closed: the figures at the close,
+        with nothing loaded (``live_versions`` empty; ``pending_returns``,
+        ``pinned_versions`` and ``attached_threads`` 0)."""
         if self._closed:
             return dict(self._final_stats)
         with self._lock:
-            self._backend.before_reclaim()
-            while self._reclaim_later:
-                self._maybe_reclaim(self._reclaim_later.pop())
+            if self._closed or not self._may_recheck():
+                self._backend.before_reclaim()
+            elif self._reclaim_pass(stop=False):
+                self._reclaimer.want(self._kept_executing())
             fns = list(self._functions)
             out = {
                 "live_versions": {fn.name: len(fn.versions) for fn in fns},
@@ -698,6 +775,8 @@ class Runtime:
                 "hijacks": self._backend.table.hijacks,
                 "pinned_versions": sum(1 for fn in fns for v in fn.versions
                                        if (v.pinned or v.executing) and v is not fn.current),
+                "reclaim_rescans": self._quiet_rescans,
+                "reclaim_stops": self._reclaim_stops,
             }
             out.update(self._backend.counters())
             return out

@@ -1,6 +1,9 @@
 """Native replacement scenarios shared by test modules: sources, scenario
 functions and the references their results are checked against.
 
+``paths`` (a scenario's option): ``"fast"`` (the runtime's defaults) or
+``"reference"``, for both ``transfer`` and ``walker``.
+
 Each scenario function is run in a child process by ``childproc.run_child``,
 which imports this module by name there (it lives in ``tests/``, which the
 child puts on ``sys.path``); arguments and results are picklable.
@@ -45,9 +48,9 @@ def fib(n):
 """
 
 
-def fib_scenario(n, replace_at, calls="slot", transfer="python"):
+def fib_scenario(n, replace_at, calls="slot", paths="fast"):
     import osrjit
-    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
+    with osrjit.Runtime(calls=calls, transfer=paths, walker=paths) as rt:
         rt.compile(FIB_V1)
         count = [0]
 
@@ -104,9 +107,9 @@ def odd(n):
 """
 
 
-def even_odd_scenario(n, which, calls="slot", transfer="python"):
+def even_odd_scenario(n, which, calls="slot", paths="fast"):
     import osrjit
-    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
+    with osrjit.Runtime(calls=calls, transfer=paths, walker=paths) as rt:
         rt.compile(EVEN_ODD_V1)
 
         def on_hook(_):
@@ -155,9 +158,9 @@ def loop(n):
 """
 
 
-def loop_osr_scenario(n, at_poll, transfer="python"):
+def loop_osr_scenario(n, at_poll, paths="fast"):
     import osrjit
-    with osrjit.Runtime(transfer=transfer) as rt:
+    with osrjit.Runtime(transfer=paths, walker=paths) as rt:
         rt.compile(LOOP_V1)
         polls = [0]
 
@@ -193,7 +196,7 @@ def pause(k):
 """
 
 
-def workers_scenario(n_threads, depth, replacements, seed, transfer="python", walker="python"):
+def workers_scenario(n_threads, depth, replacements, seed, transfer="fast", walker="fast"):
     import osrjit
     results = []
     errors = []

@@ -46,9 +46,12 @@ def test_runtime_backend_emulated_is_an_emulated_runtime():
         Runtime(backend="gpu")
     with pytest.raises(ValueError, match="calls='slot' only"):
         Runtime(backend="emulated", calls="direct")
-    with pytest.raises(ValueError, match="transfer='python' only"):
+    with pytest.raises(ValueError, match="transfer='reference' only"):
+        Runtime(backend="emulated", transfer="fast")
+    with pytest.raises(ValueError, match="transfer='reference' only"):
         Runtime(backend="emulated", transfer="native")
-    assert isinstance(Runtime(backend="emulated", walker="python"), EmulatedRuntime)
+    rt = Runtime(backend="emulated", walker="python")
+    assert isinstance(rt, EmulatedRuntime) and (rt.transfer, rt.walker) == ("reference",) * 2
 
 
 def test_replace_mid_recursion_transfers_every_frame_and_frees_v1():
@@ -138,7 +141,8 @@ def test_a_thread_left_running_old_code_is_reported_and_keeps_its_version():
     # The poll-free loop itself is replaced while a thread spins in it; with
     # no roll-forward the thread stays in v1's loop (as a native thread
     # stopped by the signal would): every instruction it fetches there after
-    # replace() is an old-code fetch, and v1 stays loaded until it is done.
+    # replace() is an old-code fetch, and v1 stays loaded until it is done —
+    # then it is freed without collect().
     spin_v2 = """
 def spin(m):
     i = 0
@@ -159,13 +163,16 @@ def spin(m):
     rt.replace("spin", spin_v2, polls=False)
     assert rt.last_pause.stopped_async == 1
     assert old.executing and old in rt.versions("spin")
+    rt.run(1000)
+    assert old.loaded and old.executing                 # still spinning in it
     rt.run()
     assert thread.result == 3 + spin_ref(300)
+    assert not old.loaded and old not in rt.versions("spin")
     fetches = rt.stats()["old_code_fetches"]
     assert fetches > 100
     first = rt.old_code_fetches[0]
     assert first.thread == thread.id and old.contains(first.pc) and not first.freed
-    assert rt.collect() == 1 and old not in rt.versions("spin")
+    assert rt.collect() == 0
 
 
 def test_a_fetch_from_freed_code_is_an_old_code_fetch():

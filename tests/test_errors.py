@@ -74,7 +74,7 @@ def incompatible_native_scenario(transfer, walker):
     return out
 
 
-@pytest.mark.parametrize("paths", [("python", "python"), ("native", "native")])
+@pytest.mark.parametrize("paths", [("fast", "fast"), ("reference", "reference")])
 def test_an_incompatible_replace_is_an_osrjit_error(paths):
     out = run_child(incompatible_native_scenario, *paths)
     assert out["caught"] == ("IncompatibleVersion", True, "deopt.errors", True)

@@ -1,4 +1,4 @@
-"""Scenarios: the native deopt transfer (``Runtime(transfer="native")``).
+"""Scenarios: the native deopt transfer (``Runtime(transfer="fast")``, the default).
 
 Bottom-up: a frame map compiled for native code (what is supported and what
 falls back), the generated transfer code against the Python transfer on a
@@ -7,8 +7,8 @@ dispatcher's LIFO (top, search, miss, no target), then whole replacements —
 every one with every frame transferred natively (``transfers == hijacks ==
 native_transfers``, nothing pending, old versions and their transfer code
 freed) — and the ways a frame falls back to the Python transfer, counted.
-The deopt scenarios of ``test_replace.py`` and ``test_threads.py`` also run
-with both transfers.
+The deopt scenarios of ``test_replace.py`` and ``test_threads.py`` run on
+the fast paths and on the reference ones.
 
 Anything that executes generated code runs in a child process (a crash is a
 failing test that names its signal).
@@ -111,7 +111,9 @@ def test_permutation_maps_the_new_sites_order_onto_the_old_frame():
 def test_the_transfer_option_is_checked():
     import osrjit
     with pytest.raises(ValueError, match="transfer must be one of"):
-        osrjit.Runtime(transfer="fast")
+        osrjit.Runtime(transfer="turbo")
+    with pytest.raises(ValueError, match="walker must be one of"):
+        osrjit.Runtime(walker="jit")
 
 
 # --------------------------------------------------------------------------
@@ -439,7 +441,7 @@ def _all_native(stats):
     assert stats["lifo_misses"] == stats["native_handed"] == 0, stats
 
 
-def native_sum_scenario(depth, reorder=None, walker="python"):
+def native_sum_scenario(depth, reorder=None, walker="fast"):
     """sum(depth) replaced at its deepest frame; LIFO facts seen from the hook."""
     import osrjit
     out = {}
@@ -472,9 +474,9 @@ def native_sum_scenario(depth, reorder=None, walker="python"):
     return out
 
 
-@pytest.mark.parametrize("walker", ["python", "native"])
+@pytest.mark.parametrize("walker", ["fast", "reference"])
 def test_sum_at_depth_1000_returns_through_1001_native_transfers(walker):
-    # walker="native": the replacing thread's own frames (below the hook's
+    # walker="fast": the replacing thread's own frames (below the hook's
     # anchor) are found, hijacked and pushed by the native scan.
     out = run_child(native_sum_scenario, 1000, None, walker)
     assert out["result"] == 1000 * 1001, out["error"]
@@ -497,9 +499,9 @@ def test_a_lifo_out_of_order_is_searched():
     assert not out["v1_loaded"]
 
 
-@pytest.mark.parametrize("walker", ["python", "native"])
+@pytest.mark.parametrize("walker", ["fast", "reference"])
 def test_frames_missing_from_the_lifo_take_the_python_transfer_counted(walker):
-    # walker="native": the Python transfer takes records made lazily from a batch.
+    # walker="fast": the Python transfer takes records made lazily from a batch.
     out = run_child(native_sum_scenario, 1000, "drop-every-third", walker)
     assert out["result"] == 1000 * 1001, out["error"]
     after = out["after"]
@@ -666,7 +668,7 @@ def test_four_threads_sixty_replacements_native():
     assert all(d <= r <= 2 * d for d, r in results)
     _all_native(stats)
     assert stats["live_versions"] == {"pause": 1, "work": 1}
-    assert stats["freed_versions"] == 60 and stats["stops"] == 60
+    assert stats["freed_versions"] == 60 and stats["stops"] - stats["reclaim_stops"] == 60
 
 
 # Like scenarios_native.WORK, with a short loop at the bottom: threads spend most
@@ -752,16 +754,26 @@ def test_threads_stopped_while_unwinding_through_native_transfers():
     assert final["freed_versions"] == 30 and lifos_left == 0
 
 
-def test_python_is_still_the_default_transfer():
-    result = run_child(default_transfer_scenario)
-    assert result["transfer"] == "python" and result["native"] is None
+def test_the_fast_paths_are_the_default():
+    # A deep replace on Runtime() with no options: every frame is rebuilt by
+    # the native transfer, none by the reference one.
+    result = run_child(default_paths_scenario, 1000)
+    assert (result["transfer"], result["walker"]) == ("fast", "fast")
+    assert result["native"]
     s = result["stats"]
-    assert s["transfers"] == s["python_transfers"] == s["hijacks"] == 11
-    assert s["native_transfers"] == s["lifo_searches"] == s["lifo_misses"] == 0
+    assert s["transfers"] == s["native_transfers"] == s["hijacks"] == 1001
+    assert s["python_transfers"] == s["lifo_searches"] == s["lifo_misses"] == 0
+    assert s["pending_returns"] == 0 and s["live_versions"] == {"sum": 1}
+    # The old spellings are aliases of the role names.
+    assert result["aliases"] == [("fast", "reference"), ("reference", "fast")]
 
 
-def default_transfer_scenario():
+def default_paths_scenario(depth):
     import osrjit
+    aliases = []
+    for transfer, walker in (("native", "python"), ("python", "native")):
+        with osrjit.Runtime(transfer=transfer, walker=walker) as rt:
+            aliases.append((rt.transfer, rt.walker))
     with osrjit.Runtime() as rt:
         rt.compile(SUM_V1)
 
@@ -771,5 +783,6 @@ def default_transfer_scenario():
             return 0
 
         rt.on_hook(on_hook)
-        rt.function("sum")(10)
-        return {"transfer": rt.transfer, "native": rt.native_backend.deopt.native, "stats": rt.stats()}
+        rt.function("sum")(depth)
+        return {"transfer": rt.transfer, "walker": rt.walker, "aliases": aliases,
+                "native": rt.native_backend.deopt.native is not None, "stats": rt.stats()}

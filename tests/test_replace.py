@@ -13,8 +13,9 @@ from childproc import run_child
 from scenarios_native import (CHAIN, SUM_V1, SUM_V2, even_odd_scenario, fib_mixed_reference,
                               fib_scenario, loop_osr_scenario)
 
-#: Every deopt scenario runs with both transfers (``Runtime(transfer=...)``).
-TRANSFERS = ["python", "native"]
+#: Every deopt scenario runs on the default (fast) paths and on the reference
+#: ones (``Runtime(transfer=..., walker=...)``, both set to the value).
+PATHS = ["fast", "reference"]
 
 def _glibc_backtrace(limit=4096):
     buf = (ctypes.c_void_p * limit)()
@@ -22,11 +23,11 @@ def _glibc_backtrace(limit=4096):
     return [buf[i] or 0 for i in range(n)]
 
 
-def sum_scenario(depth, big_stack, calls="slot", transfer="python"):
+def sum_scenario(depth, big_stack, calls="slot", paths="fast"):
     import osrjit
     import unwinder
     out = {}
-    with osrjit.Runtime(calls=calls, transfer=transfer) as rt:
+    with osrjit.Runtime(calls=calls, transfer=paths, walker=paths) as rt:
         rt.compile(SUM_V1)
         v1 = rt.current("sum")
 
@@ -60,9 +61,9 @@ def sum_scenario(depth, big_stack, calls="slot", transfer="python"):
 
 @pytest.mark.parametrize("depth,big_stack,calls", [(1000, False, "slot"), (1000, False, "direct"),
                                                    (100_000, True, "slot")])
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack, calls, transfer):
-    out = run_child(sum_scenario, depth, big_stack, calls, transfer, timeout=600)
+@pytest.mark.parametrize("paths", PATHS)
+def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack, calls, paths):
+    out = run_child(sum_scenario, depth, big_stack, calls, paths, timeout=600)
     # Every pending frame finished with the new semantics (2n per level).
     assert out["result"] == depth * (depth + 1), out["error"]
     assert out["hijacked_frames"] == depth + 1          # sum(depth) .. sum(0)
@@ -79,9 +80,9 @@ def test_recursive_sum_replaced_at_the_deepest_frame(depth, big_stack, calls, tr
 
 @pytest.mark.parametrize("replace_at,calls", [(1, "slot"), (17, "slot"), (55, "slot"),
                                               (17, "direct")])
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at, calls, transfer):
-    result, stats = run_child(fib_scenario, 15, replace_at, calls, transfer)
+@pytest.mark.parametrize("paths", PATHS)
+def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at, calls, paths):
+    result, stats = run_child(fib_scenario, 15, replace_at, calls, paths)
     assert result == fib_mixed_reference(15, replace_at)
     assert result != fib_mixed_reference(15, 10 ** 9)       # the replacement did change it
     assert stats["pending_returns"] == 0 and stats["transfer_failures"] == 0
@@ -91,10 +92,10 @@ def test_fibonacci_replaced_in_the_middle_of_the_call_tree(replace_at, calls, tr
 
 @pytest.mark.parametrize("which", ["both", "odd"])
 @pytest.mark.parametrize("calls", ["slot", "direct"])
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_mutual_recursion_both_or_one_replaced(which, calls, transfer):
+@pytest.mark.parametrize("paths", PATHS)
+def test_mutual_recursion_both_or_one_replaced(which, calls, paths):
     n = 40
-    result, stats, again, links = run_child(even_odd_scenario, n, which, calls, transfer)
+    result, stats, again, links = run_child(even_odd_scenario, n, which, calls, paths)
     assert again == result
     # Every direct call site left (self-calls in slot mode have none here;
     # cross calls in direct mode) reaches the current version with a plain rel32.
@@ -112,10 +113,10 @@ def test_mutual_recursion_both_or_one_replaced(which, calls, transfer):
         assert stats["transfers"] == odds
 
 
-def chained_scenario(depth, transfer="python"):
+def chained_scenario(depth, paths="fast"):
     import osrjit
     out = {"stats": []}
-    with osrjit.Runtime(transfer=transfer) as rt:
+    with osrjit.Runtime(transfer=paths, walker=paths) as rt:
         rt.compile(CHAIN.format(k=1))
         v1 = rt.current("sum")
 
@@ -135,9 +136,9 @@ def chained_scenario(depth, transfer="python"):
     return out
 
 
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_chained_versions_transfer_straight_to_the_newest(transfer):
-    out = run_child(chained_scenario, 100, transfer)
+@pytest.mark.parametrize("paths", PATHS)
+def test_chained_versions_transfer_straight_to_the_newest(paths):
+    out = run_child(chained_scenario, 100, paths)
     assert out["result"] == 3 * 100 * 101 // 2           # every frame ends in v3
     during = out["stats"][0]
     # v1 frames 100..61 stay hijacked once (retargeted, never stacked); the
@@ -166,10 +167,10 @@ def outer(k):
 """
 
 
-def spinning_callee_scenario(stop_at, transfer="python"):
+def spinning_callee_scenario(stop_at, paths="fast"):
     import osrjit
     seen = []
-    with osrjit.Runtime(transfer=transfer) as rt:
+    with osrjit.Runtime(transfer=paths, walker=paths) as rt:
         rt.compile(SPIN)
         v1 = rt.current("outer")
 
@@ -186,9 +187,9 @@ def spinning_callee_scenario(stop_at, transfer="python"):
         return result, seen, rt.stats(), v1.loaded
 
 
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_caller_of_a_looping_callee_is_freed_only_after_the_loop_returns(transfer):
-    result, seen, stats, v1_loaded = run_child(spinning_callee_scenario, 50, transfer)
+@pytest.mark.parametrize("paths", PATHS)
+def test_caller_of_a_looping_callee_is_freed_only_after_the_loop_returns(paths):
+    result, seen, stats, v1_loaded = run_child(spinning_callee_scenario, 50, paths)
     assert result == 50 + 2000                      # the caller finished in v2
     # While the callee loops, the old caller stays loaded with one pending return.
     assert seen and all(s == (True, 1, 2) for s in seen)
@@ -196,10 +197,10 @@ def test_caller_of_a_looping_callee_is_freed_only_after_the_loop_returns(transfe
     assert not v1_loaded
 
 
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_loop_osr_moves_a_running_frame_at_its_next_poll(transfer):
+@pytest.mark.parametrize("paths", PATHS)
+def test_loop_osr_moves_a_running_frame_at_its_next_poll(paths):
     n, at_poll = 100, 11            # poll 1 is the entry poll; poll k+1 ends iteration k
-    result, polls, stats = run_child(loop_osr_scenario, n, at_poll, transfer)
+    result, polls, stats = run_child(loop_osr_scenario, n, at_poll, paths)
     switched = at_poll - 1         # iterations 0..switched-1 ran in v1
     assert result == sum(range(switched)) + sum(2 * i for i in range(switched, n))
     assert polls == at_poll
@@ -293,11 +294,11 @@ def f(n):
 """
 
 
-def backtraces_in_resume_scenario(transfer="python"):
+def backtraces_in_resume_scenario(paths="fast"):
     import osrjit
     import unwinder
     out = {}
-    with osrjit.Runtime(transfer=transfer) as rt:
+    with osrjit.Runtime(transfer=paths, walker=paths) as rt:
         rt.compile(RESUME_CHAIN_V1)
 
         def observe(record):
@@ -333,9 +334,9 @@ def _suffix_from(pcs, pred):
     return pcs[i:]
 
 
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub(transfer):
-    out = run_child(backtraces_in_resume_scenario, transfer)
+@pytest.mark.parametrize("paths", PATHS)
+def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub(paths):
+    out = run_child(backtraces_in_resume_scenario, paths)
     assert out["result"] == 5 + 6 + 100 + 1
     lo, hi = out["f2_resume"][1]
     in_f2 = lambda pc: lo <= pc < hi
@@ -346,7 +347,7 @@ def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub(transfer):
     assert o[:len(g)] == g and len(g) > 10
     olo, ohi = out["outer"]
     assert olo <= g[1] < ohi                     # resumed frame -> outer (stub CFI / frame rebuilt)
-    if transfer == "native":
+    if paths == "fast":
         return          # the observer is a hook of the Python transfer: no Python runs inside
     # Inside the transfer: glibc walks through the stub into the old frame.
     slo, shi = out["stub"]
@@ -356,11 +357,11 @@ def test_glibc_backtrace_inside_a_resume_entry_and_inside_the_stub(transfer):
     assert o[:len(g)] == g and len(g) > 10
 
 
-def bad_requests_scenario(transfer="python"):
+def bad_requests_scenario(paths="fast"):
     import osrjit
     from osrjit.errors import UnknownFunction, VersionInUse
     out = []
-    with osrjit.Runtime(transfer=transfer) as rt:
+    with osrjit.Runtime(transfer=paths, walker=paths) as rt:
         rt.compile(SUM_V1 + "\ndef other(n):\n    return n\n")
         for call in (lambda: rt.replace("nope", SUM_V2),
                      lambda: rt.replace("sum", SUM_V2 + "\ndef extra(n):\n    return n\n"),
@@ -388,9 +389,9 @@ def bad_requests_scenario(transfer="python"):
     return out
 
 
-@pytest.mark.parametrize("transfer", TRANSFERS)
-def test_bad_replacement_requests_change_nothing(transfer):
-    out = run_child(bad_requests_scenario, transfer)
+@pytest.mark.parametrize("paths", PATHS)
+def test_bad_replacement_requests_change_nothing(paths):
+    out = run_child(bad_requests_scenario, paths)
     assert out[:5] == ["UnknownFunction", "CompileError", "CompileError", "ValueError", "CompileError"]
     assert out[5].startswith("close refused: cannot close the runtime: 4 hijacked frames")
     assert out[6:] == [0, 1]

@@ -40,6 +40,16 @@ def spin(k):
         i = i + 1
     return 0
 """
+#: What the hook returns to end drive's loop.
+DONE = 1 << 40
+# Lap after lap of deep, until the hook at the bottom returns DONE.
+DRIVE = """
+def drive(n, k):
+    r = 0
+    while r < 1099511627776:
+        r = deep(n, k)
+    return r
+"""
 # At the bottom: hook(1) says "here" (and, for the glibc figure, walks), then spin.
 DEEP = """
 def deep(n, k):
@@ -79,42 +89,43 @@ def glibc_walk_seconds(rt, depth, n_threads):
     return sum(per_thread)
 
 
-def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="fresh",
-            spin=1 << 23):
+def measure(n_threads, depth, rounds, walker="fast", transfer="fast", mode="fresh",
+            spin=1 << 26):
     """Medians over ``rounds`` replacements of ``deep`` with ``n_threads``
     threads each ``depth`` frames deep in it.
 
     ``mode="fresh"``: each thread spins ``spin`` loop iterations at the bottom
     (several ms), returns all the way out (its hijacked frames transfer into
     the new version) and recurses again; the main thread replaces once every
-    thread has reached the bottom again (a hook call just before the spin
-    says so), so every replacement finds each thread spinning at a poll under
+    thread has reached the bottom again since the last replacement (a hook
+    call just before the spin says so), so every replacement finds each thread spinning at a poll under
     ``depth`` new frames. ``mode="rescan"``: the threads never return, so
     only the first replacement writes slots and the others find every frame
     already hijacked (they walk through the stub and retarget nothing).
     """
     import osrjit
     with osrjit.Runtime(walker=walker, transfer=transfer) as rt:
-        rt.compile(SPIN + DEEP.format(step=1))
+        rt.compile(SPIN + DEEP.format(step=1) + DRIVE)
         rt.on_hook(lambda x: 0)
         glibc = glibc_walk_seconds(rt, depth, n_threads)
-        deep = rt.function("deep")
+        drive = rt.function("drive")
         stop = threading.Event()
-        laps = [0] * n_threads
-        arrived = [0]
-        arrived_lock = threading.Lock()
+        # The threads that reached the bottom since the last replacement (a
+        # count of arrivals let a fast thread arrive twice while a slow one
+        # still spun under the last round's, already hijacked, frames).
+        arrived = set()
 
         def arrive(_):
-            with arrived_lock:
-                arrived[0] += 1
-            return 0
+            arrived.add(threading.get_ident())
+            return DONE if stop.is_set() else 0
         rt.on_hook(arrive)
         k = spin if mode == "fresh" else 1 << 40
 
         def worker(j):
-            while not stop.is_set():
-                deep(depth, k)
-                laps[j] += 1
+            # The laps run inside JIT code: between two laps a thread is in
+            # drive, not in Python waiting for the GIL with no frame of deep
+            # (a stop then found 3 of 4 threads under 1,000 frames).
+            drive(depth, k)
 
         threading.stack_size(64 << 20)
         ts = [threading.Thread(target=worker, args=(j,)) for j in range(n_threads)]
@@ -126,12 +137,11 @@ def measure(n_threads, depth, rounds, walker="native", transfer="native", mode="
             if mode == "fresh":
                 # Every thread has returned out of the previous round's
                 # frames, recursed again and is spinning at the bottom.
-                while arrived[0] < n_threads:
+                while len(arrived) < n_threads:
                     time.sleep(0.0002)
             before = rt.stats()["hijacks"]
             rt.replace("deep", DEEP.format(step=2 if i % 2 == 0 else 1))
-            with arrived_lock:
-                arrived[0] = 0
+            arrived.clear()
             p = rt.last_pause
             own = [t for _ident, t in rt.self_apply_times() if t is not None]
             ttsp.append(p.time_to_safepoint_seconds)
@@ -167,10 +177,10 @@ def main(argv=None):
     ap.add_argument("--threads", default="1,2,4")
     ap.add_argument("--depth", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--walker", choices=("python", "native"), default="native",
-                    help="how replace() walks the stopped stacks (default native)")
-    ap.add_argument("--transfer", choices=("python", "native"), default="native",
-                    help="how hijacked frames transfer (default native)")
+    ap.add_argument("--walker", choices=("fast", "reference", "python", "native"), default="fast",
+                    help="how replace() walks the stopped stacks (default fast)")
+    ap.add_argument("--transfer", choices=("fast", "reference", "python", "native"),
+                    default="fast", help="how hijacked frames transfer (default fast)")
     ap.add_argument("--mode", choices=("fresh", "rescan"), default="fresh",
                     help="fresh: every replacement hijacks new frames (default); rescan: "
                          "the frames stay hijacked from the first replacement on")

@@ -55,6 +55,7 @@ from deopt.stub import (EXIT_STATE_TO_ENTRY_RSP, RETURN_SYMBOL, STUB_SYMBOL,
 from deopt.sitestubs import ENTRY_OFFSET, SiteStubIndex, site_stubs_for, site_stubs_module_ir
 from deopt.transfer import return_through_stub
 from osrjit import abi, stackscan
+from osrjit.backend import REFERENCE
 from osrjit.errors import HijackError, RuntimeBusy
 from unwinder.x86_64 import RAX, RBP, RBX, R12, R13, R14, R15
 
@@ -144,6 +145,11 @@ class EmulatedPause:
     def stop(self, timeout):
         self.stopped_async = self._backend.stop_world(self._replaced)
 
+    def try_stop(self):
+        # Between runs nothing executes; "no thread runs JIT code" means
+        # every emulated thread has finished.
+        return all(done(t) for t in self._backend.machine.threads)
+
     def abandon(self):
         self._backend.release_world()
 
@@ -217,10 +223,15 @@ class EmulatedBackend:
     """
 
     name = "emulated"
+    #: The paths (:data:`osrjit.backend.PATHS`): the transfer is a hypercall
+    #: running the reference one; stacks are walked by the reference walker.
+    transfer = walker = REFERENCE
     #: A transfer runs inside a hypercall: versions are freed between quanta.
     reclaim_in_transfer = False
     #: No entry stack checks (the emulator has no %fs thread block).
     stack_checks = False
+    #: One Python thread drives the machine: no background rechecks.
+    background_reclaim = False
 
     def __init__(self, runtime, *, seed: int = 0, quantum: tuple[int, int] = (1, 100),
                  grace: int = 10_000, roll_limit: int = 100_000,

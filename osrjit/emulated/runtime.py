@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import unwinder
 
+from ..backend import REFERENCE, path_option
 from ..errors import EmulationError
 from ..runtime import Runtime
 from .backend import STUB_STEP, EmulatedBackend, EmulatedFunction, OldCodeFetch, done
@@ -36,13 +37,20 @@ class EmulatedRuntime(Runtime, backend="emulated"):
 
     def _make_backend(self, backend, options):
         # Native-only choices: the emulated backend has one transfer (a
-        # hypercall running the Python one), the reference walker and no LLJIT.
+        # hypercall running the reference one), the reference walker and no LLJIT.
         # Its code is not in this process's address space: nothing for perf or gdb.
-        for option, only in (("transfer", "python"), ("walker", "python"),
-                             ("compiler", "inprocess"), ("perf", None), ("gdb", None)):
+        for option in ("transfer", "walker"):
+            if path_option(option, options.pop(option, REFERENCE)) != REFERENCE:
+                raise ValueError(f"the emulated backend supports {option}={REFERENCE!r} only")
+        for option, only in (("compiler", "inprocess"), ("perf", None), ("gdb", None)):
             if options.pop(option, only) != only:
                 raise ValueError(f"the emulated backend supports {option}={only!r} only")
         return EmulatedBackend(self, **options)
+
+    def _may_recheck(self):
+        # A service called by emulated code reads stats(): free nothing
+        # under the CPU's feet (the machine's run() rechecks between quanta).
+        return self._backend.machine.current_thread is None
 
     def _check_open(self):
         # Also from a service: the properties call Runtime._check_open (closed only).
@@ -112,7 +120,8 @@ class EmulatedRuntime(Runtime, backend="emulated"):
         none is left (True) or ``max_instructions`` more were executed (False).
 
         Old versions that transfers left without frames are freed as soon as
-        their last pending return is taken.
+        their last pending return is taken; those a thread was executing,
+        once every thread has finished (see :mod:`osrjit.reclaim`).
         """
         self._check_open()
         b = self._backend
@@ -131,6 +140,7 @@ class EmulatedRuntime(Runtime, backend="emulated"):
                 self._reclaim()
             b.check_fetches()
             if finished:
+                self._reclaim_pass(stop=False)
                 return True
             if budget is not None and budget <= 0:
                 return False

@@ -35,6 +35,7 @@ from deopt.framemaps import ObjectImage
 
 from .. import abi
 from ..abi import FunctionIR
+from ..backend import FAST, path_option
 from ..compiling import emit_object
 from ..errors import CompileError, FrameMapError, RuntimeBusy
 from ..versions import Function, FunctionTable, Version
@@ -49,9 +50,10 @@ from .tooling import Tools
 
 __all__ = ["NativeBackend", "TRANSFERS", "WALKERS", "COMPILERS"]
 
-#: ``Runtime(transfer=...)``, ``Runtime(walker=...)``, ``Runtime(compiler=...)`` choices.
-TRANSFERS = ("python", "native")
-WALKERS = ("python", "native")
+#: ``Runtime(transfer=...)``, ``Runtime(walker=...)``, ``Runtime(compiler=...)`` choices
+#: (``transfer`` and ``walker`` also take the aliases of :data:`osrjit.backend.PATH_ALIASES`).
+TRANSFERS = ("fast", "reference")
+WALKERS = ("fast", "reference")
 COMPILERS = ("inprocess", "worker")
 
 _HOOK_TYPE = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
@@ -76,14 +78,16 @@ class NativeBackend:
     emit versions in a child process (:mod:`osrjit.native.compiler`), because
     llvmlite's pass pipeline leaks about 60 KB of native memory per compile
     in the process that runs it. ``walker``: how stopped stacks are walked
-    — ``"python"`` (:func:`unwinder.walk`, the reference) or ``"native"``
-    (:class:`unwinder.NativeWalker` and the native scan of
-    :mod:`osrjit.native.fastscan`; a walk that needed Python anywhere is redone by
-    the reference). ``transfer``: how a hijacked frame is rebuilt —
-    ``"python"`` (:func:`deopt.transfer.return_through_stub` called back
-    through ctypes) or ``"native"`` (:mod:`deopt.native_transfer`: code
-    generated per version, a per-thread LIFO of hijacks, no Python on the
-    path; a frame it cannot handle takes the Python transfer).
+    — ``"fast"`` (default: :class:`unwinder.NativeWalker` and the native scan
+    of :mod:`osrjit.native.fastscan`; a walk that needed Python anywhere is
+    redone by the reference) or ``"reference"`` (:func:`unwinder.walk`).
+    ``transfer``: how a hijacked frame is rebuilt — ``"fast"`` (default:
+    :mod:`deopt.native_transfer`: code generated per version, a per-thread
+    LIFO of hijacks, no Python on the path; a frame it cannot handle takes
+    the reference transfer) or ``"reference"``
+    (:func:`deopt.transfer.return_through_stub` called back through ctypes).
+    ``"native"`` and ``"python"`` are accepted as aliases of ``"fast"`` and
+    ``"reference"``; :attr:`transfer` and :attr:`walker` hold the role name.
 
     Lifetime: made and owned by its :class:`osrjit.Runtime`. Everything it
     takes from the process is released by :meth:`close`, newest first (also
@@ -107,15 +111,15 @@ class NativeBackend:
     #: False, per instance, in a process without a stack limit key
     #: (:data:`osrjit.native.stacklimit.stack_limit_error` says why).
     stack_checks = True
+    #: Kept versions are rechecked by a background thread too.
+    background_reclaim = True
 
-    def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = "python",
-                 walker: str = "python", perf: str | None = None, gdb: bool | None = None):
+    def __init__(self, runtime, *, compiler: str = "inprocess", transfer: str = FAST,
+                 walker: str = FAST, perf: str | None = None, gdb: bool | None = None):
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
-        if transfer not in TRANSFERS:
-            raise ValueError(f"transfer must be one of {TRANSFERS}, got {transfer!r}")
-        if walker not in WALKERS:
-            raise ValueError(f"walker must be one of {WALKERS}, got {walker!r}")
+        transfer = path_option("transfer", transfer)
+        walker = path_option("walker", walker)
         self.compiler, self.transfer, self.walker = compiler, transfer, walker
         self.tools = Tools(perf, gdb)       # ValueError for a bad perf mode
         self.opt_level = runtime.opt_level
@@ -185,7 +189,7 @@ class NativeBackend:
         release(self.deopt.close)
         support.set_service("osrjit_py_transfer", self.deopt.callback_address)
         self.deopt.route_through(support.addresses["osrjit_transfer"])
-        if transfer == "native":
+        if transfer == FAST:
             self.deopt.native = NativeTransferPath(
                 self.linker, self.space, lambda ts: ts.status == threads.DETACHED)
             support.set_service("osrjit_native_transfer", self.deopt.native.dispatch_address)
@@ -325,7 +329,7 @@ class NativeBackend:
         self.world.timeout = float(seconds)
 
     def entry(self, fn: Function) -> JitFunction:
-        return JitFunction(self, fn)
+        return JitFunction(self, fn, self._runtime()._reclaimer)
 
     # -- loading ---------------------------------------------------------------------
 
@@ -406,7 +410,7 @@ class NativeBackend:
             handle = library.register(self.space, obj, f"{ir.name}.v{vid}")
             # What hijacked slots of its frames will hold: stubs carrying its rows.
             stubs = self.deopt.link_site_stubs(table, f"osrjit.site.{ir.name}.v{vid}")
-            if self.walker == "native":
+            if self.walker == FAST:
                 # Its unwind tables now, not in the pause of the first
                 # stop-the-world that meets its frames.
                 handles = [handle]
@@ -570,7 +574,7 @@ class NativeBackend:
         (stub returns whose slot was not in the LIFO), ``native_handed``
         (records whose frame has no target in the current version: the
         Python transfer reports the failure); threads that did their own
-        part (``walker="native"``, see :class:`osrjit.native.fastscan.SelfScan`):
+        part (``walker="fast"``, see :class:`osrjit.native.fastscan.SelfScan`):
         ``self_scans``, ``self_applies``, ``self_applies_by_stopper``."""
         ntx = self.deopt.native
         native = ({"lifo_searches": 0, "lifo_misses": 0, "handed_to_python": 0}

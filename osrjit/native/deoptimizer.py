@@ -8,7 +8,7 @@ Python transfer function: a ctypes callback that finds the record of the slot
 it returned through, asks :func:`deopt.transfer.plan_transfer` where to
 resume, and fills a per-thread :class:`~deopt.stub.TransferPlan`.
 
-With ``Runtime(transfer="native")`` a :class:`NativeTransferPath` (its
+With ``Runtime(transfer="fast")`` (the default) a :class:`NativeTransferPath` (its
 :attr:`NativeDeopt.native`) runs first: the support library's
 ``osrjit_transfer`` calls its dispatcher (:mod:`deopt.native_transfer`) and
 falls back to the Python transfer only when that returns NULL. The hijack
@@ -75,7 +75,7 @@ class NativeDeopt:
         self._resolve = resolve
         self._on_transferred = on_transferred
         self._buffers = _ThreadBuffers()
-        #: The :class:`NativeTransferPath` of a ``Runtime(transfer="native")``
+        #: The :class:`NativeTransferPath` of a ``Runtime(transfer="fast")``
         #: (set by the runtime), else None.
         self.native = None
         #: Optional ``fn(record)`` called inside every transfer, on the
@@ -227,7 +227,7 @@ def _store_u64(address, value):
 
 
 # --------------------------------------------------------------------------
-# The native transfer (Runtime(transfer="native"))
+# The native transfer (Runtime(transfer="fast"))
 # --------------------------------------------------------------------------
 
 

@@ -39,8 +39,9 @@ class JitFunction:
     that handler returns). Their pending hijacks are dropped first.
     """
 
-    def __init__(self, backend, fn: Function):
+    def __init__(self, backend, fn: Function, reclaimer=None):
         self._services = backend._services
+        self._reclaimer = reclaimer
         self._backend = backend
         self._fn = fn
         if fn.return_type not in RESTYPES:
@@ -97,6 +98,9 @@ class JitFunction:
                         self._backend.support.clear_flag(FLAG_INTERRUPT)
         finally:
             gate.leave()
+        reclaimer = self._reclaimer
+        if reclaimer is not None and reclaimer.wanted:
+            reclaimer.wake()             # an old version waits: this thread left JIT code
         if reason == AbandonReason.STACK_OVERFLOW:
             raise StackOverflow(f"{fn.name}(): the JIT code ran out of stack (less than "
                                 f"the margin was left); its frames were abandoned")

@@ -126,6 +126,13 @@ class NativePause:
         self.others = backend.world.stop(timeout=timeout)
         self.stopped_async = backend.world.signals_sent - signals
 
+    def try_stop(self):
+        others = self._backend.world.try_stop()
+        if others is None:
+            return False
+        self.others, self.stopped_async = others, 0
+        return True
+
     def abandon(self):
         self._backend.scanner.end_self_scans(self._requests)
         self._requests = None

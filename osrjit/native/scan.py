@@ -5,9 +5,9 @@ versions sit at a site of a function being replaced (to hijack), and which
 old versions a frame runs outside any site (to keep loaded). Two walkers
 give the same answer:
 
-* ``walker="python"``: :func:`unwinder.walk` over every stopped stack and
+* ``walker="reference"``: :func:`unwinder.walk` over every stopped stack and
   :func:`osrjit.stackscan.classify_frames` (the reference);
-* ``walker="native"``: :class:`unwinder.NativeWalker` and the native
+* ``walker="fast"`` (the default): :class:`unwinder.NativeWalker` and the native
   classification of :mod:`deopt.native_hijack`, driven by
   :mod:`osrjit.native.fastscan` — a thread parked at a poll scans its own stack as
   it parks (:class:`osrjit.native.fastscan.SelfScan`), the others are scanned here
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import unwinder
 
 from .. import stackscan
+from ..backend import FAST
 from . import fastscan, selfscan, threads
 
 __all__ = ["Scanner", "ScanContext"]
@@ -53,12 +54,13 @@ class Scanner:
 
     Owns the native walker and the native hijack code (compiled on first
     use), the scan buffers and each thread's self-scan block. ``mode``:
-    ``"python"`` or ``"native"`` (the backend's ``walker`` option).
+    ``"python"`` (the reference walker) or ``"native"`` (the fast one), from
+    the backend's ``walker`` option.
     """
 
     def __init__(self, backend):
         self._backend = backend
-        self.mode = backend.walker
+        self.mode = "native" if backend.walker == FAST else "python"
         self.functions = backend.functions
         self.registry = backend.registry
         self.space = backend.space

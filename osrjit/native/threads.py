@@ -1058,6 +1058,28 @@ class World:
         self.last_time_to_safepoint = time.perf_counter() - start
         return others
 
+    def try_stop(self):
+        """Stop the world only if every other thread is already out of JIT
+        code or parked: ``[(ident, state, name)]`` of the other threads, or
+        None. STOP is raised only if the statuses read before say so, then
+        they are read again (Dekker, as :meth:`stop`); a thread that entered
+        JIT code in between sees STOP, waits a moment, and STOP is cleared
+        again. Nobody is signalled or waited for; not counted in
+        :attr:`stops`. The caller must :meth:`release` after a success."""
+        me = threading.get_ident()
+        load = self.support.load_status
+
+        def all_stopped(others):
+            return all(load(ctypes.addressof(st)) in STOPPED for _, st, _ in others)
+        if not all_stopped([t for t in self.registry.snapshot() if t[0] != me]):
+            return None
+        self.support.set_flag(FLAG_STOP)
+        others = [t for t in self.registry.snapshot() if t[0] != me]
+        if not all_stopped(others):
+            self.release()
+            return None
+        return others
+
     def release(self):
         """Clear STOP and wake every parked thread."""
         self.support.clear_flag(FLAG_STOP)

@@ -7,8 +7,8 @@ cycle, or in one pair of cycles in ``replace_every``), so the cycle stops
 the world, scans, hijacks and transfers — and on a helper thread
 that lives across all cycles (it attaches to every runtime, so closing must
 let go of its block, not its exit), checks both results and closes the
-runtime. Cycles alternate the reference paths and the native fast paths
-(``transfer``/``walker``: ``"python"``, then ``"native"``), so the native
+runtime. Cycles alternate the reference paths and the fast paths
+(``transfer``/``walker``: ``"reference"``, then ``"fast"``), so the native
 walker, the scan buffers, self-scan blocks and LIFOs are made and released
 too. Between samples it reads what the process holds
 (:func:`process_figures`, after ``gc.collect()``): resident set size, open
@@ -57,7 +57,7 @@ def f(n):
     return r + n
 """
 #: ``(transfer, walker)`` of cycle ``i``: ``PATHS[i % 2]``.
-PATHS = (("python", "python"), ("native", "native"))
+PATHS = (("reference", "reference"), ("fast", "fast"))
 #: Recursion depth of each call (frames hijacked by the cycle's replace).
 DEPTH = 20
 

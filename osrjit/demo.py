@@ -153,29 +153,41 @@ def spin(k):
 WALK = """
 def walk(n, k):
     if n == 0:
-        return spin(k)
+        return spin(k) + hook(n)
     return walk(n - 1, k) + {step}
 """
+#: Iterations of the old loop: it outlasts the replacements by far, yet a
+#: thread the signal stopped between two polls (under load) still finishes
+#: it in seconds. The loop counts in ``spin``'s own frame, so only a stop
+#: that parks the thread at a poll can move it into the new loop.
+SPIN_ITERATIONS = 1 << 32
 
 
 def threads_part(out=print):
     """Part 2: three threads deep in `walk` are stopped, replaced and released at once."""
     import threading
-    import time
     from .runtime import Runtime
     with Runtime() as rt:
         rt.compile(SPIN + WALK.format(step=1))
+        rt.on_hook(lambda x: 0)
         walk = rt.function("walk")
         results = {}
         depths = {"worker-1": 200, "worker-2": 400, "worker-3": 600}
-        threads = [threading.Thread(target=lambda n=n, d=d: results.__setitem__(n, walk(d, 1 << 40)),
-                                    name=n) for n, d in depths.items()]
+        entered = threading.Barrier(len(depths) + 1)
+
+        def work(name, depth):
+            entered.wait()
+            results[name] = walk(depth, SPIN_ITERATIONS)
+
+        threads = [threading.Thread(target=work, args=(n, d), name=n) for n, d in depths.items()]
         for t in threads:
             t.start()
-        time.sleep(0.1)                       # each thread is now spinning at the bottom
-        out("Part 2: three threads spin at the bottom of walk(n), 200, 400 and 600 frames deep "
-            "(safepoint polls on every loop back-edge). The main thread replaces walk "
-            "(+1 per level -> +10 per level), then spin (to end the loops):")
+        entered.wait()
+        # Each thread is on its way down or already spinning at the bottom;
+        # replace() stops it wherever it is (a poll, or the signal).
+        out("Part 2: three threads run walk(n) down to 200, 400 and 600 frames and spin at the "
+            "bottom (safepoint polls on every loop back-edge and function entry). The main "
+            "thread replaces walk (+1 per level -> +10 per level), then spin (to end the loops):")
         rt.replace("walk", WALK.format(step=10))
         p = rt.last_pause
         s = rt.stats()
@@ -184,8 +196,9 @@ def threads_part(out=print):
             f"released after {p.pause_seconds * 1e3:.1f} ms; {s['pending_returns']} pending returns")
         rt.replace("spin", SPIN_DONE)
         p = rt.last_pause
-        out(f"  replace(spin): the 3 spinning frames move into the new loop at their next poll "
-            f"({p.frames_hijacked} frames hijacked)")
+        out(f"  replace(spin): a thread parked at a poll of the old loop moves into the new one "
+            f"({p.frames_hijacked} frames hijacked; {p.stopped_async} threads stopped by the "
+            f"signal between polls finish their old loop first)")
         for t in threads:
             t.join()
         for n, d in depths.items():

@@ -396,6 +396,73 @@ def test_a_fork_child_replaces_a_100_deep_recursion(transfer, walker):
     assert parent == [new(100), new(10), 1, 11, new(100)]
 
 
+def fork_after_native_transfers_scenario():
+    """Another thread's hijacked frames transfer natively; the native
+    transfer's log of them is not accounted yet (no stop, no stats(), no
+    background pass) when the main thread forks in a hook at the bottom of
+    a recursion, that thread still alive. The child, where it is gone,
+    replaces with its own frames live."""
+    import osrjit
+    rt = osrjit.Runtime(reclaim_interval=None)       # nothing accounts behind our back
+    rt.compile(V1)
+    f = rt.function("f")
+    inside, leave = threading.Event(), threading.Event()
+    returned, in_again, hold = threading.Event(), threading.Event(), threading.Event()
+    state = {"child": False}
+
+    def on_hook(_):
+        name = threading.current_thread().name
+        if name == "other":
+            if returned.is_set():
+                in_again.set()
+                hold.wait()                          # in a hook again at the fork
+            else:
+                inside.set()
+                leave.wait()
+        elif state["fork"] and not state["child"]:
+            state["fork"] = False
+            if os.fork() == 0:
+                state["child"] = True
+                rt.replace("f", V3)                  # drains the log: the gone thread's too
+        return 0
+    rt.on_hook(on_hook)
+    state["fork"] = False
+    def other_thread():
+        state["other"] = f(10)
+        returned.set()
+        f(3)
+
+    other = threading.Thread(target=other_thread, name="other")
+    other.start()
+    inside.wait()
+    rt.replace("f", V2)                              # the other thread's 11 frames: hijacked
+    leave.set()
+    in_again.wait()                                  # ... transferred natively, unaccounted
+    state["fork"] = True
+    result = f(50)
+    if state["child"]:
+        code = 1
+        try:
+            s = rt.stats()
+            ok = (result == 3 * old(50) and s["pending_returns"] == 0
+                  and s["transfers"] == s["hijacks"])
+            code = 0 if ok else 3
+        finally:
+            os._exit(code)
+    _, status = os.wait()
+    hold.set()
+    other.join()
+    s = rt.stats()
+    rt.close()
+    return os.waitstatus_to_exitcode(status), state["other"], result, s["transfers"]
+
+
+def test_a_fork_child_accounts_the_native_transfers_other_threads_logged():
+    code, other, result, transfers = run_child(fork_after_native_transfers_scenario, timeout=120)
+    assert code == 0
+    assert other == new(10) and result == new(50) and transfers == 11
+
+
 # --------------------------------------------------------------------------
 # A replace() that fails publishes nothing
 # --------------------------------------------------------------------------

@@ -294,7 +294,10 @@ class NativeBackend:
             table.lock = table._lock = threading.RLock()
         runtime = self._runtime()
         self.hijacker._count_lock = runtime._count_lock
-        # Frames of the vanished threads never return: their pending returns go.
+        # Transfers the native code logged before the fork (any thread's) are
+        # accounted first, while their records exist; then the frames of the
+        # vanished threads, which never return: their pending returns go.
+        self.drain(settle=False)
         gone = [r.slot for r in table.records() if r.thread != me]
         if gone:
             for owner, n in table.take_many(gone).items():

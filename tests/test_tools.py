@@ -301,6 +301,7 @@ def test_perf_report_attributes_samples_to_both_versions_with_a_perf_map(tmp_pat
         _map_lines(result["pid"])
 
 
+@pytest.mark.slow        # ~40 s of perf record + perf inject; the perf map test runs in CI
 def test_perf_inject_jit_attributes_samples_to_both_versions_with_a_jitdump(tmp_path):
     _perf_or_skip(tmp_path)
     data, injected = tmp_path / "perf.data", tmp_path / "perf.jit.data"

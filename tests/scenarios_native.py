@@ -219,7 +219,11 @@ def workers_scenario(n_threads, depth, replacements, seed, transfer="fast", walk
               for i, d in enumerate(depths)]
         for t in ts:
             t.start()
-        time.sleep(0.05)
+        # Every thread has entered JIT code (attached on its first call), not
+        # a sleep: the replacements must find their frames.
+        deadline = time.monotonic() + 120
+        while rt.stats()["attached_threads"] < n_threads and time.monotonic() < deadline:
+            time.sleep(0.001)
         for i in range(replacements):
             rt.replace("work", WORK.format(k=2 if i % 2 == 0 else 1))
         stop.set()
